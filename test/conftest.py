@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny Gemma 4 Unified checkpoints built with transformers (the oracle) and saved
+with save_pretrained, exactly as a real checkpoint folder is laid out."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+
+# Token ids of the tiny vocabularies (the real model uses 255999 / 258882 / 258880).
+BOI, EOI, IMAGE = 290, 291, 292
+
+TINY_CONFIGS = {
+    # both layer types, K=V on full layers, window (8) shorter than the prompts, head_dim 16 vs 32
+    "kv_shared_window8": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                              attention_k_eq_v=True, sliding_window=8, head_dim=16, global_head_dim=32,
+                              num_global_key_value_heads=1),
+    # K=V off: full layers get their own v_proj
+    "kv_separate": dict(layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                        attention_k_eq_v=False, sliding_window=6, head_dim=16, global_head_dim=32),
+    # same head_dim for both types, window longer than the prompts
+    "same_head_dim": dict(layer_types=["sliding_attention", "full_attention"], attention_k_eq_v=True,
+                          sliding_window=512, head_dim=16, global_head_dim=16, num_global_key_value_heads=2),
+    # transformers' default 5:1 layer pattern, no softcap
+    "default_pattern": dict(num_hidden_layers=6, attention_k_eq_v=True, sliding_window=16, head_dim=8,
+                            global_head_dim=16, num_global_key_value_heads=1, final_logit_softcapping=None),
+    # GQA with 4 query heads per KV head, window of 3
+    "gqa_window3": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                        num_key_value_heads=1, attention_k_eq_v=True, sliding_window=3, head_dim=16, global_head_dim=24,
+                        num_global_key_value_heads=1),
+}
+
+
+def tiny_hf_config(**text_overrides):
+    from transformers import Gemma4UnifiedConfig
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=len(
+        text_overrides.get("layer_types", [0] * text_overrides.get("num_hidden_layers", 4))),
+        num_attention_heads=4, num_key_value_heads=2, final_logit_softcapping=30.0)
+    text.update(text_overrides)
+    return Gemma4UnifiedConfig(
+        text_config=text,
+        vision_config=dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=48, mm_posemb_size=64, output_proj_dims=48),
+        audio_config=dict(audio_embed_dim=16),
+        boi_token_id=BOI, eoi_token_id=EOI, image_token_id=IMAGE, video_token_id=293, boa_token_id=294,
+        eoa_token_index=295, audio_token_id=296,
+    )
+
+
+def save_tiny_checkpoint(path: Path, name: str, seed: int = 0, **save_kwargs) -> Path:
+    import torch
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma4UnifiedForConditionalGeneration(tiny_hf_config(**TINY_CONFIGS[name])).eval()
+    with torch.no_grad():  # transformers initialises norms to ones and scalars to 1: randomise them so they matter
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "embed_tokens" in pname:
+                p.normal_(0, 0.5)
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.fill_(float(torch.rand(1)) + 0.5)
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """name -> checkpoint folder, for every tiny config."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny_ckpts")
+    return {name: save_tiny_checkpoint(root / name, name) for name in TINY_CONFIGS}
