@@ -77,3 +77,29 @@ def tiny_checkpoints(tmp_path_factory):
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("tiny_ckpts")
     return {name: save_tiny_checkpoint(root / name, name) for name in TINY_CONFIGS}
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A word-level tokenizer with Gemma 4's special tokens at the tiny configs' ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    special = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|turn>": 3, "<turn|>": 4, "[UNK]": 5,
+               "<|image>": BOI, "<image|>": EOI, "<|image|>": IMAGE}
+    words = ["system", "user", "model", "go", "to", "the", "red", "green", "blue", "ball", "cube", "stop", "move"]
+    vocab = dict(special)
+    for w in words:
+        vocab[w] = len(vocab) - 3 if len(vocab) - 3 not in special.values() else None
+    vocab = {k: v for k, v in vocab.items() if v is not None}
+    used = set(vocab.values())
+    filler = (i for i in range(vocab_size) if i not in used)
+    for w in words:
+        if w not in vocab:
+            vocab[w] = next(filler)
+    used = set(vocab.values())
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(special))
+    return tok

@@ -62,11 +62,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+EMPTY = -(1 << 62)  # position of an empty cache slot (real positions may go negative after a re-base)
+
+
 def attention_mask(q_pos, k_pos, q_block, k_block, window: int | None) -> torch.Tensor:
     """Boolean mask [batch, 1, q, k] (True = attend), as transformers' generate path builds it.
 
     Full layers: causal. Sliding layers: (causal OR same image block) AND within `window`.
-    Positions < 0 mark empty cache slots; block id -1 means "not an image token".
+    Key position EMPTY marks an empty cache slot; block id -1 means "not an image token".
     """
     causal = k_pos[None, :] <= q_pos[:, None]
     if window is None:
@@ -75,7 +78,7 @@ def attention_mask(q_pos, k_pos, q_block, k_block, window: int | None) -> torch.
         same_block = (q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0)
         in_window = (q_pos[:, None] - k_pos[None, :]) < window
         allowed = (causal[None] | same_block) & in_window[None]
-    return (allowed & (k_pos >= 0)[None, None, :])[:, None]
+    return (allowed & (k_pos > EMPTY)[None, None, :])[:, None]
 
 
 def image_block_ids(mm_token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -62,8 +62,9 @@ class PromptBuilder:
     def suffix(self) -> list[int]:
         return self.text(f"{TURN_END}\n{TURN_START}model\n")
 
-    def end_of_turn(self) -> list[int]:
-        return self.text(f"{TURN_END}\n")
+    def next_turn(self) -> list[int]:
+        """Closes the model's answer and opens the next user turn (window mode: the next frame)."""
+        return self.text(f"{TURN_END}\n{TURN_START}user\n")
 
     def single_turn(self, instruction: str, image_tokens: list[int], system: str = "") -> Prompt:
         """A whole prompt with the given images (soft-token counts), each on its own line before the text."""

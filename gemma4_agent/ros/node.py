@@ -111,9 +111,29 @@ class AgentNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        self._answer_invalid_transitions()
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
         self.create_timer(WATCHDOG_PERIOD_S, self._on_watchdog, callback_group=self._io_group)
         self.create_timer(DIAGNOSTICS_PERIOD_S, self._on_diagnostics, callback_group=self._io_group)
+
+    def _answer_invalid_transitions(self) -> None:
+        """rclpy raises out of the change_state service on a transition invalid in the current state
+        (e.g. activate while unconfigured): no reply, and the exception ends the executor's spin.
+        Answer success=False instead, as rclcpp does."""
+        service = getattr(self, "_service_change_state", None)
+        if service is None:
+            return
+        handle = service.callback
+
+        def change_state(request: Any, response: Any) -> Any:
+            try:
+                return handle(request, response)
+            except Exception as err:
+                self.get_logger().warning(f"transition {request.transition.id} {request.transition.label!r} "
+                                          f"refused: {err}")
+                response.success = False
+                return response
+        service.callback = change_state
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -200,11 +220,13 @@ class AgentNode(LifecycleNode):
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_commands()
         self._lifecycle_label = "inactive"
+        self.get_logger().info("inactive: published a zero Twist")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
         self._release()
         self._lifecycle_label = "unconfigured"
+        self.get_logger().info("unconfigured: agent freed")
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:

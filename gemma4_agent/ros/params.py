@@ -57,8 +57,8 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     # Safety limits, applied to every command before it is published.
     ParamSpec("max_linear_x", 0.5, "Largest |linear.x| published (m/s).", range=(0.0, 10.0)),
     ParamSpec("max_angular_z", 1.0, "Largest |angular.z| published (rad/s).", range=(0.0, 10.0)),
-    ParamSpec("max_linear_accel", 1.0, "Largest change of linear.x per second (m/s^2).", range=(0.0, 100.0)),
-    ParamSpec("max_angular_accel", 2.0, "Largest change of angular.z per second (rad/s^2).", range=(0.0, 100.0)),
+    ParamSpec("max_linear_accel", 0.5, "Largest increase of |linear.x| per second (m/s^2).", range=(0.0, 100.0)),
+    ParamSpec("max_angular_accel", 2.0, "Largest increase of |angular.z| per second (rad/s^2).", range=(0.0, 100.0)),
     # Node behaviour.
     ParamSpec("command_timeout_s", 1.0, "Watchdog: with no valid command for this long, publish a zero Twist.",
               when="runtime", range=(0.05, 60.0)),

@@ -5,7 +5,7 @@ that produces the reference commands; `episodes` runs the two together; `generat
 episodes as ROS 2 bags.
 """
 from gemma4_agent.sim.expert import ExpertConfig, action_to_twist, expert_action, success
-from gemma4_agent.sim.episodes import EpisodeConfig, EpisodeStep, run_episode
+from gemma4_agent.sim.episodes import EpisodeConfig, EpisodeStep, run_episode, run_expert
 from gemma4_agent.sim.world import SceneObject, World, WorldConfig
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "action_to_twist",
     "expert_action",
     "run_episode",
+    "run_expert",
     "success",
 ]

@@ -1,0 +1,328 @@
+"""A streaming session: [cached prefix][frame][suffix] -> prefill -> decode, frame after frame.
+
+Modes
+    prefix  the prefix (system + instruction) is prefilled once; each frame rewinds the cache to
+            it and prefills only the frame block and the suffix.
+    window  the last `window_frames` frames, each followed by the action it produced, stay in the
+            cache as temporal context; the oldest block is evicted. Positions only grow; past
+            `rebase_threshold` they are shifted back by rotating cached keys (exact for RoPE).
+    none    recompute the whole prompt every frame (what peers do), for comparison.
+
+Decoding uses a pluggable next-token selector (greedy by default, the action grammar in the agent);
+tokens the selector forces are fed in one chunk with the chosen token (jump-forward).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from ..model.config import SLIDING
+from ..model.network import Gemma4, attention_mask
+from ..model.preprocess import preprocess_frame
+from ..model.tokenizer import PromptBuilder
+from .kv_cache import CacheFull, StaticKVCache
+
+
+class SessionConfig(BaseModel):
+    mode: Literal["prefix", "window", "none"] = "prefix"
+    image_tokens: Literal[70, 140, 280, 560, 1120] = 280
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    max_prefix: int = Field(1024, ge=8)
+    max_context: int = Field(4096, ge=64)
+    window_frames: int = Field(4, ge=1)
+    rebase_threshold: int = Field(1 << 16, ge=64)
+    cuda_graph: bool = True
+
+
+@dataclass
+class StepResult:
+    tokens: list[int]
+    timings_ms: dict[str, float]
+    decode_steps: int
+    free_tokens: int
+    deadline_hit: bool = False
+    logits_log: list[torch.Tensor] = field(default_factory=list)
+    cached_log: list[list[dict]] = field(default_factory=list)  # what the cache held for each logits (tests)
+
+
+class GreedySelector:
+    """argmax until an end token or the token cap."""
+
+    def __init__(self, stop_ids: set[int] | None = None):
+        self.stop_ids = stop_ids or set()
+        self._done = False
+
+    def reset(self) -> None:
+        self._done = False
+
+    def select(self, logits: torch.Tensor) -> int:
+        return int(torch.argmax(logits))
+
+    def accept(self, token: int) -> None:
+        self._done = token in self.stop_ids
+
+    def forced(self) -> list[int]:
+        return []
+
+    def done(self) -> bool:
+        return self._done
+
+
+class StreamingSession:
+    def __init__(self, model: Gemma4, prompts: PromptBuilder, config: SessionConfig | None = None,
+                 patch_size: int | None = None, pooling: int | None = None):
+        self.model = model
+        self.prompts = prompts
+        self.config = config or SessionConfig()
+        vision = model.config.vision_config
+        self.patch_size = patch_size or vision.patch_size
+        self.pooling = pooling or vision.pooling_kernel_size
+        param = model.embed_tokens.weight
+        self.device = param.device
+        self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        self.max_chunk = self.config.image_tokens + 64
+        self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
+                                   device=self.device, dtype=self.dtype)
+        self.windows = {t: model.windows[t] for t in set(model.layer_types)}
+        self.prefix_ids: list[int] = []
+        self.prefix_len = 0
+        self.next_pos = 0
+        self.next_block = 0
+        self.blocks: list[tuple[int, int]] = []  # window mode: (start, end) positions of retained frame blocks
+        self.pending: list[int] = []  # window mode: tokens chosen last frame, not yet in the cache
+        self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
+        self.frame_index = 0
+        self._graph = None
+
+    # --- low level -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, h: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict) -> torch.Tensor:
+        self.cache.place(slots, positions, blocks)
+        masks = {t: attention_mask(positions, self.cache.slot_pos[t], blocks[None], self.cache.slot_block[t][None], w)
+                 for t, w in self.windows.items()}
+        hidden = self.model.decode(h, positions, masks, self.cache)
+        return self.model.logits(hidden[:, -1]).float()[0]
+
+    def _chunk(self, ids: list[int], image_embeds: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
+        """Prefill a run of tokens at the next positions; returns the last position's logits."""
+        n = len(ids)
+        positions = torch.arange(self.next_pos, self.next_pos + n, device=self.device)
+        id_tensor = torch.tensor(ids, device=self.device)
+        is_image = id_tensor == self.prompts.image_id
+        blocks = torch.where(is_image, torch.full_like(id_tensor, self.next_block), torch.full_like(id_tensor, -1))
+        if bool(is_image.any()):
+            self.next_block += 1
+        if prefix:
+            slots = {t: self.cache.prefix_slots(self.next_pos, n) for t in self.cache.capacity}
+        else:
+            self._check_room(n)
+            slots = self.cache.ring_slots(n)
+        h = self.model.embed(id_tensor[None], image_embeds)
+        if self.record is not None:
+            self.record.append({"ids": ids, "positions": positions.cpu(), "blocks": blocks.cpu(),
+                                "image_embeds": None if image_embeds is None else image_embeds.cpu(),
+                                "frame": self.frame_index, "evicted_at": None})
+        self.next_pos += n
+        return self._forward(h, positions, blocks, slots)
+
+    def _check_room(self, n: int) -> None:
+        for t, r in self.cache.ring_size.items():
+            if t == SLIDING:
+                continue  # sliding rings overwrite only tokens that left the window
+            live = self.cache.ring_written if self.config.mode != "window" else self._live_ring_tokens()
+            if live + n > r:
+                raise CacheFull(f"context full: {live + n} tokens after the prefix, max_context allows {r}; "
+                                f"raise max_context or lower window_frames / image_tokens")
+
+    def _live_ring_tokens(self) -> int:
+        return sum(e - s for s, e in self.blocks) + (self.next_pos - (self.blocks[-1][1] if self.blocks else self.next_pos))
+
+    # --- public API --------------------------------------------------------------------------
+    def set_prefix(self, instruction: str, system: str = "") -> None:
+        """Prefill the prefix once (again only when the instruction changes)."""
+        ids = self.prompts.prefix(instruction, system)
+        if ids == self.prefix_ids and self.config.mode != "none":
+            return
+        self.prefix_ids = ids
+        if self.config.mode == "none":
+            return
+        self.cache.clear()
+        self.next_pos, self.next_block, self.blocks, self.pending = 0, 0, [], []
+        if self.record is not None:
+            self.record.clear()
+        self._chunk(ids, prefix=True)
+        self.prefix_len = self.next_pos
+
+    def encode_frame(self, rgb) -> tuple[torch.Tensor, torch.Tensor]:
+        return preprocess_frame(rgb, self.config.image_tokens, self.patch_size, self.pooling)
+
+    @torch.no_grad()
+    def step(self, rgb, selector=None, deadline: float | None = None, keep_logits: bool = False) -> StepResult:
+        """One frame: preprocess, prefill frame + suffix from the cached prefix, decode an action."""
+        if not self.prefix_ids:
+            raise RuntimeError("call set_prefix(instruction) before step()")
+        selector = selector or GreedySelector()
+        self.frame_index += 1
+        t0 = time.perf_counter()
+        patches, positions = self.encode_frame(rgb)
+        t1 = time.perf_counter()
+        image_embeds = self.model.vision(patches.to(self.device, self.dtype), positions.to(self.device))
+        frame_ids = self.prompts.image(patches.shape[0]) + self.prompts.suffix()
+        mode = self.config.mode
+        if mode == "none":
+            self.cache.clear()
+            self.next_pos, self.next_block = 0, 0
+            if self.record is not None:
+                self.record.clear()
+            logits = self._chunk(self.prefix_ids + frame_ids, image_embeds, prefix=False)
+        elif mode == "prefix":
+            self.cache.rewind()
+            self.next_pos = self.prefix_len
+            if self.record is not None:
+                del self.record[1:]
+            logits = self._chunk(frame_ids, image_embeds)
+        else:
+            self._make_room()
+            tail = self.pending + (self.prompts.next_turn() if self.blocks else [])
+            if tail:
+                self._chunk(tail)
+                self.blocks[-1] = (self.blocks[-1][0], self.next_pos)
+            self.pending = []
+            start = self.next_pos
+            logits = self._chunk(frame_ids, image_embeds)
+            self.blocks.append((start, self.next_pos))
+        self._sync()
+        t2 = time.perf_counter()
+        result = self._decode(logits, selector, deadline, keep_logits)
+        self._sync()
+        t3 = time.perf_counter()
+        if mode == "window":
+            self.blocks[-1] = (self.blocks[-1][0], self.next_pos)
+        result.timings_ms = {"preprocess": (t1 - t0) * 1e3, "prefill": (t2 - t1) * 1e3,
+                             "decode": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        return result
+
+    def _decode(self, logits, selector, deadline, keep_logits) -> StepResult:
+        selector.reset()
+        tokens: list[int] = []
+        steps = free = 0
+        deadline_hit = False
+        log = [logits.clone()] if keep_logits else []
+        cached = [self._snapshot()] if keep_logits else []
+        while True:
+            token = selector.select(logits)
+            selector.accept(token)
+            tokens.append(token)
+            free += 1
+            pending = [token]
+            if selector.done() or len(tokens) >= self.config.max_new_tokens:
+                break
+            forced = selector.forced()
+            tokens += forced
+            pending += forced
+            if selector.done():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                deadline_hit = True
+                break
+            logits = self._decode_chunk(pending)
+            pending = []
+            steps += 1
+            if keep_logits:
+                log.append(logits.clone())
+                cached.append(self._snapshot())
+        if self.config.mode == "window":
+            self.pending = pending
+        return StepResult(tokens, {}, steps, free, deadline_hit, log, cached)
+
+    def _snapshot(self) -> list[dict]:
+        return [dict(seg) for seg in self.record] if self.record is not None else []
+
+    def _decode_chunk(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) == 1 and self.device.type == "cuda" and self.config.cuda_graph and self.record is None:
+            return self._graph_step(ids[0])
+        return self._chunk(ids)
+
+    def _make_room(self) -> None:
+        """Window mode: evict the oldest frame block(s) and re-base positions when they grow large."""
+        while len(self.blocks) >= self.config.window_frames:
+            start, end = self.blocks.pop(0)
+            self.cache.evict(start, end)
+            if self.record is not None:
+                for seg in self.record:
+                    if start <= int(seg["positions"][0]) < end and seg["evicted_at"] is None:
+                        seg["evicted_at"] = self.frame_index
+        if self.next_pos + self.max_chunk + self.config.max_new_tokens * 2 > self.config.rebase_threshold:
+            self._rebase()
+
+    def _rebase(self) -> None:
+        """Shift every position so that the oldest retained frame block starts right after the prefix.
+        The prefix moves too (its positions go negative): relative distances, hence attention, are
+        unchanged, and position values stay small however long the stream runs."""
+        first = self.blocks[0][0] if self.blocks else self.next_pos
+        delta = first - self.prefix_len
+        if delta <= 0:
+            return
+        inv = {t: getattr(self.model, f"inv_freq_{t}") for t in set(self.model.layer_types)}
+        self.cache.rebase(delta, inv)
+        self.blocks = [(s - delta, e - delta) for s, e in self.blocks]
+        self.next_pos -= delta
+        if self.record is not None:
+            for seg in self.record:
+                seg["positions"] = seg["positions"] - delta
+        self._graph = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- CUDA graph of one decode step -------------------------------------------------------
+    def _graph_step(self, token: int) -> torch.Tensor:
+        g = self._graph
+        if g is None:
+            g = self._graph = self._capture()
+        g["ids"].fill_(token)
+        g["pos"].fill_(self.next_pos)
+        slots = self.cache.ring_slots(1)
+        for t, s in slots.items():
+            g["slots"][t].copy_(s)
+        self.next_pos += 1
+        g["graph"].replay()
+        return g["logits"]
+
+    def _capture(self) -> dict:
+        dev = self.device
+        static = {"ids": torch.zeros(1, 1, dtype=torch.long, device=dev),
+                  "pos": torch.zeros(1, dtype=torch.long, device=dev),
+                  "blocks": torch.full((1,), -1, dtype=torch.long, device=dev),
+                  "slots": {t: torch.full((1,), self.cache.prefix_capacity, dtype=torch.long, device=dev)
+                            for t in self.cache.capacity}}
+        saved = {t: (self.cache.slot_pos[t].clone(), self.cache.slot_block[t].clone()) for t in self.cache.capacity}
+        k_saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.k, self.cache.v)]
+
+        def run():
+            h = self.model.embed(static["ids"])
+            return self._forward(h, static["pos"], static["blocks"], static["slots"])
+
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = run()
+        # warm-up and capture wrote into the cache: put it back as it was
+        for t, (p, b) in saved.items():
+            self.cache.slot_pos[t].copy_(p)
+            self.cache.slot_block[t].copy_(b)
+        for (k, v), (ks, vs) in zip(zip(self.cache.k, self.cache.v), k_saved):
+            k.copy_(ks)
+            v.copy_(vs)
+        del k_saved
+        return {**static, "graph": graph, "logits": logits}

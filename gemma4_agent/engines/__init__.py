@@ -1,0 +1,1 @@
+"""Engine folders (engines/<name>/): a manifest plus the files a backend needs."""

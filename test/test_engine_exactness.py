@@ -1,0 +1,97 @@
+"""The streaming engine's contract: logits with cache reuse equal a from-scratch recompute of the same
+token history at the same positions, in prefix and window modes, through evictions and a position re-base.
+
+In window mode an evicted frame block is invisible to every token written after its eviction, while the
+cached states of older tokens keep what they computed while it was visible (that is what a cache is);
+the recompute applies exactly that visibility rule to the whole history, so any error in the ring
+buffers, the eviction, the masks or the key rotation of a re-base shows up."""
+import numpy as np
+import pytest
+import torch
+
+from gemma4_agent.engine import SessionConfig, StreamingSession
+from gemma4_agent.model import load_model
+from gemma4_agent.model.tokenizer import PromptBuilder
+
+from conftest import BOI, EOI, IMAGE, tiny_tokenizer
+
+
+def _recompute(model, segments):
+    ids = torch.tensor([i for seg in segments for i in seg["ids"]])
+    positions = torch.cat([seg["positions"] for seg in segments])
+    blocks = torch.cat([seg["blocks"] for seg in segments])
+    written = torch.cat([torch.full((len(seg["ids"]),), seg["frame"]) for seg in segments])
+    evicted = torch.cat([torch.full((len(seg["ids"]),), seg["evicted_at"] or 1 << 30) for seg in segments])
+    visible = (evicted[None, :] > written[:, None])[None, None]
+    embeds = [seg["image_embeds"] for seg in segments if seg["image_embeds"] is not None]
+    h = model.embed(ids[None], torch.cat(embeds) if embeds else None)
+    masks = {t: m & visible for t, m in model.masks(positions, positions, blocks[None], blocks[None]).items()}
+    hidden = model.decode(h, positions, masks)
+    return model.logits(hidden[:, -1]).float()[0]
+
+
+def _frames(n, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(24, 32), (32, 24), (16, 40)]
+    return [rng.integers(0, 256, (*shapes[i % 3], 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["kv_shared_window8", "gqa_window3", "kv_separate"])
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_reuse_equals_recompute(tiny_checkpoints, name, mode, THRESH=150):
+    model = load_model(tiny_checkpoints[name])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    cfg = SessionConfig(mode=mode, image_tokens=70, max_new_tokens=5, max_prefix=32, max_context=400,
+                        window_frames=2, rebase_threshold=THRESH)
+    session = StreamingSession(model, prompts, cfg)
+    session.record = []
+    session.set_prefix("go to the red ball", system="user model")
+    greedy_mismatch = 0
+    rebased = False
+    for i, frame in enumerate(_frames(9)):
+        before = session.next_pos
+        result = session.step(frame, keep_logits=True)
+        rebased |= session.next_pos < before
+        assert len(result.logits_log) == 5  # prefill logits + 4 decode steps
+        for logits, cached in zip(result.logits_log, result.cached_log):
+            expected = _recompute(model, cached)
+            rel = ((logits - expected).norm() / expected.norm()).item()
+            assert rel < 1e-4, f"frame {i}: relative error {rel:.2e}"
+            greedy_mismatch += int(logits.argmax() != expected.argmax())
+    assert greedy_mismatch == 0
+    if mode == "window":
+        assert rebased, "the stream never crossed the re-base threshold"
+        assert len(session.blocks) == 2  # 9 frames, 2 kept: 7 evictions
+    else:
+        assert session.prefix_len == session.record[0]["positions"].numel()
+    if mode == "window":  # the re-base kept positions small however long the stream runs
+        assert session.next_pos < 150 + 200
+
+
+def test_prefix_is_computed_once(tiny_checkpoints):
+    model = load_model(tiny_checkpoints["kv_shared_window8"])
+    session = StreamingSession(model, PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI),
+                               SessionConfig(image_tokens=70, max_new_tokens=2, max_prefix=32, max_context=200))
+    session.set_prefix("go to the red ball")
+    k_before = session.cache.k[0][:, :, : session.prefix_len].clone()
+    session.set_prefix("go to the red ball")  # same instruction: nothing recomputed
+    for frame in _frames(3):
+        session.step(frame)
+    assert torch.equal(session.cache.k[0][:, :, : session.prefix_len], k_before)
+    session.set_prefix("go to the blue cube")
+    assert not torch.equal(session.cache.k[0][:, :, : session.prefix_len], k_before)
+
+
+def test_none_mode_matches_prefix_mode(tiny_checkpoints):
+    model = load_model(tiny_checkpoints["gqa_window3"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    results = {}
+    for mode in ("prefix", "none"):
+        session = StreamingSession(model, prompts, SessionConfig(mode=mode, image_tokens=70, max_new_tokens=4,
+                                                                 max_prefix=32, max_context=200))
+        session.set_prefix("go to the green cube")
+        results[mode] = [session.step(f, keep_logits=True) for f in _frames(3, seed=3)]
+    for a, b in zip(results["prefix"], results["none"]):
+        assert a.tokens == b.tokens
+        for la, lb in zip(a.logits_log, b.logits_log):
+            assert ((la - lb).norm() / lb.norm()).item() < 1e-4
