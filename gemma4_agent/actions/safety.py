@@ -94,8 +94,11 @@ def watchdog_expired(last_valid_s: Optional[float], now_s: float, timeout_s: flo
     """True when no valid command came for `timeout_s` (or none ever came)."""
     if last_valid_s is None:
         return True
-    age = _finite(now_s) - _finite(last_valid_s)
-    return not (age <= timeout_s)
+    try:
+        age = float(now_s) - float(last_valid_s)
+    except (TypeError, ValueError):
+        return True
+    return not (0.0 <= age <= timeout_s) if age < 0.0 else not (age <= timeout_s)
 
 
 def apply_watchdog(twist: Mapping[str, Any], last_valid_s: Optional[float], now_s: float,

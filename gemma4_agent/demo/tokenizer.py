@@ -2,8 +2,12 @@
 
 Ids 0..7 are the special tokens Gemma 4's chat format needs (PromptBuilder looks them up by
 string); then the 256 byte symbols; then merges learned from a fixed corpus of chat-format text,
-instructions and action JSON. Digits are split one per token before BPE, so a number such as
-`-0.25` is `-`, `0`, `.`, `2`, `5`: few, free, regular tokens.
+instructions and action JSON. Digits and "-" are split one per token before BPE, so a number such
+as `-0.25` is `-`, `0`, `.`, `2`, `5`: few, free, regular tokens.
+
+Token boundaries fall where the action grammar's free choices begin, so the canonical action text
+tokenizes exactly as the grammar's jump-forward pieces do (`{"action":"` | `move` | `","linear_x":`
+| `-` | `0` | `.` | ...): a model trained on whole texts decodes the same tokens under the grammar.
 
 Byte-level means any text round-trips, and xgrammar recognises the vocabulary as BYTE_LEVEL.
 """
@@ -63,6 +67,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # single-threaded counting: no ordering surprises
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("-", behavior="isolated"),  # a sign never merges with the forced '":' before it
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])

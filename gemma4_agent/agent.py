@@ -1,0 +1,139 @@
+"""The core: a camera frame in, a safe velocity command out, within a latency budget. ROS-free.
+
+The ROS node, the bag replay evaluator, the closed-loop simulator and the benchmarks all drive this.
+
+    agent = Agent(AgentConfig(engine="engines/demo"))
+    agent.set_instruction("go to the red ball")
+    result = agent.act(rgb, stamp_s=capture_time)   # ActResult: status, action, twist, timings
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .actions import ActionParser, SafetyFilter, action_to_twist, load_action_spec
+from .actions.grammar import GrammarSelector
+from .engine.session import SessionConfig, StreamingSession
+from .engines.backends import load_engine
+
+log = logging.getLogger(__name__)
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_engine_path() -> Path:
+    """The bundled demo engine: the source tree's engines/demo, or the installed share/ copy."""
+    local = PACKAGE_ROOT / "engines" / "demo"
+    if local.is_dir():
+        return local
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory("gemma4_agent")) / "engines" / "demo"
+    except Exception:  # ament index absent or package not installed: report the source path
+        return local
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    engine: Path = Field(default_factory=default_engine_path, description="engine folder (manifest.json inside)")
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    image_tokens: Literal[70, 140, 280, 560, 1120] | None = None  # None: the engine's default
+    budget_ms: float = Field(500.0, gt=0, description="frame age at which a command is no longer useful")
+    actions: Path | None = None  # None: the package's config/actions.yaml
+    instruction: str | None = None  # None: the engine's default instruction
+    system: str | None = None
+    mode: Literal["prefix", "window"] = "prefix"
+    window_frames: int = Field(4, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    jump_forward: bool = True
+
+
+@dataclass
+class ActResult:
+    status: Literal["ok", "fallback", "dropped_stale", "bad_frame"]
+    action: dict[str, Any] | None = None
+    twist: dict[str, float] | None = None  # None: publish nothing for this frame
+    text: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    decode_steps: int = 0
+    free_tokens: int = 0
+    error: str | None = None
+    deadline_hit: bool = False
+
+    def to_json(self, **extra) -> str:
+        return json.dumps({"status": self.status, "action": self.action, "twist": self.twist, "text": self.text,
+                           "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+                           "decode_steps": self.decode_steps, "error": self.error, **extra})
+
+
+class Agent:
+    def __init__(self, config: AgentConfig | None = None):
+        self.config = config = config or AgentConfig()
+        dtype = {"auto": torch.bfloat16 if config.device == "cuda" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+        self.engine = load_engine(config.engine, config.backend, config.device, dtype)
+        defaults = self.engine.agent_defaults
+        self.image_tokens = config.image_tokens or defaults.get("image_tokens", 280)
+        self.session = StreamingSession(
+            self.engine.model, self.engine.prompts,
+            SessionConfig(mode=config.mode, image_tokens=self.image_tokens, max_new_tokens=config.max_new_tokens,
+                          window_frames=config.window_frames, max_prefix=defaults.get("max_prefix", 256),
+                          max_context=defaults.get("max_context", 1024) if config.mode == "prefix"
+                          else defaults.get("max_context", 1024) * config.window_frames))
+        self.spec = load_action_spec(config.actions)
+        vocab = self.engine.model.config.text_config.vocab_size
+        self.selector = GrammarSelector(self.spec, self.engine.tokenizer, vocab_size=vocab,
+                                        jump_forward=config.jump_forward)
+        self.parser = ActionParser(self.spec, logger=log)
+        self.safety = SafetyFilter(self.spec.safety)
+        self.system = config.system if config.system is not None else defaults.get("system", "")
+        self.instruction = ""
+        self.set_instruction(config.instruction or defaults.get("instruction", "go to the red ball"))
+
+    def set_instruction(self, instruction: str) -> None:
+        """Change the task; the prefix is recomputed once."""
+        instruction = instruction.strip()
+        if not instruction:
+            raise ValueError("instruction must not be empty")
+        self.session.set_prefix(instruction, self.system)
+        self.instruction = instruction
+
+    def act(self, rgb: np.ndarray, stamp_s: float | None = None, now_s: float | None = None) -> ActResult:
+        """Decide a command for one frame. Never raises for a bad frame: returns status bad_frame.
+
+        stamp_s: capture time of the frame; now_s: current time on the same clock (default: wall
+        clock). A frame older than the budget is dropped; the decode stops at the budget and the
+        fallback action is used."""
+        now = time.time() if now_s is None else now_s
+        age_ms = 0.0 if stamp_s is None else (now - stamp_s) * 1e3
+        if age_ms > self.config.budget_ms:
+            return ActResult("dropped_stale", error=f"frame is {age_ms:.0f} ms old (budget {self.config.budget_ms:.0f} ms)")
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+                and rgb.shape[0] > 0 and rgb.shape[1] > 0):
+            return ActResult("bad_frame", error=f"expected RGB uint8 [H, W, 3], got {getattr(rgb, 'dtype', type(rgb))} "
+                                                f"{getattr(rgb, 'shape', '')}")
+        deadline = time.monotonic() + (self.config.budget_ms - age_ms) / 1e3
+        step = self.session.step(rgb, self.selector, deadline)
+        text = self.engine.tokenizer.decode(step.tokens, skip_special_tokens=False)
+        parsed = self.parser.parse(text)
+        ok = parsed.ok and not step.deadline_hit
+        action = parsed.action if ok else self.parser.fallback_action()
+        error = parsed.error if not parsed.ok else ("deadline reached during decode" if step.deadline_hit else None)
+        out = self.safety.step(action_to_twist(action, self.spec), now, valid=ok)
+        return ActResult("ok" if ok else "fallback", action, out.twist, text, step.timings_ms, step.decode_steps,
+                         step.free_tokens, error, step.deadline_hit)
+
+    def watchdog(self, now_s: float | None = None) -> dict[str, float] | None:
+        """A zero command when no valid command came for command_timeout_s, else None."""
+        out = self.safety.check(time.time() if now_s is None else now_s)
+        return out.twist if out.watchdog else None
