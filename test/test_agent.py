@@ -46,7 +46,7 @@ def _frames(n, seed=0):
 
 
 def test_constrained_actions_are_always_valid(random_engine):
-    agent = Agent(AgentConfig(engine=random_engine))
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000))  # CI machines are slow and shared
     spec = load_action_spec()
     for frame in _frames(200):
         result = agent.act(frame)
@@ -77,8 +77,15 @@ def test_budget_and_bad_frames(random_engine):
     assert agent.act(_frames(1)[0]).status == "ok"  # keeps serving
 
 
+def test_deadline_stops_decode_with_fallback(random_engine):
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000))
+    result = agent.act(_frames(1)[0], stamp_s=0.0, now_s=59.9999)  # 0.1 ms left: decode cannot finish
+    assert result.status == "fallback" and result.deadline_hit
+    assert result.action == {"action": "stop"} and result.twist == {"linear_x": 0.0, "angular_z": 0.0}
+
+
 def test_instruction_change_and_json(random_engine):
-    agent = Agent(AgentConfig(engine=random_engine))
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000))
     agent.set_instruction("go to the blue cube")
     out = json.loads(agent.act(_frames(1)[0]).to_json(stamp=1.5))
     assert out["stamp"] == 1.5 and set(out["timings_ms"]) >= {"preprocess", "prefill", "decode", "total"}

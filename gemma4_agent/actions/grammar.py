@@ -176,18 +176,25 @@ class GrammarSelector:
             raise RuntimeError("select() after the action is complete: call reset()")
         t0 = time.perf_counter()
         self._fill()
-        scores = logits.detach().reshape(-1).to(torch.float32, copy=True)
-        n = scores.numel()
-        mask = self._mask_on(scores.device)
-        xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=min(n, self.vocab_size))
-        if n > self.vocab_size:
-            scores[self.vocab_size:] = float("-inf")
-        token = int(torch.argmax(scores))
-        ok = bool(torch.isfinite(scores[token]))
+        flat = logits.detach().reshape(-1)
+        n = flat.numel()
+        if flat.device.type == "cpu":
+            # On CPU the allowed set is tiny: argmax over the allowed ids (~30 us) instead of masking
+            # every logit (apply_token_bitmask_inplace: ~1 ms for 262k logits). Same result.
+            ids = self._allowed_ids(min(n, self.vocab_size))
+            if ids.numel() == 0:
+                raise RuntimeError("the grammar allows no token within the logits' vocabulary")
+            token = int(ids[torch.argmax(flat[ids].float())])
+        else:
+            scores = flat.to(torch.float32, copy=True)
+            xgr.apply_token_bitmask_inplace(scores, self._mask_on(scores.device), vocab_size=min(n, self.vocab_size))
+            if n > self.vocab_size:
+                scores[self.vocab_size:] = float("-inf")
+            token = int(torch.argmax(scores))
+            if not bool(torch.isfinite(scores[token])):
+                raise RuntimeError("the grammar allows no token within the logits' vocabulary")
         self.mask_time_s += time.perf_counter() - t0
         self.mask_calls += 1
-        if not ok:
-            raise RuntimeError("the grammar allows no token within the logits' vocabulary")
         self.free_tokens += 1
         self.total_free += 1
         return token
@@ -251,6 +258,14 @@ class GrammarSelector:
             buf = self._device_masks[device] = torch.empty_like(self.bitmask, device=device)
         buf.copy_(self.bitmask, non_blocking=True)
         return buf
+
+    def _allowed_ids(self, limit: int) -> torch.Tensor:
+        """Token ids (< limit) the filled bitmask allows, ascending."""
+        nz = np.flatnonzero(self._words)
+        bits = np.unpackbits(self._words[nz].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        rows, cols = np.nonzero(bits.reshape(len(nz), 32))
+        ids = nz[rows] * 32 + cols
+        return torch.from_numpy(ids[ids < limit].astype(np.int64))
 
     def _single_allowed(self) -> Optional[int]:
         self._fill()

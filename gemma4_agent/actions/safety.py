@@ -98,7 +98,7 @@ def watchdog_expired(last_valid_s: Optional[float], now_s: float, timeout_s: flo
         age = float(now_s) - float(last_valid_s)
     except (TypeError, ValueError):
         return True
-    return not (0.0 <= age <= timeout_s) if age < 0.0 else not (age <= timeout_s)
+    return not (age <= timeout_s)  # NaN -> expired
 
 
 def apply_watchdog(twist: Mapping[str, Any], last_valid_s: Optional[float], now_s: float,

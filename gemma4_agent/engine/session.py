@@ -119,6 +119,8 @@ class StreamingSession:
         if prefix:
             slots = {t: self.cache.prefix_slots(self.next_pos, n) for t in self.cache.capacity}
         else:
+            if n > self.max_chunk:
+                raise CacheFull(f"a chunk of {n} tokens exceeds the engine's max chunk {self.max_chunk}")
             self._check_room(n)
             slots = self.cache.ring_slots(n)
         h = self.model.embed(id_tensor[None], image_embeds)
@@ -178,7 +180,8 @@ class StreamingSession:
             self.next_pos, self.next_block = 0, 0
             if self.record is not None:
                 self.record.clear()
-            logits = self._chunk(self.prefix_ids + frame_ids, image_embeds, prefix=False)
+            self._chunk(self.prefix_ids, prefix=True)  # the whole prompt again, every frame
+            logits = self._chunk(frame_ids, image_embeds)
         elif mode == "prefix":
             self.cache.rewind()
             self.next_pos = self.prefix_len

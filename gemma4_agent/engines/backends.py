@@ -38,6 +38,16 @@ def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu",
         from ..model.loader import load_model
 
         model = load_model(folder, dtype=dtype, device=device)
+    elif backend == "onnxruntime":
+        if device != "cpu":
+            raise EngineError("the onnxruntime backend runs on the CPU here (device 'cpu'); use tensorrt on the Jetson")
+        from .ort_backend import load_ort_model
+
+        model = load_ort_model(folder, config, dtype=dtype)
+    elif backend == "tensorrt":
+        from .tensorrt_backend import load_trt_model
+
+        model = load_trt_model(folder, config, manifest, device=device)
     else:
         raise EngineError(f"backend {backend!r} is not available for {folder}")
     tokenizer = load_tokenizer(folder)

@@ -118,12 +118,18 @@ class Attention(nn.Module):
 
 
 def sdpa(q, k, v, mask):
-    """Scaled dot-product attention with scale 1.0 (q/k norms do the scaling) and grouped KV heads."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    """Scaled dot-product attention with scale 1.0 (q/k norms do the scaling) and grouped KV heads.
+
+    The query heads sharing a KV head are folded into the query axis instead of repeating K and V:
+    the same arithmetic without copying the cache (a 16x copy on the 12B's one-KV-head full layers)."""
+    batch, heads, seq, dim = q.shape
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    q = q.reshape(batch, k.shape[1], groups * seq, dim)
+    mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return out.reshape(batch, heads, seq, v.shape[-1])
 
 
 class MLP(nn.Module):
@@ -262,20 +268,26 @@ class Gemma4(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Gemma4:
-    """A randomly initialised model (for tests and benchmarks at a config's shape)."""
-    with torch.device(device):
+def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> Gemma4:
+    """A randomly initialised model (tests, benchmarks at a config's shape). Built on the meta device
+    and materialised in place on `device`, so a 12B model never passes through host memory."""
+    with torch.device("meta"):
         model = Gemma4(cfg)
-    if str(device) != "meta":
-        _random_init(model)
-    return model.to(dtype).eval()
-
-
-@torch.no_grad()
-def _random_init(model: Gemma4) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("weight") and p.dim() == 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(p.shape[-1])))
-        elif name.endswith("pos_embedding"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    if str(device) == "meta":
+        return model.eval()
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
+            elif name.endswith("pos_embedding"):
+                p.normal_(0.0, 0.02, generator=gen)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for layer in model.layers:
+            layer.layer_scalar.fill_(1.0)
+    model._init_rope(device)
+    return model.eval().requires_grad_(False)

@@ -13,8 +13,7 @@ from active publishes a zero Twist first. `/diagnostics` is published in every s
 """
 from __future__ import annotations
 
-import json
-import math
+import logging
 import signal
 import sys
 import threading
@@ -36,9 +35,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
+from gemma4_agent.actions import SafetyFilter
+from gemma4_agent.agent import ActResult, Agent, AgentConfig
 from gemma4_agent.ros.frame_slot import LatestSlot
 from gemma4_agent.ros.image_convert import BadImage, to_rgb
-from gemma4_agent.ros.params import BY_NAME, PARAMETERS, ParamSpec
+from gemma4_agent.ros.params import BY_NAME, PARAMETERS, SAFETY_PARAMETERS, ParamSpec
 from gemma4_agent.ros.stats import NodeStats
 
 NODE_NAME = "gemma4_agent"
@@ -65,21 +66,13 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return d
 
 
-def zero_twist() -> Twist:
-    return Twist()
-
-
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    """Read `name` from a pydantic model / dataclass / dict alike."""
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    return value
+def twist_msg(twist: Optional[Dict[str, float]] = None) -> Twist:
+    """geometry_msgs/Twist from the agent's {"linear_x", "angular_z"} (None: zero)."""
+    msg = Twist()
+    if twist:
+        msg.linear.x = float(twist["linear_x"])
+        msg.angular.z = float(twist["angular_z"])
+    return msg
 
 
 def _stamp_s(stamp) -> float:
@@ -100,8 +93,8 @@ class AgentNode(LifecycleNode):
         self._configure_error: Optional[str] = None
         self._worker: Optional[threading.Thread] = None
         self._worker_stop = threading.Event()
-        self._pending_instruction: Optional[str] = None
-        self._instruction_lock = threading.Lock()
+        self._pending: Dict[str, Any] = {}   # agent updates the worker applies between frames
+        self._pending_lock = threading.Lock()
         self._last_valid_command = time.monotonic()
         self._stopped_by_watchdog = True
         self._reported_counts = self.stats.snapshot()[0]
@@ -148,34 +141,46 @@ class AgentNode(LifecycleNode):
             problem = spec.check(p.value)
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
+            if p.name == "instruction" and not p.value.strip() and self._agent is not None:
+                return SetParametersResult(successful=False, reason="instruction must not be empty")
         for p in params:
             spec = BY_NAME.get(p.name)
             if spec is None or self._agent is None:
                 continue
-            if p.name == "instruction":
-                with self._instruction_lock:
-                    self._pending_instruction = p.value
+            if p.name in ("instruction", "command_timeout_s"):
+                self._request(p.name, p.value)
             elif spec.when == "configure":
                 self.get_logger().info(f"{p.name} changed: applied on the next configure")
         return SetParametersResult(successful=True)
 
+    def _request(self, key: str, value: Any = True) -> None:
+        """Ask the worker to apply an agent update before its next frame (act is never concurrent)."""
+        with self._pending_lock:
+            self._pending[key] = value
+
     def _agent_config_kwargs(self) -> Dict[str, Any]:
-        kwargs: Dict[str, Any] = {name: self.param(name) for name in (
-            "backend", "device", "image_tokens", "budget_ms", "instruction",
-            "max_linear_x", "max_angular_z", "max_linear_accel", "max_angular_accel")}
-        for name in ("engine", "actions"):  # empty: the AgentConfig default (bundled demo, package config)
+        kwargs: Dict[str, Any] = {name: self.param(name) for name in ("backend", "device", "budget_ms")}
+        # empty / 0: the AgentConfig default (bundled demo engine, package actions.yaml, engine's defaults)
+        for name in ("engine", "actions", "instruction", "image_tokens"):
             if self.param(name):
                 kwargs[name] = self.param(name)
         return kwargs
+
+    def _safety_limits(self, limits: Any, **changed: Any) -> Any:
+        """The action file's safety limits with this node's parameters (and `changed` values not yet
+        committed to them) in their place."""
+        update = {name: self.param(name) for name in SAFETY_PARAMETERS}
+        return type(limits).model_validate({**limits.model_dump(), **update, **changed})
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         try:
-            from gemma4_agent.agent import Agent, AgentConfig
             self._agent_config = AgentConfig(**self._agent_config_kwargs())
             started = time.monotonic()
-            self._agent = Agent(self._agent_config)
+            agent = Agent(self._agent_config)
+            agent.safety = SafetyFilter(self._safety_limits(agent.spec.safety))
+            self._agent = agent
         except Exception as err:  # a bad engine or config leaves the node unconfigured, not dead
             self._configure_error = f"{type(err).__name__}: {err}"
             self.get_logger().error(f"configure failed: {self._configure_error}")
@@ -184,10 +189,10 @@ class AgentNode(LifecycleNode):
         self._configure_error = None
         self.get_logger().info(
             f"agent ready in {time.monotonic() - started:.1f} s: engine {self._agent_config.engine}, "
-            f"{self._agent_config.backend}/{self._agent_config.device}, {self._agent_config.image_tokens} image tokens, "
-            f"budget {self._agent_config.budget_ms:.0f} ms")
-        with self._instruction_lock:
-            self._pending_instruction = None
+            f"{self._agent_config.backend}/{self._agent_config.device}, {self._agent.image_tokens} image tokens, "
+            f"budget {self._agent_config.budget_ms:.0f} ms, instruction {self._agent.instruction!r}")
+        with self._pending_lock:
+            self._pending.clear()
         self._pub_cmd = self.create_lifecycle_publisher(Twist, "cmd_vel", COMMAND_QOS)
         self._pub_action = self.create_lifecycle_publisher(String, "~/action", COMMAND_QOS)
         if self.param("image_transport") == "compressed":
@@ -212,6 +217,7 @@ class AgentNode(LifecycleNode):
             self._slot.clear()
             self._last_valid_command = time.monotonic()  # the watchdog counts from activation
             self._stopped_by_watchdog = False
+            self._request("reset_motion")                # the robot stands: ramp up from rest
             self._active = True
         self._lifecycle_label = "active"
         self.get_logger().info("active: processing frames")
@@ -249,7 +255,7 @@ class AgentNode(LifecycleNode):
         with self._state_lock:
             self._active = False
             if self._pub_cmd is not None:
-                self._pub_cmd.publish(zero_twist())
+                self._pub_cmd.publish(twist_msg())
         if self._slot.clear():
             self.stats.count("dropped_inactive")
         if wait_acked_s > 0 and self._pub_cmd is not None:  # at exit: let the stop reach the base
@@ -292,8 +298,9 @@ class AgentNode(LifecycleNode):
                 return
             if time.monotonic() - self._last_valid_command < self.param("command_timeout_s"):
                 return
-            self._pub_cmd.publish(zero_twist())
+            self._pub_cmd.publish(twist_msg())
             self._stopped_by_watchdog = True
+            self._request("reset_motion")  # the next command ramps up from rest
         self.stats.count("watchdog_stops")
         self.get_logger().warning(
             f"no valid command for {self.param('command_timeout_s'):.2f} s: published a zero Twist")
@@ -310,7 +317,8 @@ class AgentNode(LifecycleNode):
             status.level, status.message = DiagnosticStatus.WARN, f"{self._lifecycle_label}; new: {', '.join(worse)}"
         else:
             status.level, status.message = DiagnosticStatus.OK, self._lifecycle_label
-        values = [("lifecycle_state", self._lifecycle_label), ("instruction", self.param("instruction")),
+        instruction = self._agent.instruction if self._agent is not None else self.param("instruction")
+        values = [("lifecycle_state", self._lifecycle_label), ("instruction", instruction),
                   ("budget_ms", f"{self.param('budget_ms'):g}")]
         status.values = [KeyValue(key=k, value=v) for k, v in values + self.stats.key_values()]
         array = DiagnosticArray(status=[status])
@@ -327,7 +335,7 @@ class AgentNode(LifecycleNode):
         agent = self._agent
         while not self._worker_stop.is_set():
             try:
-                self._apply_pending_instruction(agent)
+                self._apply_pending(agent)
                 item = self._slot.take(timeout=0.1)
                 if item is None:
                     continue
@@ -338,13 +346,23 @@ class AgentNode(LifecycleNode):
             except Exception as err:  # never let one frame kill the worker
                 self.get_logger().error(f"worker: {type(err).__name__}: {err}")
 
-    def _apply_pending_instruction(self, agent: Any) -> None:
-        with self._instruction_lock:
-            text, self._pending_instruction = self._pending_instruction, None
-        if text is not None:
+    def _apply_pending(self, agent: Any) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        if "reset_motion" in pending:
+            agent.safety.reset()
+        if "command_timeout_s" in pending:
+            agent.safety.limits = self._safety_limits(agent.safety.limits,
+                                                      command_timeout_s=pending["command_timeout_s"])
+        if "instruction" in pending:
             started = time.monotonic()
-            agent.set_instruction(text)
-            self.get_logger().info(f"instruction set in {(time.monotonic() - started) * 1e3:.0f} ms: {text!r}")
+            try:
+                agent.set_instruction(pending["instruction"])
+            except ValueError as err:
+                self.get_logger().error(f"instruction rejected by the agent: {err}")
+                return
+            self.get_logger().info(f"instruction set in {(time.monotonic() - started) * 1e3:.0f} ms: "
+                                   f"{agent.instruction!r}")
 
     def _process(self, agent: Any, msg: Any, received_s: float) -> None:
         picked_up_s = self.get_clock().now().nanoseconds * 1e-9
@@ -360,49 +378,33 @@ class AgentNode(LifecycleNode):
         convert_ms = (time.perf_counter() - started) * 1e3
         try:
             result = agent.act(rgb, stamp_s=stamp_s, now_s=picked_up_s)
-        except Exception as err:
+        except Exception as err:  # a bug, not a bad frame: stop the robot, keep serving
             self.get_logger().error(f"agent.act failed: {type(err).__name__}: {err}; publishing a stop")
-            result = {"status": "fallback", "action": None, "twist": {"linear_x": 0.0, "angular_z": 0.0},
-                      "text": "", "timings_ms": {}, "decode_steps": 0, "error": f"{type(err).__name__}: {err}"}
-        self._publish_result(result, msg, stamp_s, convert_ms)
+            result = ActResult("fallback", twist={"linear_x": 0.0, "angular_z": 0.0},
+                               error=f"{type(err).__name__}: {err}")
+        result.timings_ms["convert"] = convert_ms
+        self._publish_result(result, msg, stamp_s)
 
-    def _publish_result(self, result: Any, msg: Any, stamp_s: float, convert_ms: float) -> None:
-        status = _field(result, "status")
-        twist_in = _jsonable(_field(result, "twist")) or {}
-        twist = Twist()
-        twist.linear.x = float(_field(twist_in, "linear_x", 0.0))
-        twist.angular.z = float(_field(twist_in, "angular_z", 0.0))
-        is_command = status in ("ok", "fallback")
-        if is_command and not all(map(math.isfinite, (twist.linear.x, twist.angular.z))):
-            status, twist = "fallback", zero_twist()
+    def _publish_result(self, result: ActResult, msg: Any, stamp_s: float) -> None:
+        is_command = result.status in ("ok", "fallback") and result.twist is not None
         with self._state_lock:
             if not self._active:  # deactivated during inference: its zero Twist was the last word
                 self.stats.count("dropped_inactive")
                 return
             if is_command:
-                self._pub_cmd.publish(twist)
-                if status == "ok":
+                self._pub_cmd.publish(twist_msg(result.twist))
+                if result.status == "ok":
                     self._last_valid_command = time.monotonic()
                     self._stopped_by_watchdog = False
         latency_ms = (self.get_clock().now().nanoseconds * 1e-9 - stamp_s) * 1e3
-        timings = dict(_jsonable(_field(result, "timings_ms")) or {})
-        timings["convert"] = convert_ms
-        self._count(status, latency_ms, timings, is_command)
-        report = {
-            "status": status,
-            "action": _jsonable(_field(result, "action")),
-            "twist": {"linear_x": twist.linear.x, "angular_z": twist.angular.z} if is_command else None,
-            "text": _field(result, "text"),
-            "stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
-            "frame_id": msg.header.frame_id,
-            "latency_ms": round(latency_ms, 3),
-            "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
-            "decode_steps": _field(result, "decode_steps"),
-            "error": _field(result, "error"),
-        }
-        self._pub_action.publish(String(data=json.dumps(report, default=str)))
+        self._count(result, latency_ms, is_command)
+        stamp = msg.header.stamp
+        self._pub_action.publish(String(data=result.to_json(
+            stamp={"sec": stamp.sec, "nanosec": stamp.nanosec}, frame_id=msg.header.frame_id,
+            latency_ms=round(latency_ms, 3), free_tokens=result.free_tokens, deadline_hit=result.deadline_hit)))
 
-    def _count(self, status: str, latency_ms: float, timings: Dict[str, float], is_command: bool) -> None:
+    def _count(self, result: ActResult, latency_ms: float, is_command: bool) -> None:
+        status = result.status
         if status == "dropped_stale":
             self.stats.count("dropped_stale")
             return
@@ -417,7 +419,7 @@ class AgentNode(LifecycleNode):
         if latency_ms > self.param("budget_ms"):
             self.stats.count("deadline_misses")
         self.stats.latency("end_to_end", latency_ms)
-        for stage, ms in timings.items():
+        for stage, ms in result.timings_ms.items():
             self.stats.latency(stage, float(ms))
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -463,6 +465,8 @@ def _spin(executor: MultiThreadedExecutor, stop: threading.Event, logger: Any) -
 
 def main(args: Optional[List[str]] = None) -> int:
     args = sys.argv if args is None else args
+    # The core logs through Python logging (e.g. an invalid model output -> fallback): show it.
+    logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] [%(name)s]: %(message)s")
     _init_ros(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,7 +2,8 @@
 
 No ROS import here, so the launch-file check and the docs can use it without rclpy.
 `when` says when a change takes effect: "configure" (read by the configure transition: change it,
-then cleanup + configure) or "runtime" (applied at once while the node runs).
+then cleanup + configure), "runtime" (applied at once while the node runs) or "startup" (read once
+when the process starts; read-only).
 """
 from __future__ import annotations
 
@@ -43,25 +44,25 @@ class ParamSpec:
 
 PARAMETERS: Tuple[ParamSpec, ...] = (
     # Agent core (AgentConfig fields), read on configure.
-    ParamSpec("engine", "", "Engine folder (manifest.json + weights). Empty: the bundled demo engine."),
+    ParamSpec("engine", "", "Engine folder (manifest.json + weights). Empty: the bundled demo engine (engines/demo)."),
     ParamSpec("actions", "", "Action vocabulary file (actions.yaml). Empty: the package's config/actions.yaml."),
     ParamSpec("backend", "torch", "Inference backend.", choices=BACKENDS),
     ParamSpec("device", "cpu", "Device the engine runs on.", choices=DEVICES),
-    ParamSpec("image_tokens", 280, "Image token budget per frame (48x48-pixel patches).",
-              range=(70, 1120), choices=IMAGE_TOKEN_BUDGETS),
+    ParamSpec("image_tokens", 0, "Image token budget per frame (48x48-pixel patches). 0: the engine's default.",
+              range=(0, 1120), choices=(0, *IMAGE_TOKEN_BUDGETS)),
     ParamSpec("budget_ms", 500.0, "Latency budget per frame, from capture stamp to command. A frame older "
               "than this when picked up is dropped; a decode that would pass it publishes the fallback.",
               range=(1.0, 60000.0)),
-    ParamSpec("instruction", "go to the red ball", "Task instruction (the cached prompt prefix). "
-              "Also settable through the `instruction` topic.", when="runtime"),
-    # Safety limits, applied to every command before it is published.
-    ParamSpec("max_linear_x", 0.5, "Largest |linear.x| published (m/s).", range=(0.0, 10.0)),
-    ParamSpec("max_angular_z", 1.0, "Largest |angular.z| published (rad/s).", range=(0.0, 10.0)),
-    ParamSpec("max_linear_accel", 0.5, "Largest increase of |linear.x| per second (m/s^2).", range=(0.0, 100.0)),
-    ParamSpec("max_angular_accel", 2.0, "Largest increase of |angular.z| per second (rad/s^2).", range=(0.0, 100.0)),
-    # Node behaviour.
+    ParamSpec("instruction", "go to the red ball", "Task instruction (the cached prompt prefix); also set by "
+              "the `instruction` topic. Empty at configure: the engine's default instruction.", when="runtime"),
+    # Safety limits: they replace the action file's `safety` values; every command passes them.
+    ParamSpec("max_linear_x", 0.5, "Largest |linear.x| published (m/s).", range=(0.001, 10.0)),
+    ParamSpec("max_angular_z", 1.0, "Largest |angular.z| published (rad/s).", range=(0.001, 10.0)),
+    ParamSpec("max_linear_accel", 0.5, "Largest increase of |linear.x| per second (m/s^2).", range=(0.001, 100.0)),
+    ParamSpec("max_angular_accel", 2.0, "Largest increase of |angular.z| per second (rad/s^2).", range=(0.001, 100.0)),
     ParamSpec("command_timeout_s", 1.0, "Watchdog: with no valid command for this long, publish a zero Twist.",
               when="runtime", range=(0.05, 60.0)),
+    # Node behaviour.
     ParamSpec("image_transport", "raw", "raw: subscribe `image` (sensor_msgs/Image); "
               "compressed: subscribe `image/compressed` (sensor_msgs/CompressedImage).", choices=IMAGE_TRANSPORTS),
     ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed).",
@@ -69,3 +70,5 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
 )
 
 BY_NAME = {spec.name: spec for spec in PARAMETERS}
+# Parameters that replace the same-named fields of the action file's safety limits (SafetyLimits).
+SAFETY_PARAMETERS = ("max_linear_x", "max_angular_z", "max_linear_accel", "max_angular_accel", "command_timeout_s")

@@ -1,0 +1,237 @@
+"""`gemma4-agent train-demo`: train the embedded demo model on the synthetic world, on a CPU.
+
+    gemma4-agent train-demo [--out engines/demo] [--seed 0] [--episodes N] [--steps K] [--minutes M]
+
+1. Roll out N expert episodes (world seeds TRAIN_SEED_BASE + seed * 10^6 + i, never used by
+   `generate-bags`), with perturbed execution in part of them, and keep every frame in memory as
+   uint8 patches (some frames JPEG-compressed first, as compressed bags deliver them).
+2. Train a tiny Gemma 4 Unified (gemma4_agent.demo.config) to continue the agent's prompt
+       <bos><|turn>user\\n{instruction}\\n<|image><|image|>x63<image|><turn|>\\n<|turn>model\\n
+   with the expert's canonical action text and <turn|>; loss on those tokens only. Half the frames
+   are mirrored left-right, with the steering sign flipped.
+3. Write the engine folder (config.json, model.safetensors, tokenizer.json, agent.json,
+   training.json, manifest.json) and print per-frame agreement with the expert on held-out episodes.
+
+Reproducible from --seed (same machine, same thread count). K steps fix the schedule; --minutes only
+caps the wall-clock time (training stops early, and says so, if the machine is slower).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.config import ModelConfig
+from ..model.network import Gemma4
+from ..model.tokenizer import TURN_END, PromptBuilder
+from .config import demo_config_json
+from .data import IMAGE_TOKENS, PATCH_SIZE, POOLING, FrameSet, PerturbConfig, collect, mirror_action, mirror_patches, \
+    train_world_seed
+from .tokenizer import build_tokenizer
+
+DEFAULT_INSTRUCTION = "go to the red ball"
+MAX_PREFIX, MAX_CONTEXT = 64, 512
+IGNORE = -100
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("engines/demo"), help="engine folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the episodes, the initial weights and the batches")
+    parser.add_argument("--episodes", type=int, default=320, help="training episodes (about 150 frames each)")
+    parser.add_argument("--steps", type=int, default=2600, help="optimizer steps (the learning-rate schedule)")
+    parser.add_argument("--batch", type=int, default=32, help="examples per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    parser.add_argument("--minutes", type=float, default=28.0, help="wall-clock cap for the whole run")
+    parser.add_argument("--eval-episodes", type=int, default=12, help="held-out episodes for the final check (0: skip)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=2, help="processes rendering episodes (same data for any count)")
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # cuda: for experiments only
+    parser.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def init_model(cfg: ModelConfig, seed: int) -> Gemma4:
+    torch.manual_seed(seed)
+    model = Gemma4(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+            elif name.endswith("pos_embedding"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+class Examples:
+    """Token sequences for a FrameSet: per-frame prompt and target ids (plain and mirrored)."""
+
+    def __init__(self, frames: FrameSet, tokenizer, spec, system: str = ""):
+        self.frames = frames
+        self.prompts = PromptBuilder(tokenizer)
+        self.image_id = self.prompts.image_id
+        num_patches = frames.patches.shape[1]
+        end = self.prompts.text(TURN_END)
+        prompt_cache: dict[str, list[int]] = {}
+        text_cache: dict[str, list[int]] = {}
+
+        def target(action: dict) -> list[int]:
+            text = spec.format_action(action)
+            if text not in text_cache:
+                text_cache[text] = self.prompts.text(text) + end
+            return text_cache[text]
+
+        self.prompt_ids, self.targets, self.mirrored = [], [], []
+        for instr, action in zip(frames.instructions, frames.actions):
+            if instr not in prompt_cache:
+                prompt_cache[instr] = (self.prompts.prefix(instr, system) + self.prompts.image(num_patches)
+                                       + self.prompts.suffix())
+            self.prompt_ids.append(prompt_cache[instr])
+            self.targets.append(target(action))
+            self.mirrored.append(target(mirror_action(action)))
+
+    def batch(self, index: torch.Tensor, mirror: torch.Tensor):
+        """ids [B, L] (pad 0 at the end), labels [B, L] (IGNORE outside targets), pixels [B, P, D] float."""
+        seqs, labels = [], []
+        for i, m in zip(index.tolist(), mirror.tolist()):
+            prompt = self.prompt_ids[i]
+            tgt = self.mirrored[i] if m else self.targets[i]
+            seqs.append(prompt + tgt)
+            labels.append([IGNORE] * len(prompt) + tgt)
+        length = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
+        lab = torch.tensor([s + [IGNORE] * (length - len(s)) for s in labels])
+        patches = self.frames.patches[index]
+        if bool(mirror.any()):
+            patches = patches.clone()
+            patches[mirror] = mirror_patches(patches[mirror], self.frames.positions)
+        return ids, lab, patches.float() / 255.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(model: Gemma4, examples: Examples, steps: int, batch: int, lr: float, seed: int, deadline: float,
+          progress: bool = True, device: str = "cpu") -> dict:
+    from tqdm import tqdm
+
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = len(examples.frames)
+    positions = examples.frames.positions.to(device)
+    losses: list[float] = []
+    done = 0
+    bar = tqdm(range(steps), desc="train", unit="step", disable=not progress)
+    for step in bar:
+        if time.monotonic() > deadline:
+            bar.write(f"time cap reached after {step} of {steps} steps: stopping early")
+            break
+        index = torch.randint(0, n, (batch,), generator=gen)
+        mirror = torch.rand(batch, generator=gen) < 0.5
+        ids, labels, pixels = (t.to(device) for t in examples.batch(index, mirror))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        logits = model(ids, pixels, positions[None].expand(batch, -1, -1), (ids == examples.image_id).long())
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr_at(step, steps, lr):.1e}")
+    bar.close()
+    model.eval()
+    return {"steps_done": done, "final_loss": float(np.mean(losses[-100:])) if losses else float("nan"),
+            "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}
+
+
+def agent_defaults(system: str = "") -> dict:
+    from ..sim.world import COLOURS, SHAPES
+
+    return {
+        "image_tokens": IMAGE_TOKENS,
+        "instruction": DEFAULT_INSTRUCTION,
+        "system": system,
+        "max_prefix": MAX_PREFIX,
+        "max_context": MAX_CONTEXT,
+        "patch_size": PATCH_SIZE,
+        "pooling": POOLING,
+        "target_end": TURN_END,
+        "instructions": [f"go to the {c} {s}" for c in COLOURS for s in SHAPES],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..actions.spec import load_action_spec
+    from ..engines.torch_engine import write_torch_engine
+    from .evaluate import frame_agreement
+
+    t_start = time.monotonic()
+    deadline = t_start + args.minutes * 60.0
+    torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    tokenizer = build_tokenizer()
+    spec = load_action_spec()
+    config_json = demo_config_json(tokenizer.get_vocab_size(), **({"hidden": args.hidden} if args.hidden else {}))
+    cfg = ModelConfig.model_validate(config_json)
+
+    seeds = [train_world_seed(args.seed, i) for i in range(args.episodes)]
+    frames = collect(seeds, PerturbConfig(), rng_seed=args.seed, progress=progress, desc="collect", jpeg_prob=0.3,
+                     workers=args.workers)
+    num_frames = len(frames)
+    t_data = time.monotonic() - t_start
+    print(f"collected {len(frames)} frames from {args.episodes} episodes in {t_data:.0f} s "
+          f"({frames.patches.numel() / 2**20:.0f} MiB of patches)", flush=True)
+    examples = Examples(frames, tokenizer, spec)
+
+    model = init_model(cfg, args.seed).to(args.device)
+    print(f"model: {model.num_parameters() / 1e6:.2f} M parameters, {cfg.text_config.num_hidden_layers} layers "
+          f"{cfg.text_config.layer_types}, hidden {cfg.text_config.hidden_size}", flush=True)
+    t0 = time.monotonic()
+    stats = train(model, examples, args.steps, args.batch, args.lr, args.seed, deadline, progress, args.device)
+    t_train = time.monotonic() - t0
+    print(f"trained {stats['steps_done']} steps in {t_train / 60:.1f} min, final loss {stats['final_loss']:.4f}", flush=True)
+    del examples, frames
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "training.json"):
+        (out / stale).unlink(missing_ok=True)
+    training = {
+        "command": f"gemma4-agent train-demo --seed {args.seed} --episodes {args.episodes} --steps {args.steps} "
+                   f"--batch {args.batch} --lr {args.lr}",
+        "seed": args.seed, "episodes": args.episodes, "train_frames": num_frames, "steps": args.steps,
+        "steps_done": stats["steps_done"], "batch": args.batch, "lr": args.lr, "threads": args.threads,
+        "final_loss": round(stats["final_loss"], 5), "loss_curve": stats["loss_curve"],
+        "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "train_world_seeds": f"{seeds[0]}..{seeds[-1]}" if seeds else "",
+    }
+    if args.eval_episodes > 0:
+        metrics = frame_agreement(model, tokenizer, episodes=args.eval_episodes, seed=9_000, progress=progress)
+        training["heldout_frame_agreement"] = metrics
+        print("held-out per-frame agreement (bag seed 9000): " + json.dumps(metrics), flush=True)
+    training["total_seconds"] = round(time.monotonic() - t_start, 1)
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    write_torch_engine(out, model=model.cpu(), config_json=config_json, tokenizer=tokenizer, agent_defaults=agent_defaults(),
+                       name="demo", max_context=MAX_CONTEXT)
+    print(f"engine written to {out} in {training['total_seconds'] / 60:.1f} min total", flush=True)
+    return 0

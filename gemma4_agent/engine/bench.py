@@ -1,0 +1,199 @@
+"""`gemma4-agent bench`: per-frame latency of the streaming engine at any config's shape.
+
+Random weights when given a config (latency does not depend on their values), real ones when given a
+checkpoint. `--cache none` recomputes the whole prompt every frame (what peers do), for comparison.
+On CUDA it also measures the two ceilings in the same run (device copy bandwidth, bf16 matmul rate),
+computes the per-frame floor from them, and asserts that 100 warm frames allocate nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..model.config import ModelConfig
+from ..model.network import build_model
+from .session import SessionConfig, StreamingSession
+
+GRIDS = {70: (10, 7), 140: (14, 10), 280: (20, 14), 560: (28, 20), 1120: (40, 28)}  # (cols, rows) of merged patches
+
+
+class SyntheticPrompts:
+    """Token ids of the right lengths for a model without a tokenizer (benchmarks only)."""
+
+    def __init__(self, config: ModelConfig, prefix_tokens: int):
+        self.image_id, self.boi_id, self.eoi_id = config.image_token_id, config.boi_token_id, config.eoi_token_id
+        vocab = config.text_config.vocab_size
+        rng = np.random.default_rng(0)
+        self._prefix = [2] + [int(t) for t in rng.integers(10, min(vocab, 250_000), prefix_tokens - 1)]
+
+    def prefix(self, instruction: str, system: str = "") -> list[int]:
+        return list(self._prefix)
+
+    def image(self, n: int) -> list[int]:
+        return [self.boi_id] + [self.image_id] * n + [self.eoi_id]
+
+    def suffix(self) -> list[int]:
+        return [106, 107, 108, 109]
+
+    def next_turn(self) -> list[int]:
+        return [106, 107, 108, 109]
+
+
+class FixedLength:
+    """Greedy for exactly n tokens (n - 1 decode steps after the prefill)."""
+
+    def __init__(self, n: int):
+        self.n, self.count = n, 0
+
+    def reset(self):
+        self.count = 0
+
+    def select(self, logits):
+        return int(torch.argmax(logits))
+
+    def accept(self, token):
+        self.count += 1
+
+    def forced(self):
+        return []
+
+    def done(self):
+        return self.count >= self.n
+
+
+def load_for_bench(path: str, device: str, dtype: torch.dtype):
+    p = Path(path)
+    if p.is_dir() and any(p.glob("model*.safetensors*")):
+        from ..model.loader import load_model
+
+        return load_model(p, dtype=dtype, device=device)
+    cfg = ModelConfig.from_json(p) if p.exists() else ModelConfig.preset(path)
+    return build_model(cfg, device=device, dtype=dtype)
+
+
+def frame_for(tokens: int, side: int) -> np.ndarray:
+    cols, rows = GRIDS[tokens]
+    return np.random.default_rng(tokens).integers(0, 256, (rows * side, cols * side, 3), dtype=np.uint8)
+
+
+def percentiles(values) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
+
+
+def measure_ceilings(device) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bandwidth = 2 * n * reps / (time.perf_counter() - t)
+    del a, b
+    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        m @ m
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        m @ m
+    torch.cuda.synchronize()
+    flops = 2 * 8192**3 * 20 / (time.perf_counter() - t)
+    del m
+    torch.cuda.empty_cache()
+    return {"copy_bandwidth_gbs": bandwidth / 1e9, "matmul_tflops": flops / 1e12}
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes_per_token: int) -> float:
+    """Prefill FLOPs over the matmul rate plus the weight bytes read per decoded token over bandwidth."""
+    params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+    prefill_flops = 2 * params * chunk_tokens + 2 * model.embed_tokens.weight.numel()
+    prefill = prefill_flops / (ceilings["matmul_tflops"] * 1e12)
+    decode = (decode_tokens - 1) * bytes_per_token / (ceilings["copy_bandwidth_gbs"] * 1e9)
+    return (prefill + decode) * 1e3
+
+
+def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
+              cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
+              window_frames: int = 4, model=None) -> dict:
+    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+                   "bfloat16": torch.bfloat16}[dtype]
+    model = model if model is not None else load_for_bench(config, device, torch_dtype)
+    vision = model.config.vision_config
+    side = vision.patch_size * vision.pooling_kernel_size
+    chunk = image_tokens + 6
+    per_frame = chunk + 2 * decode_tokens + 8
+    max_context = prefix_tokens + per_frame * (window_frames + 1 if cache == "window" else 1) + 64
+    session = StreamingSession(model, SyntheticPrompts(model.config, prefix_tokens),
+                               SessionConfig(mode=cache, image_tokens=image_tokens, max_new_tokens=decode_tokens,
+                                             max_prefix=prefix_tokens + 8, max_context=max_context,
+                                             window_frames=window_frames))
+    session.set_prefix("bench")
+    frame = frame_for(image_tokens, side)
+    selector = FixedLength(decode_tokens)
+    for _ in range(warmup):
+        session.step(frame, selector)
+    mem_before = torch.cuda.memory_allocated(device) if device == "cuda" else None
+    results = [session.step(frame, selector) for _ in tqdm(range(frames), desc=f"bench {cache}", leave=False)]
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "cache": cache, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
+        "prefix_tokens": prefix_tokens,
+        "per_frame_ms": percentiles([r.timings_ms["total"] for r in results]),
+        "prefill_ms_p50": float(np.median([r.timings_ms["prefill"] for r in results])),
+        "preprocess_ms_p50": float(np.median([r.timings_ms["preprocess"] for r in results])),
+        "decode_ms_per_token_p50": float(np.median([r.timings_ms["decode"] / max(1, r.decode_steps) for r in results])),
+    }
+    decile = max(1, frames // 10)
+    report["first_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[:decile]]))
+    report["last_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[-decile:]]))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        report["memory_allocated_before"] = mem_before
+        report["memory_allocated_after"] = torch.cuda.memory_allocated(device)
+        report["no_hot_path_allocation"] = mem_before == report["memory_allocated_after"]
+        report["weights_gb"] = weight_bytes(model) / 1e9
+    return report
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="config.json, checkpoint folder, or preset name (gemma4-12b)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--image-tokens", type=int, choices=sorted(GRIDS), default=280)
+    parser.add_argument("--decode-tokens", type=int, default=12)
+    parser.add_argument("--cache", choices=["prefix", "window", "none"], default="prefix")
+    parser.add_argument("--prefix-tokens", type=int, default=600)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--ceilings", action="store_true", help="CUDA: measure bandwidth/matmul rate and the floor")
+    parser.add_argument("--json", help="write the report here")
+
+
+def run(args) -> int:
+    report = run_bench(args.config, args.device, args.frames, args.image_tokens, args.decode_tokens, args.cache,
+                       args.prefix_tokens, args.dtype)
+    if args.device == "cuda" and args.ceilings:
+        report["ceilings"] = measure_ceilings(args.device)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
