@@ -452,38 +452,48 @@ def test_watchdog_publishes_zero_when_frames_stop(ros: Harness) -> None:
 
 
 def test_burst_keeps_executor_responsive(ros: Harness) -> None:
-    """Frames far faster than inference: params answered meanwhile, newest frame processed, drops counted."""
+    """Frames far faster than inference: parameter get/set answered while the worker is inside
+    agent.act, the newest frame processed last, drops counted and every frame accounted for."""
     ros.start(command_timeout_s=30.0, budget_ms=10000.0)
     ros.wait_active()
     ros.send_until(lambda i: raw_msg(scene(i), frame_id="warmup"), lambda: ros.actions())  # first frame
     wait_until(lambda: False, 0.5)
-    n_frames = 60
-    param_latency: List[float] = []
+    calls: List[Tuple[float, float]] = []
     start = time.monotonic()
-    for i in range(n_frames):
-        ros.image_pub.publish(raw_msg(scene(i), frame_id=f"b{i}"))
-        if i % 15 == 7:  # mid-burst, while the worker is busy with inference
+    n = 0
+    while time.monotonic() - start < 2.0:
+        ros.image_pub.publish(raw_msg(scene(n), frame_id=f"b{n}"))
+        n += 1
+        if n % 10 == 0:
+            value = 29.0 - len(calls) / 100
             t0 = time.monotonic()
-            assert ros.set_double("command_timeout_s", 29.0 - i / 100)
-            assert ros.get_param("command_timeout_s").double_value == pytest.approx(29.0 - i / 100)
-            param_latency.append(time.monotonic() - t0)
-        time.sleep(0.01)
-    burst_s = time.monotonic() - start
-    last = f"b{n_frames - 1}"
+            assert ros.set_double("command_timeout_s", value)
+            assert ros.get_param("command_timeout_s").double_value == pytest.approx(value)
+            calls.append((t0, time.monotonic()))
+        time.sleep(0.002)
+    last = f"b{n - 1}"
     assert wait_until(lambda: [a for a in ros.actions() if a["frame_id"] == last], REPLY_TIMEOUT_S), ros.actions()
-    burst_reports = [a for a in ros.actions() if a["frame_id"].startswith("b")]
-    assert burst_reports[-1]["frame_id"] == last  # the newest frame was processed, last
-    assert len(burst_reports) < n_frames
-    assert max(param_latency) < 0.5, param_latency  # answered during inference, not after it
-    # every frame that reached the node is accounted for: processed, replaced, stale or bad
-    def balanced() -> Optional[Dict[str, str]]:
-        d = ros.diagnostics(since=time.monotonic() - 1.0)
+    done = time.monotonic()
+    burst = [(t, json.loads(m.data)) for t, m in ros.got("action") if json.loads(m.data)["frame_id"].startswith("b")]
+    assert burst[-1][1]["frame_id"] == last  # the newest frame was processed, and last
+    assert len(burst) < n
+
+    # Responsive: every request answered fast, and some request was answered entirely while the
+    # worker was inside agent.act (its interval: report received minus the agent's total time).
+    assert max(t1 - t0 for t0, t1 in calls) < 0.5, calls
+    inference = [(t - r["timings_ms"]["total"] / 1e3, t) for t, r in burst]
+    inside = [c for c in calls if any(a <= c[0] and c[1] <= b for a, b in inference)]
+    assert inside, (calls, inference)
+
+    # Drops counted; once idle, every frame that reached the node is accounted for.
+    def settled() -> Optional[Dict[str, str]]:
+        d = ros.diagnostics(since=done + 0.05)
         if d and int(d["frames_received"]) == sum(int(d[k]) for k in (
                 "frames_processed", "dropped_replaced", "dropped_stale", "dropped_inactive", "bad_images")):
             return d
         return None
-    diag = wait_until(balanced, 5.0)
+    diag = wait_until(settled, 5.0)
     assert diag, ros.diagnostics()
-    assert int(diag["dropped_replaced"]) >= 1, (diag, burst_s)
+    assert int(diag["dropped_replaced"]) >= 1, diag
     assert int(diag["frames_processed"]) == len([a for a in ros.actions() if a["status"] in ("ok", "fallback")])
     assert_clean_exit(ros)

@@ -50,7 +50,7 @@ def library_versions(backend: str) -> dict[str, str]:
 def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxruntime", quant: str = "none",
                  max_context: int | None = None, max_prefix: int | None = None, image_tokens: int | None = None,
                  name: str | None = None, tokenizer=None, agent_defaults: dict | None = None,
-                 model=None, log=print) -> Path:
+                 model=None, dtype: str | None = None, export_only: bool = False, log=print) -> Path:
     """Export (and for TensorRT, build) an engine folder from a checkpoint folder (or an in-memory
     model whose config.json is in `checkpoint`)."""
     from ..model.loader import load_model
@@ -59,11 +59,17 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     if backend not in ("onnxruntime", "tensorrt"):
         raise EngineError(f"build-engine makes onnxruntime or tensorrt engines, not {backend!r} "
                           f"(a torch engine is the checkpoint folder itself)")
-    if backend == "tensorrt":
+    if backend == "tensorrt" and not export_only:
         from .tensorrt_backend import require_tensorrt
 
         require_tensorrt()
+    # onnxruntime (CPU) runs float32; TensorRT gets bfloat16 (Gemma's activations overflow float16)
+    dtype = getattr(torch, dtype or ("float32" if backend == "onnxruntime" else "bfloat16"))
+    if backend == "onnxruntime" and dtype != torch.float32:
+        raise EngineError("the onnxruntime backend runs float32 graphs: leave --dtype out")
     config = ModelConfig.from_json(checkpoint)
+    if backend == "tensorrt" and (checkpoint / "prefill.onnx").is_file() and (checkpoint / ENGINE_INFO).is_file():
+        return _plans_from_export(checkpoint, out, config, name, log)
     defaults = dict(agent_defaults or {})
     if not defaults and (checkpoint / "agent.json").is_file():
         defaults = json.loads((checkpoint / "agent.json").read_text())
@@ -78,14 +84,13 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     t0 = time.perf_counter()
     if model is None:
         model = load_model(checkpoint, dtype=torch.float32)
-    dtype = torch.float32 if backend == "onnxruntime" else torch.float16
     log(f"exporting {checkpoint} ({backend}, quant {quant}, {str(dtype)[6:]}) -> {out}")
     info = export_graphs(model, out, max_context=max_context, max_prefix=max_prefix, max_chunk=max_chunk,
                          quant=quant, dtype=dtype)
-    info.update(image_tokens=image_tokens, backend=backend)
+    info.update(image_tokens=image_tokens, backend=backend, plans_built=backend == "tensorrt" and not export_only)
     log(f"  ONNX export: {time.perf_counter() - t0:.1f} s")
     gpu_arch = None
-    if backend == "tensorrt":
+    if backend == "tensorrt" and not export_only:
         from .tensorrt_backend import build_plan
 
         gpu_arch = build_plan(out, info, log=log)
@@ -110,6 +115,29 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     return out
 
 
+def _plans_from_export(src: Path, out: Path, config: ModelConfig, name: str | None, log) -> Path:
+    """On the Jetson: build the TensorRT plans from a folder written with `--export-only` elsewhere
+    (no torch weights needed here, only the ONNX graphs)."""
+    from .manifest import read_manifest
+    from .tensorrt_backend import build_plan
+
+    exported = read_manifest(src)  # sizes + hashes: a damaged copy is refused before a long build
+    if src.resolve() != out.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():
+            if item.is_file() and item.name != "manifest.json":
+                shutil.copy2(item, out / item.name)
+    info = json.loads((out / ENGINE_INFO).read_text())
+    gpu = build_plan(out, info, log=log)
+    info["plans_built"] = True
+    (out / ENGINE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = exported.model_copy(update={"name": name or out.name, "gpu_arch": gpu, "machine": platform.machine(),
+                                           "library_versions": library_versions("tensorrt")})
+    write_manifest(out, manifest, files)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (or torch engine) folder")
     parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
@@ -119,12 +147,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefix", type=int, default=None, help="default: agent.json's, else 256")
     parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
     parser.add_argument("--name", default=None)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="activation/weight type of the graphs (default: float32 for onnxruntime, bfloat16 for tensorrt)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="tensorrt: write the ONNX graphs without building the plans (to build on the Jetson)")
 
 
 def run(args) -> int:
     try:
         build_engine(args.checkpoint, args.out, args.backend, args.quant, args.max_context, args.max_prefix,
-                     args.image_tokens, args.name)
+                     args.image_tokens, args.name, dtype=args.dtype, export_only=args.export_only)
     except (EngineError, FileNotFoundError) as exc:
         print(f"error: {exc}")
         return 1

@@ -50,8 +50,8 @@ class _GraphCache:
     """The cache protocol inside the traced graph: scatter the chunk into a copy of the past KV for
     attention, and keep the chunk's K/V to return as outputs."""
 
-    def __init__(self, layer_types, slots: dict, past: list, num_heads: int):
-        self.layer_types, self.slots, self.past, self.num_heads = layer_types, slots, past, num_heads
+    def __init__(self, layer_types, slots: dict, past: list):
+        self.layer_types, self.slots, self.past = layer_types, slots, past
         self.new: list = [None] * len(layer_types)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -59,16 +59,7 @@ class _GraphCache:
         k, v = k.to(k_past.dtype), v.to(v_past.dtype)
         idx = self.slots[self.layer_types[layer]].view(1, 1, -1, 1).expand(k.shape)
         self.new[layer] = (k, v)
-        return self._heads(k_past.scatter(2, idx, k)), self._heads(v_past.scatter(2, idx, v))
-
-    def _heads(self, x):
-        """Grouped KV heads expanded to the query heads (what network.sdpa's repeat_interleave does),
-        as Unsqueeze/Expand/Reshape: the TorchScript exporter lowers repeat_interleave to OneHot."""
-        b, kv, c, d = x.shape
-        groups = self.num_heads // kv
-        if groups == 1:
-            return x
-        return x[:, :, None].expand(b, kv, groups, c, d).reshape(b, kv * groups, c, d)
+        return k_past.scatter(2, idx, k), v_past.scatter(2, idx, v)
 
 
 class DecoderStep(nn.Module):
@@ -89,7 +80,7 @@ class DecoderStep(nn.Module):
         h = self.model.embed(ids)
         is_image = (ids == self.image_token_id)[..., None]
         h = torch.where(is_image, image_embeds.to(h.dtype), h)
-        cache = _GraphCache(self.model.layer_types, slots, past, self.model.config.text_config.num_attention_heads)
+        cache = _GraphCache(self.model.layer_types, slots, past)
         hidden = self.model.decode(h, positions, masks, cache)
         logits = self.model.logits(hidden[:, -1]).float()
         outs = [logits]
@@ -143,7 +134,10 @@ def _example_inputs(model, T: int, capacity: dict[str, int], dtype):
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches (checked by the tests)
         torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
@@ -276,7 +270,7 @@ Q4_BLOCK = 32
 
 def q4_0_quantize(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """GGUF q4_0 along `axis` in blocks of 32: d = amax / -8 (amax: the element of largest |x|,
-    signed; d rounded to fp16), q = clamp(int(x / d + 8.5), 0, 15). Returns (q - 8 as int8 in
+    signed), q = min(15, int(x / d + 8.5)), d stored rounded to fp16. Returns (q - 8 as int8 in
     [-8, 7], d as float32 with the blocked axis shrunk 32x). Dequantized: (q - 8) * d."""
     w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0)
     k = w.shape[0]
@@ -285,10 +279,11 @@ def q4_0_quantize(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]
     blocks = w.reshape(k // Q4_BLOCK, Q4_BLOCK, *w.shape[1:])
     idx = np.abs(blocks).argmax(axis=1)[:, None]
     amax = np.take_along_axis(blocks, idx, axis=1)[:, 0]
-    d = (amax / -8.0).astype(np.float16).astype(np.float32)
-    inv = np.where(d != 0, 1.0 / np.where(d != 0, d, 1.0), 0.0).astype(np.float32)
-    q = np.clip(np.trunc(blocks * inv[:, None] + 8.5), 0, 15).astype(np.int8) - 8
+    d32 = (amax / -8.0).astype(np.float32)
+    inv = np.where(d32 != 0, 1.0 / np.where(d32 != 0, d32, 1.0), 0.0).astype(np.float32)  # GGUF: id from fp32 d
+    q = np.clip(np.trunc(blocks * inv[:, None] + np.float32(8.5)), 0, 15).astype(np.int8) - 8
     q = q.reshape(w.shape)
+    d = d32.astype(np.float16).astype(np.float32)  # stored as fp16, as GGUF does
     return np.moveaxis(q, 0, axis), np.moveaxis(d, 0, axis)
 
 
@@ -345,14 +340,14 @@ def quantize_q4_0(graph_model) -> int:
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and _is_decoder_linear(node.name):
             init = inits[node.input[1]]
-            w = numpy_helper.to_array(init)
-            if w.ndim == 2 and w.dtype in (np.float32, np.float16) and w.shape[0] % Q4_BLOCK == 0 \
-                    and consumers.get(init.name, 0) == 1:
+            floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+            w = numpy_helper.to_array(init) if init.data_type in floats else None
+            if w is not None and w.ndim == 2 and w.shape[0] % Q4_BLOCK == 0 and consumers.get(init.name, 0) == 1:
                 if init.name not in replaced:
-                    q, d = q4_0_quantize(w, axis=0)
+                    q, d = q4_0_quantize(w.astype(np.float32), axis=0)
                     qname, sname, dqname = init.name + "_q4", init.name + "_q4_scale", init.name + "_dq"
                     q_init = helper.make_tensor(qname, onnx.TensorProto.INT4, q.shape, pack_int4(q), raw=True)
-                    s_init = numpy_helper.from_array(d.astype(w.dtype), sname)
+                    s_init = numpy_helper.from_array(d.astype(w.dtype), sname)  # scale in the activation type
                     graph.initializer.extend([q_init, s_init])
                     new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dqname], axis=0,
                                                       block_size=Q4_BLOCK, name=dqname))

@@ -50,6 +50,8 @@ def session_options(threads: int | None = None, accuracy_level: int = 0):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # no busy-waiting worker threads between runs: the agent shares the CPU with torch, ROS and preprocessing
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     # INT4 DequantizeLinear -> MatMul is fused into MatMulNBits; level 0 keeps float activations

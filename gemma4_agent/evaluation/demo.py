@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bag", type=Path, default=None, help="bag to play (default: the bundled sample bag)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    parser.add_argument("--duration-s", type=float, default=None, help="play only this many seconds of the bag")
     parser.add_argument("--budget-ms", type=float, default=None, help="node latency budget (default: the node's)")
     parser.add_argument("--start-timeout-s", type=float, default=120.0)
     parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: a private one)")
@@ -148,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
                 waiter.destroy_node()
             print(f"demo: node active after {time.monotonic() - started:.1f} s; playing the bag")
             result = play(bag, rate=args.rate, record=recorded, overwrite=True, init_ros=False,
-                          progress=not args.no_progress, tail_s=1.5)
+                          progress=not args.no_progress, tail_s=1.0,
+                          duration_s=args.duration_s)
         except (RuntimeError, BagError) as err:
             print(f"error: {err} (node log: {log_path})", file=sys.stderr)
             return 2

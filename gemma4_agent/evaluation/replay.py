@@ -180,9 +180,8 @@ def replay(bag_path: str | Path, agent, *, realtime: bool = False, image_topic: 
             agent.act(labels[0].frame.rgb)
             warmed = True
         agent.safety.reset()
-        run = replay_realtime if realtime else replay_offline
         by_bag[name] = (replay_realtime(agent, labels, name, instruction, progress, speed) if realtime
-                        else run(agent, labels, name, instruction, progress))
+                        else replay_offline(agent, labels, name, instruction, progress))
         info[name] = {"path": str(bag), "image_topic": episode.image_topic,
                       "image_type": episode.topics.get(episode.image_topic), "commands": len(episode.commands),
                       "instructions": sorted({i.text for i in episode.instructions})}
@@ -234,7 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from ..engines.manifest import EngineError
+
+    # frames decoded from a bag are read-only arrays; preprocessing only reads them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     try:
         bags = find_bags(args.bag)  # fail on a bad path before loading the engine

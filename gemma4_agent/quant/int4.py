@@ -200,6 +200,8 @@ class _Int4Weights(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense [out, in] weight (the input scaling not applied)."""
+        if self.__dict__.get("_released"):
+            raise RuntimeError("the portable int4 weights were released after packing (to_device_kernel)")
         return dequantize(self.qweight, _bits_f16(self.scales), self.zeros, self.group_size, dtype)
 
     def extra_repr(self) -> str:
@@ -216,7 +218,7 @@ class _Int4Weights(nn.Module):
 
     def _packed(self, device: torch.device):
         key = (str(device), self.qweight.data_ptr(), self.scales.data_ptr())
-        if self._kernel is not None and self._kernel[0] == key:
+        if self._kernel is not None and (self._kernel[0] == key or self.__dict__.get("_released")):
             return self._kernel[1], self._kernel[2]
         n, k, g = self.out_features, self.in_features, self.group_size
         n_pad = -n % 16  # CPU needs N % 16, tinygemm N % 8: pad rows with zero weights, slice the output
@@ -403,13 +405,23 @@ def prepare_quantized_model(model, meta: dict) -> None:
     model.int4_metadata = dict(meta)
 
 
-def to_device_kernel(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-    """Build (and cache) the packed kernel layout of every int4 module now, e.g. before CUDA-graph capture."""
+def to_device_kernel(model: nn.Module, device: str | torch.device | None = None,
+                     release_portable: bool = False) -> nn.Module:
+    """Build (and cache) the packed kernel layout of every int4 module now, e.g. before CUDA-graph capture.
+
+    release_portable: free the portable buffers of Int4Linear modules once packed (deployment: the weights
+    then sit in device memory once, in the kernel's layout; the model can no longer be saved or moved)."""
     for mod in model.modules():
         if isinstance(mod, _Int4Weights):
             dev = torch.device(device) if device is not None else mod.qweight.device
             if mod._kernel_ok(dev):
                 mod._packed(dev)
+                if release_portable and isinstance(mod, Int4Linear):
+                    for name in ("qweight", "scales", "zeros"):
+                        t = getattr(mod, name)
+                        if t is not None:
+                            setattr(mod, name, t.new_empty(0))
+                    mod.__dict__["_released"] = True
     return model
 
 

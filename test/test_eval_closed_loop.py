@@ -1,0 +1,47 @@
+"""`gemma4-agent sim`: closed loop in the synthetic world (random-weight tiny engine, short episodes)."""
+import json
+
+import pytest
+
+from gemma4_agent.cli import main
+from gemma4_agent.evaluation.closed_loop import run_closed_loop_episode
+from gemma4_agent.evaluation.dev_engine import write_random_engine
+from gemma4_agent.evaluation.replay import load_agent
+from gemma4_agent.sim import EpisodeConfig, WorldConfig
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return write_random_engine(tmp_path_factory.mktemp("eng") / "random")
+
+
+def test_sim_cli_report(engine, tmp_path):
+    out = tmp_path / "sim"
+    rc = main(["sim", "--engine", str(engine), "--episodes", "2", "--seed", "31", "--max-duration-s", "1.0",
+               "--width", "96", "--height", "72", "--report", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"success_rate", "episodes", "per_episode", "latency_ms", "reached_rate", "expert_agreement"} <= set(report)
+    assert report["episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0
+    assert [r["episode"] for r in report["per_episode"]] == [0, 1]
+    assert all(1 <= r["frames"] <= 10 for r in report["per_episode"])
+    assert report["latency_ms"]["p50"] > 0
+    assert "success rate" in (out / "report.md").read_text()
+
+
+def test_episode_success_needs_a_stop_within_the_radius(engine):
+    agent = load_agent(engine, 60_000.0)
+    world = WorldConfig(width=64, height=48, success_radius=10.0)  # the robot starts "at" the target
+    real_act = agent.act
+
+    def stop_act(rgb, stamp_s=None, now_s=None):
+        result = real_act(rgb, stamp_s, now_s)
+        result.status, result.action = "ok", {"action": "stop"}
+        result.twist = {"linear_x": 0.0, "angular_z": 0.0}
+        return result
+
+    agent.act = stop_act
+    row, recs = run_closed_loop_episode(agent, 5, world, EpisodeConfig(max_duration_s=1.0))
+    assert row["success"] and row["frames"] == 1
+    row, recs = run_closed_loop_episode(agent, 5, WorldConfig(width=64, height=48), EpisodeConfig(max_duration_s=0.5))
+    assert not row["success"] and row["frames"] == 5

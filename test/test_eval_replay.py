@@ -1,0 +1,163 @@
+"""`gemma4-agent replay` on generated bags (mcap + sqlite3, raw + compressed), a bag without
+commands, broken inputs, and realtime mode with frames faster than inference. Runs on a
+random-weight tiny engine: the numbers are not a policy's, only their shape and bookkeeping are checked."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from gemma4_agent.cli import main
+from gemma4_agent.evaluation.dev_engine import write_random_engine
+from gemma4_agent.sim import EpisodeConfig, WorldConfig, run_episode
+from gemma4_agent.sim.generate_bags import write_episode_bag
+
+WORLD = WorldConfig(width=96, height=72)
+EPISODE = EpisodeConfig(max_duration_s=1.2)  # 12 frames
+REPORT_KEYS = {"frames", "processed", "dropped", "deadline_misses", "fallbacks", "action_type_agreement",
+               "angular_sign_agreement", "linear_mae", "angular_mae", "latency_ms", "latency_ms_by_stage",
+               "decode_steps_mean", "post_safety"}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return write_random_engine(tmp_path_factory.mktemp("eng") / "random")
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bags")
+    out = {}
+    for i, (storage, compressed) in enumerate([("mcap", False), ("mcap", True), ("sqlite3", False), ("sqlite3", True)]):
+        path = root / f"{storage}_{'jpeg' if compressed else 'raw'}"
+        write_episode_bag(path, run_episode(4200 + i, WORLD, episode_config=EPISODE), rate_hz=10.0,
+                          storage=storage, compressed=compressed)
+        out[path.name] = path
+    return out
+
+
+def _write_bag(path: Path, with_images: bool = True, frames: int = 5) -> Path:
+    """A hand-made bag: rgb8 images only (no /cmd_vel, no /instruction), or only a Twist topic."""
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    T = ts.types
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        if with_images:
+            conn = w.add_connection("/front/image", "sensor_msgs/msg/Image", typestore=ts)
+        else:
+            conn = w.add_connection("/cmd_vel", "geometry_msgs/msg/Twist", typestore=ts)
+        rng = np.random.default_rng(0)
+        for k in range(frames):
+            t = 10**18 + k * 100_000_000
+            if with_images:
+                data = rng.integers(0, 256, 48 * 64 * 3, dtype=np.uint8)
+                header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9),
+                                                  frame_id="cam")
+                msg = T["sensor_msgs/msg/Image"](header=header, height=48, width=64, encoding="rgb8", is_bigendian=0,
+                                                 step=64 * 3, data=data)
+                w.write(conn, t, ts.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+            else:
+                V = T["geometry_msgs/msg/Vector3"]
+                msg = T["geometry_msgs/msg/Twist"](linear=V(x=0.1, y=0.0, z=0.0), angular=V(x=0.0, y=0.0, z=0.0))
+                w.write(conn, t, ts.serialize_cdr(msg, "geometry_msgs/msg/Twist"))
+    return path
+
+
+def _replay(args, out: Path) -> dict:
+    assert main(["replay", *map(str, args), "--report", str(out), "--no-progress"]) == 0
+    assert (out / "report.md").exists() and (out / "latency.png").exists()
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["mcap_raw", "mcap_jpeg", "sqlite3_raw", "sqlite3_jpeg"])
+def test_replay_each_storage_and_encoding(engine, bags, name, tmp_path):
+    report = _replay([bags[name], "--engine", engine, "--max-frames", "6"], tmp_path / "r")
+    assert REPORT_KEYS <= set(report)
+    assert report["frames"] == report["processed"] == 6 and report["dropped"] == 0
+    assert 0.0 <= report["action_type_agreement"] <= 1.0
+    assert report["compared_frames"] == 6
+    assert report["linear_mae"] >= 0 and report["angular_mae"] >= 0
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert set(report["latency_ms_by_stage"]) >= {"preprocess", "prefill", "decode", "total"}
+    assert report["mode"] == "offline"
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "action type agreement" in md and "![" in md
+    assert any(p.startswith("commands_") for p in report["plots"])
+    assert len((tmp_path / "r" / "frames.jsonl").read_text().splitlines()) == 6
+
+
+def test_replay_folder_of_bags_aggregates(engine, bags, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("mcap_raw", "sqlite3_jpeg"):
+        shutil.copytree(bags[name], folder / name)
+    report = _replay([folder, "--engine", engine, "--max-frames", "4"], tmp_path / "r")
+    assert report["bags"] == 2 and report["frames"] == 8
+    assert set(report["per_bag"]) == {"mcap_raw", "sqlite3_jpeg"}
+    assert all(b["frames"] == 4 for b in report["per_bag"].values())
+
+
+def test_bag_without_commands_is_latency_only(engine, tmp_path):
+    bag = _write_bag(tmp_path / "imgs")
+    report = _replay([bag, "--engine", engine, "--instruction", "go to the blue cube"], tmp_path / "r")
+    assert report["frames"] == report["processed"] == 5
+    assert report["has_recorded_commands"] is False
+    for key in ("action_type_agreement", "angular_sign_agreement", "linear_mae", "angular_mae"):
+        assert report[key] is None
+    assert report["latency_ms"]["p50"] > 0
+    assert "latency-only" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _error(args, capsys) -> str:
+    rc = main(["replay", *map(str, args), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and err.startswith("error:")
+    return err
+
+
+def test_clear_errors(engine, bags, tmp_path, capsys):
+    assert "does not exist" in _error([tmp_path / "missing", "--engine", engine, "--report", tmp_path / "r"], capsys)
+    # corrupt: the storage file cut in half
+    broken = tmp_path / "broken"
+    shutil.copytree(bags["mcap_raw"], broken)
+    mcap = next(broken.glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
+    assert "broken" in _error([broken, "--engine", engine, "--report", tmp_path / "r"], capsys)
+    # not a bag at all
+    junk = tmp_path / "junk.mcap"
+    junk.write_bytes(b"not a bag" * 100)
+    assert "junk" in _error([junk, "--engine", engine, "--report", tmp_path / "r"], capsys)
+    # no image topic
+    err = _error([_write_bag(tmp_path / "twist_only", with_images=False), "--engine", engine,
+                  "--report", tmp_path / "r"], capsys)
+    assert "no Image or CompressedImage topic" in err and "/cmd_vel" in err
+    # a named topic that is not there
+    err = _error([bags["mcap_raw"], "--engine", engine, "--image-topic", "/nope", "--report", tmp_path / "r"], capsys)
+    assert "/nope" in err and "/camera/image_raw" in err
+
+
+def test_realtime_drops_frames_when_the_camera_outpaces_inference(engine, bags, tmp_path):
+    # 12 frames replayed at 50x: one every 2 ms, far faster than an agent step
+    report = _replay([bags["mcap_raw"], "--engine", engine, "--realtime", "--speed", "50", "--budget-ms", "5000"],
+                     tmp_path / "r")
+    assert report["mode"] == "realtime"
+    assert report["dropped"] > 0 and report["dropped_replaced"] > 0
+    assert report["processed"] + report["dropped"] == report["frames"] == 12
+    assert report["processed"] >= 1
+    # end-to-end latency includes the wait in the slot: at least the agent's own time
+    assert report["latency_ms"]["p50"] >= report["latency_ms_by_stage"]["total"]["p50"] * 0.99
+
+
+def test_realtime_deadline_misses_with_a_tiny_budget(engine, bags, tmp_path):
+    report = _replay([bags["mcap_jpeg"], "--engine", engine, "--realtime", "--speed", "5", "--budget-ms", "1",
+                      "--max-frames", "5"], tmp_path / "r")
+    # with a 1 ms budget every frame is either stale, cut at the deadline (fallback), or late
+    acted = report["processed"]
+    assert report["deadline_misses"] == acted
+    assert report["fallbacks"] + report["dropped_stale"] >= 1
