@@ -20,6 +20,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     args = parser.parse_args()
     out = Path(args.out)
     ceilings = measure_ceilings("cuda")
@@ -28,22 +29,25 @@ def main() -> int:
     # per decoded token every weight is read once, except the embedding table, of which only the
     # LM-head use (the whole table) counts: the gather of one row is negligible
     rows = []
-    for tokens in (70, 280):
-        for cache in ("prefix", "none"):
-            frames = args.frames if cache == "prefix" else max(5, args.frames // 3)
-            r = run_bench("gemma4-12b", "cuda", frames, tokens, 12, cache, 600, "bfloat16", warmup=3, model=model)
-            r["floor_ms"] = floor_ms(model, tokens + 6 + (600 if cache == "none" else 0), 12, ceilings, wbytes)
-            r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
-            rows.append(r)
-            print(json.dumps({k: r[k] for k in ("cache", "image_tokens", "per_frame_ms", "prefill_ms_p50",
-                                                "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
-                                                "no_hot_path_allocation")}), flush=True)
+    variants = [(t, c, False) for t in (70, 280) for c in ("prefix", "none")]
+    if args.compile:
+        variants += [(t, "prefix", True) for t in (70, 280)]
+    for tokens, cache, compiled in variants:
+        frames = args.frames if cache == "prefix" else max(5, args.frames // 3)
+        r = run_bench("gemma4-12b", "cuda", frames, tokens, 12, cache, 600, "bfloat16", warmup=3, model=model,
+                      compile=compiled)
+        r["floor_ms"] = floor_ms(model, tokens + 6 + (600 if cache == "none" else 0), 12, ceilings, wbytes)
+        r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
+        rows.append(r)
+        print(json.dumps({k: r[k] for k in ("cache", "compile", "image_tokens", "per_frame_ms", "prefill_ms_p50",
+                                            "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
+                                            "no_hot_path_allocation")}), flush=True)
     report = {"ceilings": ceilings, "weights_gb": wbytes / 1e9, "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "runs": rows}
     (out / "gpu_12b.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{'cache':8} {'tokens':>6} {'p50 ms':>8} {'prefill':>8} {'ms/tok':>7} {'floor':>7} {'ratio':>6}  alloc-free")
+    print(f"\n{'cache':8} {'compiled':>8} {'tokens':>6} {'p50 ms':>8} {'prefill':>8} {'ms/tok':>7} {'floor':>7} {'ratio':>6}  alloc-free")
     for r in rows:
-        print(f"{r['cache']:8} {r['image_tokens']:6d} {r['per_frame_ms']['p50']:8.1f} {r['prefill_ms_p50']:8.1f} "
+        print(f"{r['cache']:8} {str(r['compile']):>8} {r['image_tokens']:6d} {r['per_frame_ms']['p50']:8.1f} {r['prefill_ms_p50']:8.1f} "
               f"{r['decode_ms_per_token_p50']:7.2f} {r['floor_ms']:7.1f} {r['ratio_to_floor']:6.2f}  "
               f"{r.get('no_hot_path_allocation')}")
     print(f"ceilings: {ceilings}, weights {wbytes / 1e9:.2f} GB")

@@ -5,7 +5,6 @@ TensorRT-flavoured export (bfloat16 graphs, INT4 blocked DequantizeLinear) is we
 only operators TensorRT 10.3 parses."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -78,8 +77,8 @@ def test_tensorrt_export_is_well_formed(trt_export):
     assert decode["k_0"][0][2] == info["capacity"]["sliding_attention"]
 
 
-@needs_trt
 @needs_cuda
+@needs_trt
 def test_build_and_match_torch_on_device(trt_export, tiny_checkpoints, tmp_path):
     """On the Jetson: build plans from the export and compare a streaming session against torch."""
     from gemma4_agent.engines.verify_cli import compare
@@ -90,8 +89,8 @@ def test_build_and_match_torch_on_device(trt_export, tiny_checkpoints, tmp_path)
     assert report["max_rel_logit_diff"] < 5e-2, report
 
 
-@needs_trt
 @needs_cuda
+@needs_trt
 def test_manifest_refuses_other_gpu(trt_export, tmp_path):
     import shutil
 
@@ -105,4 +104,3 @@ def test_manifest_refuses_other_gpu(trt_export, tmp_path):
     write_manifest(other, manifest, list(manifest.files))
     with pytest.raises(EngineError, match="built for GPU sm_00"):
         load_engine(other, "tensorrt", device="cuda", dtype=torch.bfloat16)
-    assert np is not None

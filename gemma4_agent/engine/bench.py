@@ -132,7 +132,7 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
-              window_frames: int = 4, model=None) -> dict:
+              window_frames: int = 4, model=None, compile: bool = False) -> dict:
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[dtype]
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
@@ -144,7 +144,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     session = StreamingSession(model, SyntheticPrompts(model.config, prefix_tokens),
                                SessionConfig(mode=cache, image_tokens=image_tokens, max_new_tokens=decode_tokens,
                                              max_prefix=prefix_tokens + 8, max_context=max_context,
-                                             window_frames=window_frames))
+                                             window_frames=window_frames, compile=compile))
     session.set_prefix("bench")
     frame = frame_for(image_tokens, side)
     selector = FixedLength(decode_tokens)
@@ -155,7 +155,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(torch_dtype).replace("torch.", ""),
-        "cache": cache, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
+        "cache": cache, "compile": compile, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
         "prefix_tokens": prefix_tokens,
         "per_frame_ms": percentiles([r.timings_ms["total"] for r in results]),
         "prefill_ms_p50": float(np.median([r.timings_ms["prefill"] for r in results])),
@@ -184,12 +184,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=600)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--ceilings", action="store_true", help="CUDA: measure bandwidth/matmul rate and the floor")
+    parser.add_argument("--compile", action="store_true", help="CUDA: torch.compile the decoder (prefill chunks and the graph-captured decode step)")
     parser.add_argument("--json", help="write the report here")
 
 
 def run(args) -> int:
     report = run_bench(args.config, args.device, args.frames, args.image_tokens, args.decode_tokens, args.cache,
-                       args.prefix_tokens, args.dtype)
+                       args.prefix_tokens, args.dtype, compile=args.compile)
     if args.device == "cuda" and args.ceilings:
         report["ceilings"] = measure_ceilings(args.device)
     text = json.dumps(report, indent=2)

@@ -36,6 +36,7 @@ class SessionConfig(BaseModel):
     window_frames: int = Field(4, ge=1)
     rebase_threshold: int = Field(1 << 16, ge=64)
     cuda_graph: bool = True
+    compile: bool = False  # CUDA: torch.compile the decoder (fuses the element-wise work); decode step graph-captured after
 
 
 @dataclass
@@ -97,11 +98,17 @@ class StreamingSession:
         self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
         self.frame_index = 0
         self._graph = None
+        # one compiled function for every chunk length; dynamo specialises per length (a frame chunk and
+        # the one-token step are the lengths that repeat)
+        self._compiled = torch.compile(self._layers_and_head, dynamic=False) if self.config.compile else None
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
     def _forward(self, h: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict) -> torch.Tensor:
         self.cache.place(slots, positions, blocks)
+        return (self._compiled or self._layers_and_head)(h, positions, blocks)
+
+    def _layers_and_head(self, h, positions, blocks):
         masks = {t: attention_mask(positions, self.cache.slot_pos[t], blocks[None], self.cache.slot_block[t][None], w)
                  for t, w in self.windows.items()}
         hidden = self.model.decode(h, positions, masks, self.cache)

@@ -107,9 +107,16 @@ def benchmark(engine_dir: str | Path, checkpoint: str | Path, frames: int = 20, 
     same session, greedy; prints a table and returns it."""
     from ..model.loader import load_model
 
-    engine = load_engine(engine_dir, read_manifest(engine_dir).backend)
+    backend = read_manifest(engine_dir).backend
     if threads:
         torch.set_num_threads(threads)
+    if backend == "onnxruntime":  # the same thread count on both sides
+        from .ort_backend import OrtModel
+
+        engine = load_engine(engine_dir, backend)
+        engine.model = OrtModel(engine_dir, engine.config, threads=threads or torch.get_num_threads())
+    else:
+        engine = load_engine(engine_dir, backend, "cuda", torch.bfloat16)
     reference = load_model(checkpoint, dtype=torch.float32)
     if read_manifest(engine_dir, verify_files=False).quant == "q4_0":
         from .onnx_export import fake_quantize_model
@@ -118,7 +125,7 @@ def benchmark(engine_dir: str | Path, checkpoint: str | Path, frames: int = 20, 
     defaults = dict(engine.agent_defaults)
     frame_list = synthetic_frames(frames + warmup, seed=1)
     table = {}
-    for side, model in (("torch", reference), (engine_dir and read_manifest(engine_dir, False).backend, engine.model)):
+    for side, model in (("torch", reference), (backend, engine.model)):
         s = _session(model, engine.prompts, defaults, mode, max_new_tokens)
         s.set_prefix(defaults.get("instruction", "go to the red ball"))
         rows = []
