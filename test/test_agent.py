@@ -69,8 +69,8 @@ def test_unconstrained_random_model_rarely_speaks_json(random_engine):
 
 
 def test_budget_and_bad_frames(random_engine):
-    agent = Agent(AgentConfig(engine=random_engine, budget_ms=100))
-    assert agent.act(_frames(1)[0], stamp_s=10.0, now_s=10.5).status == "dropped_stale"
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000))
+    assert agent.act(_frames(1)[0], stamp_s=10.0, now_s=70.5).status == "dropped_stale"
     for bad in (np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32), None):
         result = agent.act(bad)
         assert result.status == "bad_frame" and result.twist is None
