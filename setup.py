@@ -27,6 +27,7 @@ setup(
         *tree("launch"),
         *tree("config"),
         *tree("engines"),
+        *tree("data"),
     ],
     install_requires=["setuptools"],
     zip_safe=False,

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Safety limits: clamping, acceleration limit, watchdog; action -> twist mapping."""
 from __future__ import annotations
 
-import math
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -4,40 +4,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from gemma4_agent.agent import Agent, AgentConfig
 from gemma4_agent.actions import load_action_spec, parse_action
-from gemma4_agent.demo.tokenizer import build_tokenizer
 from gemma4_agent.engines.manifest import EngineError
-from gemma4_agent.engines.torch_engine import write_torch_engine
-from gemma4_agent.model import ModelConfig, build_model
-
-
-def tiny_config(tokenizer) -> dict:
-    ids = {t: tokenizer.token_to_id(t) for t in ("<|image>", "<image|>", "<|image|>")}
-    return {
-        "model_type": "gemma4_unified",
-        "boi_token_id": ids["<|image>"], "eoi_token_id": ids["<image|>"], "image_token_id": ids["<|image|>"],
-        "text_config": {"vocab_size": tokenizer.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
-                        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                        "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
-                        "sliding_window": 32, "final_logit_softcapping": 30.0,
-                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
-        "vision_config": {"patch_size": 8, "pooling_kernel_size": 2, "mm_embed_dim": 32, "mm_posemb_size": 64,
-                          "output_proj_dims": 32},
-    }
+from gemma4_agent.evaluation.dev_engine import tiny_config, write_random_engine  # noqa: F401 (tiny_config: other tests)
 
 
 @pytest.fixture(scope="module")
 def random_engine(tmp_path_factory):
-    tokenizer = build_tokenizer()
-    cfg_json = tiny_config(tokenizer)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.model_validate(cfg_json))
-    return write_torch_engine(tmp_path_factory.mktemp("eng") / "random", model=model, config_json=cfg_json,
-                              tokenizer=tokenizer, agent_defaults={"image_tokens": 70, "instruction": "go to the red ball",
-                                                                   "max_prefix": 64, "max_context": 256})
+    return write_random_engine(tmp_path_factory.mktemp("eng") / "random")
 
 
 def _frames(n, seed=0):

@@ -232,7 +232,8 @@ def test_agent_runs_on_the_ort_engine(tmp_path):
     agents = [Agent(AgentConfig(engine=torch_engine, budget_ms=60_000)),  # no deadline: compare full decodes
               Agent(AgentConfig(engine=ort_engine, backend="onnxruntime", budget_ms=60_000))]
     rng = np.random.default_rng(3)
-    for _ in range(4):
+    for i in range(4):
         frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a, b = (agent.act(frame) for agent in agents)
+        # one clock for both: the safety filter's acceleration limit depends on the time between commands
+        a, b = (agent.act(frame, stamp_s=0.1 * i, now_s=0.1 * i) for agent in agents)
         assert (a.status, a.text, a.twist, a.action) == (b.status, b.text, b.twist, b.action)

@@ -1,6 +1,7 @@
 """The gemma4_agent node across processes over real DDS (ROS 2 Jazzy from the PyPI wheels).
 
-Each test starts `python -m gemma4_agent.ros.node --ros-args --params-file config/agent.yaml -p ...`
+Each test starts `gemma4_agent_node --ros-args --params-file config/agent.yaml -p ...` (the console
+script beside this Python when the package is installed, else `python -m gemma4_agent.ros.node`)
 as a subprocess on its own ROS_DOMAIN_ID, talks to it from this process through a tester node,
 and stops it with a signal (it must exit 0). The node runs the real agent on the bundled demo engine
 (or the engine folder in $GEMMA4_AGENT_TEST_ENGINE).
@@ -43,6 +44,8 @@ NODE = "/gemma4_agent"
 DIAG_NAME = "gemma4_agent: inference"
 START_TIMEOUT_S = 60.0   # process start + torch import + engine load, on a loaded 2-core CI machine
 REPLY_TIMEOUT_S = 30.0
+_SCRIPT = Path(sys.executable).with_name("gemma4_agent_node")
+NODE_COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gemma4_agent.ros.node"]
 
 _domains = itertools.count()
 _DOMAIN_BASE = zlib.crc32(str(os.getpid()).encode()) % 200
@@ -157,7 +160,7 @@ class Harness:
     # -- the node under test --
 
     def start(self, **params: Any) -> None:
-        cmd = [sys.executable, "-m", "gemma4_agent.ros.node", "--ros-args", "--params-file", str(PARAMS_FILE)]
+        cmd = [*NODE_COMMAND, "--ros-args", "--params-file", str(PARAMS_FILE)]
         if os.environ.get("GEMMA4_AGENT_TEST_ENGINE"):
             params = {"engine": os.environ["GEMMA4_AGENT_TEST_ENGINE"], **params}
         for name, value in params.items():
@@ -314,12 +317,12 @@ def test_end_to_end_raw(ros: Harness) -> None:
 
     # A new task on the `instruction` topic: the parameter follows, the agent recomputes its prefix once.
     assert wait_until(lambda: ros.node.count_subscribers("/instruction") >= 1, 10.0)
-    ros.instruction_pub.publish(String(data="go to the blue box"))
-    assert wait_until(lambda: ros.get_param("instruction").string_value == "go to the blue box", 10.0)
+    ros.instruction_pub.publish(String(data="go to the blue cube"))
+    assert wait_until(lambda: ros.get_param("instruction").string_value == "go to the blue cube", 10.0)
     assert wait_until(lambda: "instruction set" in ros.log(), 20.0), ros.log()
     since = time.monotonic()
     assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", since))
-    assert wait_until(lambda: (ros.diagnostics(since) or {}).get("instruction") == "go to the blue box", 3.0)
+    assert wait_until(lambda: (ros.diagnostics(since) or {}).get("instruction") == "go to the blue cube", 3.0)
 
     # SIGINT: exit 0 and a zero Twist as the last word.
     stop_at = time.monotonic()

@@ -69,6 +69,7 @@ class Step:
     frame: np.ndarray
     instruction: str
     action: dict
+    distance: float  # robot centre to target centre (m)
 
 
 def rollout(world_seed: int, perturb: PerturbConfig | None = None, rng: np.random.Generator | None = None,
@@ -87,7 +88,7 @@ def rollout(world_seed: int, perturb: PerturbConfig | None = None, rng: np.rando
     stopped = 0
     for i in range(max_frames):
         label = expert_action(world, expert_config)
-        yield Step(world.render(noise_key=i), world.instruction, label)
+        yield Step(world.render(noise_key=i), world.instruction, label, world.distance_to(world.target))
         if label["action"] == "stop":
             stopped += 1
             if stopped > hold_frames:
@@ -136,6 +137,7 @@ class FrameSet:
     positions: torch.Tensor  # [P, 2] (all frames share one size)
     instructions: list[str]
     actions: list[dict]
+    distances: list[float] = field(default_factory=list)  # robot to target (m), per frame
     episode: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -152,11 +154,11 @@ def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def _collect_episode(job) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict]]:
+def _collect_episode(job) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[float]]:
     world_seed, perturb, rng_seed, world_config, jpeg_prob, jpeg_quality = job
     torch.set_num_threads(1)
     rng = np.random.default_rng([rng_seed, world_seed])  # per episode: the same data with any worker count
-    buf, instructions, actions = [], [], []
+    buf, instructions, actions, distances = [], [], [], []
     positions = None
     for step in rollout(world_seed, perturb, rng, world_config):
         frame = step.frame
@@ -166,7 +168,8 @@ def _collect_episode(job) -> tuple[torch.Tensor, torch.Tensor, list[str], list[d
         buf.append(patches)
         instructions.append(step.instruction)
         actions.append(step.action)
-    return torch.stack(buf), positions, instructions, actions
+        distances.append(step.distance)
+    return torch.stack(buf), positions, instructions, actions, distances
 
 
 def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_seed: int = 0,
@@ -180,17 +183,19 @@ def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_se
     chunks: list[torch.Tensor] = []
     instructions: list[str] = []
     actions: list[dict] = []
+    distances: list[float] = []
     episode: list[int] = []
     positions = None
 
     def consume(results):
         nonlocal positions
-        for e, (patches, pos, instr, acts) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="ep",
+        for e, (patches, pos, instr, acts, dists) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="ep",
                                                             disable=not progress)):
             chunks.append(patches)
             positions = pos
             instructions.extend(instr)
             actions.extend(acts)
+            distances.extend(dists)
             episode.extend([e] * len(acts))
 
     if workers > 1:
@@ -202,4 +207,4 @@ def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_se
         consume(map(_collect_episode, jobs))
     if positions is None:
         raise ValueError("no frames collected")
-    return FrameSet(torch.cat(chunks), positions, instructions, actions, episode)
+    return FrameSet(torch.cat(chunks), positions, instructions, actions, distances, episode)

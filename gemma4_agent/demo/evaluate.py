@@ -110,7 +110,7 @@ def closed_loop(model, tokenizer, episodes: int = 50, seed: int = 7, trie: Actio
 
         filters = [SafetyFilter(spec.safety) for _ in worlds]
     reached_at = [None] * episodes
-    stopped_in_radius = [False] * episodes
+    last_action: list[dict] = [{} for _ in range(episodes)]
     active = list(range(episodes))
     bar = tqdm(range(max_frames), desc="closed loop", unit="tick", disable=not progress)
     for tick in bar:
@@ -130,7 +130,7 @@ def closed_loop(model, tokenizer, episodes: int = 50, seed: int = 7, trie: Actio
             pixels = torch.stack([f[0] for f in frames]).float() / 255.0
             texts = decoder.decode([worlds[i].instruction for i in idx], pixels, positions)
             for i, text in zip(idx, texts):
-                action = json.loads(text)
+                action = last_action[i] = json.loads(text)
                 lin, ang = action_to_twist(action)
                 if filters is not None:
                     tw = filters[i].step({"linear_x": lin, "angular_z": ang}, tick * period, valid=True).twist
@@ -140,12 +140,20 @@ def closed_loop(model, tokenizer, episodes: int = 50, seed: int = 7, trie: Actio
         bar.set_postfix(active=len(active))
     bar.close()
     ok = [t is not None for t in reached_at]
+    failures = []
+    for i, w in enumerate(worlds):
+        if ok[i]:
+            continue
+        nearest = min(w.objects, key=w.distance_to)
+        failures.append({"world_seed": episode_seed(seed, i), "instruction": w.instruction,
+                         "final_distance": round(w.distance_to(w.target), 2), "last_action": last_action[i].get("action"),
+                         "nearest_object": nearest.name, "nearest_distance": round(w.distance_to(nearest), 2)})
     return {
         "episodes": episodes,
         "seed": seed,
         "success_rate": round(float(np.mean(ok)), 4),
         "mean_time_to_reach_s": round(float(np.mean([t for t in reached_at if t is not None])), 2) if any(ok) else None,
-        "failed_world_seeds": [episode_seed(seed, i) for i, o in enumerate(ok) if not o],
+        "failures": failures,
         "safety_filter": safety,
     }
 

@@ -70,8 +70,14 @@ def init_model(cfg: ModelConfig, seed: int) -> Gemma4:
     return model
 
 
+DECISION_WEIGHT = 4.0  # loss weight of the action-name token (move / stop): the decision that matters most
+NEAR_MOVE_WEIGHT = 2.0  # extra factor when the answer is "move" within NEAR_DISTANCE of the target: a
+NEAR_DISTANCE = 0.8     # premature stop is final in closed loop (the frame no longer changes), a late one is not
+
+
 class Examples:
-    """Token sequences for a FrameSet: per-frame prompt and target ids (plain and mirrored)."""
+    """Token sequences for a FrameSet: per-frame prompt and target ids (plain and mirrored) and the
+    loss weight of each target token."""
 
     def __init__(self, frames: FrameSet, tokenizer, spec, system: str = ""):
         self.frames = frames
@@ -88,31 +94,50 @@ class Examples:
                 text_cache[text] = self.prompts.text(text) + end
             return text_cache[text]
 
-        self.prompt_ids, self.targets, self.mirrored = [], [], []
-        for instr, action in zip(frames.instructions, frames.actions):
+        decision_ids = {self.prompts.text(name)[0] for name in spec.actions if len(self.prompts.text(name)) == 1}
+        weight_cache: dict[tuple, list[float]] = {}
+
+        def weights(tgt: list[int], near_move: bool) -> list[float]:
+            key = (tuple(tgt), near_move)
+            if key not in weight_cache:
+                w = [1.0] * len(tgt)
+                for j, t in enumerate(tgt):
+                    if t in decision_ids and j > 0 and tgt[j - 1] == self.prompts.text('":"')[0]:
+                        w[j] = DECISION_WEIGHT * (NEAR_MOVE_WEIGHT if near_move else 1.0)
+                        break
+                weight_cache[key] = w
+            return weight_cache[key]
+
+        distances = frames.distances or [float("inf")] * len(frames)
+        self.prompt_ids, self.targets, self.mirrored, self.weights = [], [], [], []
+        for instr, action, dist in zip(frames.instructions, frames.actions, distances):
             if instr not in prompt_cache:
                 prompt_cache[instr] = (self.prompts.prefix(instr, system) + self.prompts.image(num_patches)
                                        + self.prompts.suffix())
             self.prompt_ids.append(prompt_cache[instr])
             self.targets.append(target(action))
             self.mirrored.append(target(mirror_action(action)))
+            self.weights.append(weights(self.targets[-1], action["action"] != "stop" and dist < NEAR_DISTANCE))
 
     def batch(self, index: torch.Tensor, mirror: torch.Tensor):
-        """ids [B, L] (pad 0 at the end), labels [B, L] (IGNORE outside targets), pixels [B, P, D] float."""
-        seqs, labels = [], []
+        """ids [B, L] (pad 0 at the end), labels [B, L] (IGNORE outside targets), loss weights [B, L],
+        pixels [B, P, D] float."""
+        seqs, labels, weights = [], [], []
         for i, m in zip(index.tolist(), mirror.tolist()):
             prompt = self.prompt_ids[i]
             tgt = self.mirrored[i] if m else self.targets[i]
             seqs.append(prompt + tgt)
             labels.append([IGNORE] * len(prompt) + tgt)
+            weights.append([0.0] * len(prompt) + self.weights[i])  # same positions plain or mirrored
         length = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
         lab = torch.tensor([s + [IGNORE] * (length - len(s)) for s in labels])
+        wts = torch.tensor([s + [0.0] * (length - len(s)) for s in weights])
         patches = self.frames.patches[index]
         if bool(mirror.any()):
             patches = patches.clone()
             patches[mirror] = mirror_patches(patches[mirror], self.frames.positions)
-        return ids, lab, patches.float() / 255.0
+        return ids, lab, wts, patches.float() / 255.0
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -143,12 +168,13 @@ def train(model: Gemma4, examples: Examples, steps: int, batch: int, lr: float, 
             break
         index = torch.randint(0, n, (batch,), generator=gen)
         mirror = torch.rand(batch, generator=gen) < 0.5
-        ids, labels, pixels = (t.to(device) for t in examples.batch(index, mirror))
+        ids, labels, weights, pixels = (t.to(device) for t in examples.batch(index, mirror))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         logits = model(ids, pixels, positions[None].expand(batch, -1, -1), (ids == examples.image_id).long())
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE, reduction="none")
+        loss = (ce * weights[:, 1:].reshape(-1)).sum() / (labels[:, 1:] != IGNORE).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

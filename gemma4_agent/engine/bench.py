@@ -8,7 +8,6 @@ computes the per-frame floor from them, and asserts that 100 warm frames allocat
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from pathlib import Path

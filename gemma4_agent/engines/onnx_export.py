@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.network import Gemma4
+from ..model.config import FULL, SLIDING
+from ..model.network import Gemma4, rope_inv_freq
 
 OPSET = 21
 WEIGHTS = "weights.bin"
@@ -44,6 +45,18 @@ GRAPHS = ("vision.onnx", "prefill.onnx", "decode.onnx")
 
 def layer_type_names(model) -> list[str]:
     return sorted(set(model.layer_types))
+
+
+def describe_layers(runner, config, device=None) -> None:
+    """Give a compiled-graph runner the per-layer facts the streaming session reads off a model:
+    layer types, sliding windows and the RoPE tables (used by a position re-base)."""
+    text = config.text_config
+    runner.layer_types = list(text.layer_types)
+    runner.windows = {SLIDING: text.sliding_window, FULL: None}
+    runner.types = layer_type_names(runner)
+    runner.num_layers = len(runner.layer_types)
+    for t in set(runner.layer_types):
+        setattr(runner, f"inv_freq_{t}", rope_inv_freq(text.layer(runner.layer_types.index(t))).to(device))
 
 
 class _GraphCache:
@@ -161,7 +174,6 @@ def export_graphs(model: Gemma4, out: Path, max_context: int, max_prefix: int, m
                 {"patches": {0: "P"}, "patch_positions": {0: "P"}, "image_embeds": {0: "P"}})
         ins, outs = decoder_io_names(model)
         dyn = {"ids": {1: "T"}, "image_embeds": {1: "T"}, "positions": {0: "T"}}
-        types = layer_type_names(model)
         for name in ins:
             if name.startswith("mask_"):
                 dyn[name] = {2: "T", 3: f"C_{name[5:]}"}

@@ -22,10 +22,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..model.config import FULL, SLIDING, ModelConfig
-from ..model.network import rope_inv_freq
+from ..model.config import ModelConfig
 from .manifest import EngineError
-from .onnx_export import layer_type_names
+from .onnx_export import describe_layers
 
 ENGINE_INFO = "engine.json"
 
@@ -76,12 +75,7 @@ class OrtModel:
             raise EngineError(f"engine {folder} was exported in {self.info['dtype']}; the onnxruntime backend runs "
                               f"float32 graphs (build with --backend onnxruntime)")
         text = config.text_config
-        self.layer_types = list(text.layer_types)
-        self.windows = {SLIDING: text.sliding_window, FULL: None}
-        self.types = layer_type_names(self)
-        self.num_layers = len(self.layer_types)
-        for t in set(self.layer_types):
-            setattr(self, f"inv_freq_{t}", rope_inv_freq(text.layer(self.layer_types.index(t))))
+        describe_layers(self, config)
         self.embed_tokens = SimpleNamespace(weight=torch.empty(0, dtype=torch.float32))
         self.hidden_size = text.hidden_size
         self.vocab_size = text.vocab_size

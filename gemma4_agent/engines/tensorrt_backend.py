@@ -29,10 +29,10 @@ from types import SimpleNamespace
 
 import torch
 
-from ..model.config import FULL, SLIDING, ModelConfig
-from ..model.network import attention_mask, rope_inv_freq
+from ..model.config import ModelConfig
+from ..model.network import attention_mask
 from .manifest import EngineError
-from .onnx_export import layer_type_names
+from .onnx_export import describe_layers
 
 NOT_INSTALLED = ("TensorRT is not installed here: build the engine on the Jetson (JetPack 6, TensorRT 10.3): "
                  "see docs/JETSON.md")
@@ -181,12 +181,7 @@ class TrtModel:
         self.info = json.loads((folder / "engine.json").read_text())
         self.config = config
         text = config.text_config
-        self.layer_types = list(text.layer_types)
-        self.windows = {SLIDING: text.sliding_window, FULL: None}
-        self.types = layer_type_names(self)
-        self.num_layers = len(self.layer_types)
-        for t in set(self.layer_types):
-            setattr(self, f"inv_freq_{t}", rope_inv_freq(text.layer(self.layer_types.index(t))).cuda())
+        describe_layers(self, config, "cuda")
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[self.info["dtype"]]
         self.embed_tokens = SimpleNamespace(weight=torch.empty(0, dtype=self.dtype, device="cuda"))
         self.hidden_size = text.hidden_size

@@ -1,0 +1,58 @@
+"""INT4 (q4_0) at the 12B shape on the GPU, in the streaming engine: weights resident in GPU memory and
+per-frame latency (70 and 280 image tokens, 12 decoded tokens), eager and compiled, with the same
+ceilings and floor as benchmarks/gpu_12b.py.
+
+    python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding]
+"""
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemma4_agent.engine.bench import floor_ms, measure_ceilings, run_bench  # noqa: E402
+from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
+from gemma4_agent.quant.int4 import quantize_model, to_device_kernel  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--embedding", action="store_true", help="quantize the tied embedding / LM head too")
+    args = parser.parse_args()
+    ceilings = measure_ceilings("cuda")
+    model = build_model(ModelConfig.preset("gemma4-12b"), device="cuda", dtype=torch.bfloat16)
+    quantize_model(model, "q4_0", include_embedding=args.embedding, progress=False)
+    to_device_kernel(model, "cuda", release_portable=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated()
+    print(f"weights resident after packing: {resident / 1e9:.2f} GB", flush=True)
+    rows = []
+    for compiled in (False, True):
+        for tokens in (70, 280):
+            try:
+                r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3,
+                              model=model, compile=compiled)
+            except Exception as exc:  # report and go on: one failing variant must not hide the others
+                traceback.print_exc()
+                rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
+                continue
+            r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
+            r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
+            rows.append(r)
+            print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "per_frame_ms", "prefill_ms_p50",
+                                                    "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
+                                                    "no_hot_path_allocation")}), flush=True)
+    report = {"ceilings": ceilings, "weights_resident_gb": resident / 1e9, "embedding_int4": args.embedding,
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": rows}
+    Path(args.out, "gpu_12b_int4.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
