@@ -417,7 +417,7 @@ def test_lifecycle_transitions(ros: Harness) -> None:
 
     assert ros.transition(Transition.TRANSITION_ACTIVATE)
     assert ros.state() == State.PRIMARY_STATE_ACTIVE
-    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: len(ros.actions()) >= 2)
+    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: len(ros.actions()) >= 4)
 
     since = time.monotonic()
     assert ros.transition(Transition.TRANSITION_DEACTIVATE)
@@ -428,13 +428,21 @@ def test_lifecycle_transitions(ros: Harness) -> None:
     ros.send_until(lambda i: raw_msg(scene(i)), lambda: False, timeout=1.5)
     assert not ros.got("cmd_vel", after) and not ros.actions(after), "commands after deactivate"
 
+    # Active again (same agent): the robot was stopped, so commands ramp up from rest, not from
+    # the last command before deactivation (max_linear_accel 0.5 m/s^2, frames 0.2 s apart).
+    assert ros.transition(Transition.TRANSITION_ACTIVATE)
+    again = time.monotonic()
+    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", again))
+    assert abs(ros.got("cmd_vel", again)[0][1].linear.x) <= 0.5 * 0.2 + 1e-6, ros.got("cmd_vel", again)
+    assert ros.transition(Transition.TRANSITION_DEACTIVATE)
+
     assert ros.transition(Transition.TRANSITION_CLEANUP)
     assert ros.state() == State.PRIMARY_STATE_UNCONFIGURED
     assert wait_until(lambda: ros.node.count_subscribers("/image") == 0, 5.0)
     # and back up again: a fresh agent serves frames
     assert ros.transition(Transition.TRANSITION_CONFIGURE) and ros.transition(Transition.TRANSITION_ACTIVATE)
-    again = time.monotonic()
-    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", again))
+    fresh = time.monotonic()
+    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", fresh))
     assert_clean_exit(ros, signal.SIGTERM)
 
 

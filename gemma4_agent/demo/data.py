@@ -70,6 +70,23 @@ class Step:
     instruction: str
     action: dict
     distance: float  # robot centre to target centre (m)
+    others: list = field(default_factory=list)  # (instruction, action, distance) with another object as the target
+
+
+def other_targets(world: World, expert_config: ExpertConfig | None = None) -> list[tuple[str, dict, float]]:
+    """The expert's answer in the same state for each other object named as the target: the same
+    image under other instructions, so the model has to read the instruction (counterfactual labels)."""
+    true_index = world.target_index
+    out = []
+    try:
+        for k in range(len(world.objects)):
+            if k == true_index:
+                continue
+            world.target_index = k
+            out.append((world.instruction, expert_action(world, expert_config), world.distance_to(world.target)))
+    finally:
+        world.target_index = true_index
+    return out
 
 
 def rollout(world_seed: int, perturb: PerturbConfig | None = None, rng: np.random.Generator | None = None,
@@ -88,7 +105,8 @@ def rollout(world_seed: int, perturb: PerturbConfig | None = None, rng: np.rando
     stopped = 0
     for i in range(max_frames):
         label = expert_action(world, expert_config)
-        yield Step(world.render(noise_key=i), world.instruction, label, world.distance_to(world.target))
+        yield Step(world.render(noise_key=i), world.instruction, label, world.distance_to(world.target),
+                   other_targets(world, expert_config))
         if label["action"] == "stop":
             stopped += 1
             if stopped > hold_frames:
@@ -139,6 +157,7 @@ class FrameSet:
     actions: list[dict]
     distances: list[float] = field(default_factory=list)  # robot to target (m), per frame
     episode: list[int] = field(default_factory=list)
+    others: list[list] = field(default_factory=list)  # per frame: other_targets(...) (may be empty)
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -158,7 +177,7 @@ def _collect_episode(job) -> tuple[torch.Tensor, torch.Tensor, list[str], list[d
     world_seed, perturb, rng_seed, world_config, jpeg_prob, jpeg_quality = job
     torch.set_num_threads(1)
     rng = np.random.default_rng([rng_seed, world_seed])  # per episode: the same data with any worker count
-    buf, instructions, actions, distances = [], [], [], []
+    buf, instructions, actions, distances, others = [], [], [], [], []
     positions = None
     for step in rollout(world_seed, perturb, rng, world_config):
         frame = step.frame
@@ -169,7 +188,8 @@ def _collect_episode(job) -> tuple[torch.Tensor, torch.Tensor, list[str], list[d
         instructions.append(step.instruction)
         actions.append(step.action)
         distances.append(step.distance)
-    return torch.stack(buf), positions, instructions, actions, distances
+        others.append(step.others)
+    return torch.stack(buf), positions, instructions, actions, distances, others
 
 
 def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_seed: int = 0,
@@ -184,18 +204,20 @@ def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_se
     instructions: list[str] = []
     actions: list[dict] = []
     distances: list[float] = []
+    others: list[list] = []
     episode: list[int] = []
     positions = None
 
     def consume(results):
         nonlocal positions
-        for e, (patches, pos, instr, acts, dists) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="ep",
+        for e, (patches, pos, instr, acts, dists, alts) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="ep",
                                                             disable=not progress)):
             chunks.append(patches)
             positions = pos
             instructions.extend(instr)
             actions.extend(acts)
             distances.extend(dists)
+            others.extend(alts)
             episode.extend([e] * len(acts))
 
     if workers > 1:
@@ -207,4 +229,4 @@ def collect(world_seeds: list[int], perturb: PerturbConfig | None = None, rng_se
         consume(map(_collect_episode, jobs))
     if positions is None:
         raise ValueError("no frames collected")
-    return FrameSet(torch.cat(chunks), positions, instructions, actions, distances, episode)
+    return FrameSet(torch.cat(chunks), positions, instructions, actions, distances, episode, others)

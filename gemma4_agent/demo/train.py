@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="examples per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--minutes", type=float, default=28.0, help="wall-clock cap for the whole run")
+    parser.add_argument("--dagger-episodes", type=int, default=0,
+                        help="episodes the half-trained model drives, labelled by the expert (0: no DAgger)")
+    parser.add_argument("--dagger-at", type=float, default=0.6, help="share of the steps after which DAgger runs")
     parser.add_argument("--eval-episodes", type=int, default=12, help="held-out episodes for the final check (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering episodes (same data for any count)")
@@ -73,62 +76,91 @@ def init_model(cfg: ModelConfig, seed: int) -> Gemma4:
 DECISION_WEIGHT = 4.0  # loss weight of the action-name token (move / stop): the decision that matters most
 NEAR_MOVE_WEIGHT = 2.0  # extra factor when the answer is "move" within NEAR_DISTANCE of the target: a
 NEAR_DISTANCE = 0.8     # premature stop is final in closed loop (the frame no longer changes), a late one is not
+OTHER_TARGET_SHARE = 0.5  # examples that name another object of the frame than the episode's target
 
 
 class Examples:
-    """Token sequences for a FrameSet: per-frame prompt and target ids (plain and mirrored) and the
-    loss weight of each target token."""
+    """Token sequences for FrameSets: per-frame prompt and target ids (plain and mirrored) and the
+    loss weight of each target token. `extend` appends more frames (DAgger)."""
 
     def __init__(self, frames: FrameSet, tokenizer, spec, system: str = ""):
-        self.frames = frames
         self.prompts = PromptBuilder(tokenizer)
         self.image_id = self.prompts.image_id
+        self.spec, self.system = spec, system
+        self._end = self.prompts.text(TURN_END)
+        self._quote = self.prompts.text('":"')[0]
+        self._decision_ids = {self.prompts.text(n)[0] for n in spec.actions if len(self.prompts.text(n)) == 1}
+        self._prompt_cache: dict[str, list[int]] = {}
+        self._text_cache: dict[str, list[int]] = {}
+        self._weight_cache: dict[tuple, list[float]] = {}
+        self.options: list[list[tuple]] = []  # per frame: the true instruction first, then other objects named
+        self.frames = frames
+        self._add(frames)
+
+    def __len__(self) -> int:
+        return len(self.options)
+
+    def _target(self, action: dict) -> list[int]:
+        text = self.spec.format_action(action)
+        if text not in self._text_cache:
+            self._text_cache[text] = self.prompts.text(text) + self._end
+        return self._text_cache[text]
+
+    def _weights(self, tgt: list[int], near_move: bool) -> list[float]:
+        key = (tuple(tgt), near_move)
+        if key not in self._weight_cache:
+            w = [1.0] * len(tgt)
+            for j, t in enumerate(tgt):
+                if t in self._decision_ids and j > 0 and tgt[j - 1] == self._quote:
+                    w[j] = DECISION_WEIGHT * (NEAR_MOVE_WEIGHT if near_move else 1.0)
+                    break
+            self._weight_cache[key] = w
+        return self._weight_cache[key]
+
+    def _option(self, instr: str, action: dict, dist: float, num_patches: int) -> tuple:
+        """(prompt, target, mirrored target, weights, mirrored weights) of one instruction + label."""
+        if instr not in self._prompt_cache:
+            self._prompt_cache[instr] = (self.prompts.prefix(instr, self.system) + self.prompts.image(num_patches)
+                                         + self.prompts.suffix())
+        target, mirrored = self._target(action), self._target(mirror_action(action))
+        near_move = action["action"] != "stop" and dist < NEAR_DISTANCE
+        return (self._prompt_cache[instr], target, mirrored, self._weights(target, near_move),
+                self._weights(mirrored, near_move))
+
+    def _add(self, frames: FrameSet) -> None:
         num_patches = frames.patches.shape[1]
-        end = self.prompts.text(TURN_END)
-        prompt_cache: dict[str, list[int]] = {}
-        text_cache: dict[str, list[int]] = {}
-
-        def target(action: dict) -> list[int]:
-            text = spec.format_action(action)
-            if text not in text_cache:
-                text_cache[text] = self.prompts.text(text) + end
-            return text_cache[text]
-
-        decision_ids = {self.prompts.text(name)[0] for name in spec.actions if len(self.prompts.text(name)) == 1}
-        weight_cache: dict[tuple, list[float]] = {}
-
-        def weights(tgt: list[int], near_move: bool) -> list[float]:
-            key = (tuple(tgt), near_move)
-            if key not in weight_cache:
-                w = [1.0] * len(tgt)
-                for j, t in enumerate(tgt):
-                    if t in decision_ids and j > 0 and tgt[j - 1] == self.prompts.text('":"')[0]:
-                        w[j] = DECISION_WEIGHT * (NEAR_MOVE_WEIGHT if near_move else 1.0)
-                        break
-                weight_cache[key] = w
-            return weight_cache[key]
-
         distances = frames.distances or [float("inf")] * len(frames)
-        self.prompt_ids, self.targets, self.mirrored, self.weights = [], [], [], []
-        for instr, action, dist in zip(frames.instructions, frames.actions, distances):
-            if instr not in prompt_cache:
-                prompt_cache[instr] = (self.prompts.prefix(instr, system) + self.prompts.image(num_patches)
-                                       + self.prompts.suffix())
-            self.prompt_ids.append(prompt_cache[instr])
-            self.targets.append(target(action))
-            self.mirrored.append(target(mirror_action(action)))
-            self.weights.append(weights(self.targets[-1], action["action"] != "stop" and dist < NEAR_DISTANCE))
+        others = frames.others or [[] for _ in range(len(frames))]
+        for instr, action, dist, alts in zip(frames.instructions, frames.actions, distances, others):
+            self.options.append([self._option(instr, action, dist, num_patches)]
+                                + [self._option(*alt, num_patches) for alt in alts])
 
-    def batch(self, index: torch.Tensor, mirror: torch.Tensor):
+    def extend(self, frames: FrameSet) -> None:
+        if not torch.equal(frames.positions, self.frames.positions):
+            raise ValueError("frames of another size")
+        old = self.frames
+        self.frames = FrameSet(torch.cat([old.patches, frames.patches]), old.positions,
+                               old.instructions + frames.instructions, old.actions + frames.actions,
+                               list(old.distances) + list(frames.distances), list(old.episode) + list(frames.episode),
+                               list(old.others) + list(frames.others))
+        self._add(frames)
+
+    def batch(self, index: torch.Tensor, mirror: torch.Tensor, pick: torch.Tensor | None = None):
         """ids [B, L] (pad 0 at the end), labels [B, L] (IGNORE outside targets), loss weights [B, L],
-        pixels [B, P, D] float."""
+        pixels [B, P, D] float. `pick` (uniform [0, 1) per example): below OTHER_TARGET_SHARE, the
+        example names another object of the frame (uniformly) with the expert's answer for it."""
         seqs, labels, weights = [], [], []
-        for i, m in zip(index.tolist(), mirror.tolist()):
-            prompt = self.prompt_ids[i]
-            tgt = self.mirrored[i] if m else self.targets[i]
+        picks = pick.tolist() if pick is not None else [1.0] * len(index)
+        for i, m, u in zip(index.tolist(), mirror.tolist(), picks):
+            options = self.options[i]
+            k = 0
+            if len(options) > 1 and u < OTHER_TARGET_SHARE:
+                k = 1 + min(len(options) - 2, int(u / OTHER_TARGET_SHARE * (len(options) - 1)))
+            prompt, target, mirrored, w, mw = options[k]
+            tgt = mirrored if m else target
             seqs.append(prompt + tgt)
             labels.append([IGNORE] * len(prompt) + tgt)
-            weights.append([0.0] * len(prompt) + self.weights[i])  # same positions plain or mirrored
+            weights.append([0.0] * len(prompt) + (mw if m else w))
         length = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
         lab = torch.tensor([s + [IGNORE] * (length - len(s)) for s in labels])
@@ -148,7 +180,10 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
 
 
 def train(model: Gemma4, examples: Examples, steps: int, batch: int, lr: float, seed: int, deadline: float,
-          progress: bool = True, device: str = "cpu") -> dict:
+          progress: bool = True, device: str = "cpu", dagger_step: int | None = None, dagger=None,
+          focus: int | None = None) -> dict:
+    """AdamW over `steps` steps. With `dagger_step`, `dagger(model)` -> (FrameSet, stats) is called there;
+    its frames join the examples and fill half of every later batch (as do examples[focus:] from the start)."""
     from tqdm import tqdm
 
     model.train()
@@ -157,18 +192,33 @@ def train(model: Gemma4, examples: Examples, steps: int, batch: int, lr: float, 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
     gen = torch.Generator().manual_seed(seed + 1)
-    n = len(examples.frames)
     positions = examples.frames.positions.to(device)
     losses: list[float] = []
     done = 0
+    extra: dict = {}
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress)
     for step in bar:
         if time.monotonic() > deadline:
             bar.write(f"time cap reached after {step} of {steps} steps: stopping early")
             break
-        index = torch.randint(0, n, (batch,), generator=gen)
+        if dagger is not None and step == dagger_step:
+            t0 = time.monotonic()
+            new, extra = dagger(model)
+            focus = len(examples)
+            examples.extend(new)
+            extra["seconds"] = round(time.monotonic() - t0, 1)
+            bar.write(f"dagger: {json.dumps(extra)}")
+            model.train()
+        n = len(examples)
+        if focus is None:
+            index = torch.randint(0, n, (batch,), generator=gen)
+        else:
+            half = batch // 2
+            index = torch.cat([torch.randint(0, n, (batch - half,), generator=gen),
+                               torch.randint(focus, n, (half,), generator=gen)])
         mirror = torch.rand(batch, generator=gen) < 0.5
-        ids, labels, weights, pixels = (t.to(device) for t in examples.batch(index, mirror))
+        pick = torch.rand(batch, generator=gen)
+        ids, labels, weights, pixels = (t.to(device) for t in examples.batch(index, mirror, pick))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         logits = model(ids, pixels, positions[None].expand(batch, -1, -1), (ids == examples.image_id).long())
@@ -186,7 +236,8 @@ def train(model: Gemma4, examples: Examples, steps: int, batch: int, lr: float, 
     bar.close()
     model.eval()
     return {"steps_done": done, "final_loss": float(np.mean(losses[-100:])) if losses else float("nan"),
-            "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}
+            "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
+            "dagger": extra}
 
 
 def agent_defaults(system: str = "") -> dict:
@@ -232,7 +283,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {model.num_parameters() / 1e6:.2f} M parameters, {cfg.text_config.num_hidden_layers} layers "
           f"{cfg.text_config.layer_types}, hidden {cfg.text_config.hidden_size}", flush=True)
     t0 = time.monotonic()
-    stats = train(model, examples, args.steps, args.batch, args.lr, args.seed, deadline, progress, args.device)
+    dagger = None
+    if args.dagger_episodes > 0:
+        from .dagger import dagger_collect
+
+        dagger_seeds = [train_world_seed(args.seed, args.episodes + j) for j in range(args.dagger_episodes)]
+
+        def dagger(m):
+            return dagger_collect(m, tokenizer, dagger_seeds, rng_seed=args.seed, progress=progress)
+
+    stats = train(model, examples, args.steps, args.batch, args.lr, args.seed, deadline, progress, args.device,
+                  dagger_step=int(args.steps * args.dagger_at), dagger=dagger)
     t_train = time.monotonic() - t0
     print(f"trained {stats['steps_done']} steps in {t_train / 60:.1f} min, final loss {stats['final_loss']:.4f}", flush=True)
     del examples, frames
@@ -243,13 +304,15 @@ def run(args: argparse.Namespace) -> int:
         (out / stale).unlink(missing_ok=True)
     training = {
         "command": f"gemma4-agent train-demo --seed {args.seed} --episodes {args.episodes} --steps {args.steps} "
-                   f"--batch {args.batch} --lr {args.lr}",
+                   f"--batch {args.batch} --lr {args.lr} --dagger-episodes {args.dagger_episodes} "
+                   f"--dagger-at {args.dagger_at} --threads {args.threads}",
+        "dagger": stats["dagger"],
         "seed": args.seed, "episodes": args.episodes, "train_frames": num_frames, "steps": args.steps,
         "steps_done": stats["steps_done"], "batch": args.batch, "lr": args.lr, "threads": args.threads,
         "final_loss": round(stats["final_loss"], 5), "loss_curve": stats["loss_curve"],
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "torch": torch.__version__, "machine": platform.machine(),
-        "train_world_seeds": f"{seeds[0]}..{seeds[-1]}" if seeds else "",
+        "train_world_seeds": f"{seeds[0]}..{train_world_seed(args.seed, args.episodes + args.dagger_episodes - 1)}",
     }
     if args.eval_episodes > 0:
         metrics = frame_agreement(model, tokenizer, episodes=args.eval_episodes, seed=9_000, progress=progress)

@@ -1,11 +1,13 @@
 """The gemma4_agent lifecycle node: camera frames in, safe `cmd_vel` out, over the agent core.
 
 Threads:
-- executor threads (MultiThreadedExecutor): subscriptions, timers, parameter and lifecycle
-  services. Their callbacks are tiny: the image callback only drops the message into a one-slot
-  buffer (latest wins), so parameter get/set and lifecycle requests are answered during inference.
-- one worker thread (configure -> cleanup): takes the newest frame, converts it, runs
-  `agent.act`, publishes. Instruction changes are applied here too, between frames.
+- the executor thread (SingleThreadedExecutor): subscriptions, timers, parameter and lifecycle
+  services. Their callbacks are tiny: the image callback only drops the message's bytes into a
+  one-slot buffer (latest wins), so parameter get/set and lifecycle requests are answered during
+  inference. (rclpy's MultiThreadedExecutor was measured here to cost the inference thread most
+  of its CPU and GIL under a fast camera; one thread with tiny callbacks needs no more.)
+- one worker thread (configure -> cleanup): takes the newest frame, deserializes and converts it,
+  runs `agent.act`, publishes. Instruction and limit changes are applied here too, between frames.
 
 Lifecycle: configure loads the engine (Agent) and creates publishers and subscriptions; activate
 starts processing; deactivate stops, publishing a zero Twist; cleanup frees the agent; shutdown
@@ -25,13 +27,13 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.duration import Duration
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -84,7 +86,6 @@ class AgentNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self.stats = NodeStats()
         self._slot = LatestSlot()
-        self._io_group = MutuallyExclusiveCallbackGroup()  # subscriptions + timers, apart from services
         self._state_lock = threading.Lock()                # guards _active and every cmd_vel publish
         self._active = False
         self._lifecycle_label = "unconfigured"
@@ -100,14 +101,15 @@ class AgentNode(LifecycleNode):
         self._reported_counts = self.stats.snapshot()[0]
         self._pub_cmd = self._pub_action = None
         self._subs: List[Any] = []
+        self._image_type: Any = Image
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, descriptor(spec))
         self._answer_invalid_transitions()
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
-        self.create_timer(WATCHDOG_PERIOD_S, self._on_watchdog, callback_group=self._io_group)
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self._on_diagnostics, callback_group=self._io_group)
+        self.create_timer(WATCHDOG_PERIOD_S, self._on_watchdog)
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self._on_diagnostics)
 
     def _answer_invalid_transitions(self) -> None:
         """rclpy raises out of the change_state service on a transition invalid in the current state
@@ -195,14 +197,12 @@ class AgentNode(LifecycleNode):
             self._pending.clear()
         self._pub_cmd = self.create_lifecycle_publisher(Twist, "cmd_vel", COMMAND_QOS)
         self._pub_action = self.create_lifecycle_publisher(String, "~/action", COMMAND_QOS)
-        if self.param("image_transport") == "compressed":
-            image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, SENSOR_QOS,
-                                                 callback_group=self._io_group)
-        else:
-            image_sub = self.create_subscription(Image, "image", self._on_image, SENSOR_QOS,
-                                                 callback_group=self._io_group)
-        instruction_sub = self.create_subscription(String, "instruction", self._on_instruction, 10,
-                                                   callback_group=self._io_group)
+        # raw=True: the callback gets the CDR bytes; only the frame the worker takes is deserialized,
+        # so a fast camera costs the executor (and the GIL the inference needs) next to nothing.
+        self._image_type, topic = ((CompressedImage, "image/compressed")
+                                   if self.param("image_transport") == "compressed" else (Image, "image"))
+        image_sub = self.create_subscription(self._image_type, topic, self._on_image, SENSOR_QOS, raw=True)
+        instruction_sub = self.create_subscription(String, "instruction", self._on_instruction, 10)
         self._subs = [image_sub, instruction_sub]
         self._slot.reopen()
         self._worker_stop.clear()
@@ -278,13 +278,13 @@ class AgentNode(LifecycleNode):
         self._pub_cmd = self._pub_action = None
         self._agent = None
 
-    # ---- callbacks (executor threads: keep them tiny) ------------------------------------------
+    # ---- callbacks (executor thread: keep them tiny) -------------------------------------------
 
-    def _on_image(self, msg: Any) -> None:
+    def _on_image(self, data: bytes) -> None:
         if not self._active:
             return
         self.stats.count("frames_received")
-        if self._slot.put((msg, self.get_clock().now().nanoseconds * 1e-9)):
+        if self._slot.put((data, self.get_clock().now().nanoseconds * 1e-9)):
             self.stats.count("dropped_replaced")
 
     def _on_instruction(self, msg: String) -> None:
@@ -335,8 +335,8 @@ class AgentNode(LifecycleNode):
         agent = self._agent
         while not self._worker_stop.is_set():
             try:
-                self._apply_pending(agent)
                 item = self._slot.take(timeout=0.1)
+                self._apply_pending(agent)  # after take: a frame never precedes an update requested before it
                 if item is None:
                     continue
                 if not self._active:
@@ -364,16 +364,19 @@ class AgentNode(LifecycleNode):
             self.get_logger().info(f"instruction set in {(time.monotonic() - started) * 1e3:.0f} ms: "
                                    f"{agent.instruction!r}")
 
-    def _process(self, agent: Any, msg: Any, received_s: float) -> None:
+    def _process(self, agent: Any, data: bytes, received_s: float) -> None:
         picked_up_s = self.get_clock().now().nanoseconds * 1e-9
-        stamp_s = _stamp_s(msg.header.stamp) or received_s  # an unstamped frame counts from its arrival
         started = time.perf_counter()
+        try:
+            msg = deserialize_message(data, self._image_type)
+        except Exception as err:  # DDS delivered bytes that are not this message type
+            self._bad_image(BadImage("decode_failed", f"CDR: {type(err).__name__}: {err}"))
+            return
+        stamp_s = _stamp_s(msg.header.stamp) or received_s  # an unstamped frame counts from its arrival
         try:
             rgb = to_rgb(msg)
         except BadImage as bad:
-            if self.stats.bad_image(bad.kind) == 1:
-                self.get_logger().warning(f"bad image ({bad.kind}), dropped: {bad.detail} "
-                                          "[logged once per kind; counts on /diagnostics]")
+            self._bad_image(bad)
             return
         convert_ms = (time.perf_counter() - started) * 1e3
         try:
@@ -384,6 +387,11 @@ class AgentNode(LifecycleNode):
                                error=f"{type(err).__name__}: {err}")
         result.timings_ms["convert"] = convert_ms
         self._publish_result(result, msg, stamp_s)
+
+    def _bad_image(self, bad: BadImage) -> None:
+        if self.stats.bad_image(bad.kind) == 1:
+            self.get_logger().warning(f"bad image ({bad.kind}), dropped: {bad.detail} "
+                                      "[logged once per kind; counts on /diagnostics]")
 
     def _publish_result(self, result: ActResult, msg: Any, stamp_s: float) -> None:
         is_command = result.status in ("ok", "fallback") and result.twist is not None
@@ -452,7 +460,7 @@ def _init_ros(args: List[str]) -> None:
         rclpy.init(args=args)
 
 
-def _spin(executor: MultiThreadedExecutor, stop: threading.Event, logger: Any) -> None:
+def _spin(executor: SingleThreadedExecutor, stop: threading.Event, logger: Any) -> None:
     """executor.spin, kept alive: rclpy lets a callback's exception (e.g. an invalid lifecycle
     transition requested over the service) end spin; a robot node must keep serving."""
     while not stop.is_set() and rclpy.ok():
@@ -472,7 +480,7 @@ def main(args: Optional[List[str]] = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node = AgentNode()
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=_spin, args=(executor, stop, node.get_logger()),
                                name="gemma4_agent_executor", daemon=True)
