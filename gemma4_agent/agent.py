@@ -56,6 +56,8 @@ class AgentConfig(BaseModel):
     window_frames: int = Field(4, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     jump_forward: bool = True
+    safety: dict[str, float] = Field(default_factory=dict,
+                                     description="overrides of the action file's safety limits (e.g. max_linear_x)")
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Agent:
                                         jump_forward=config.jump_forward)
         self.parser = ActionParser(self.spec, logger=log)
         self.safety = SafetyFilter(self.spec.safety)
+        self.set_safety(**config.safety)
         self.system = config.system if config.system is not None else defaults.get("system", "")
         self.instruction = ""
         self.set_instruction(config.instruction or defaults.get("instruction", "go to the red ball"))
@@ -107,6 +110,15 @@ class Agent:
             raise ValueError("instruction must not be empty")
         self.session.set_prefix(instruction, self.system)
         self.instruction = instruction
+
+    def set_safety(self, **limits: float) -> None:
+        """Change safety limits (names of the action file's `safety` block); validated, all or nothing."""
+        current = self.safety.limits
+        self.safety.limits = type(current).model_validate({**current.model_dump(), **limits})
+
+    def reset_motion(self) -> None:
+        """Forget the last command (the acceleration limit starts again from rest), e.g. after a manual stop."""
+        self.safety.reset()
 
     def act(self, rgb: np.ndarray, stamp_s: float | None = None, now_s: float | None = None) -> ActResult:
         """Decide a command for one frame. Never raises for a bad frame: returns status bad_frame.

@@ -79,3 +79,27 @@ def test_mismatched_engine_is_refused(random_engine, tmp_path):
         Agent(AgentConfig(engine=bad))
     with pytest.raises(EngineError, match="backend"):
         Agent(AgentConfig(engine=random_engine, backend="onnxruntime"))
+
+
+def test_safety_overrides_are_validated_and_applied(random_engine):
+    from pydantic import ValidationError
+
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000, safety={"max_linear_x": 0.05}))
+    assert agent.safety.limits.max_linear_x == 0.05
+    for frame in _frames(5, seed=3):
+        assert abs(agent.act(frame).twist["linear_x"]) <= 0.05 + 1e-9
+    with pytest.raises(ValidationError):
+        agent.set_safety(max_linear_x=-1.0)
+    assert agent.safety.limits.max_linear_x == 0.05  # a rejected change leaves the limits as they were
+    with pytest.raises(ValidationError):
+        Agent(AgentConfig(engine=random_engine, safety={"no_such_limit": 1.0}))
+
+
+def test_reset_motion_restarts_the_acceleration_limit(random_engine):
+    agent = Agent(AgentConfig(engine=random_engine, budget_ms=60_000))
+    limits = agent.safety.limits
+    agent.safety.step({"linear_x": limits.max_linear_x, "angular_z": 0.0}, 0.0, valid=True)
+    agent.safety.step({"linear_x": limits.max_linear_x, "angular_z": 0.0}, 10.0, valid=True)
+    agent.reset_motion()
+    out = agent.safety.step({"linear_x": limits.max_linear_x, "angular_z": 0.0}, 10.01, valid=True)
+    assert out.twist["linear_x"] <= limits.max_linear_accel * 0.01 + 1e-6  # from rest again

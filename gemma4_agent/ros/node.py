@@ -37,7 +37,6 @@ from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from gemma4_agent.actions import SafetyFilter
 from gemma4_agent.agent import ActResult, Agent, AgentConfig
 from gemma4_agent.ros.frame_slot import LatestSlot
 from gemma4_agent.ros.image_convert import BadImage, to_rgb
@@ -166,13 +165,8 @@ class AgentNode(LifecycleNode):
         for name in ("engine", "actions", "instruction", "image_tokens"):
             if self.param(name):
                 kwargs[name] = self.param(name)
+        kwargs["safety"] = {name: self.param(name) for name in SAFETY_PARAMETERS}  # the node's limits win
         return kwargs
-
-    def _safety_limits(self, limits: Any, **changed: Any) -> Any:
-        """The action file's safety limits with this node's parameters (and `changed` values not yet
-        committed to them) in their place."""
-        update = {name: self.param(name) for name in SAFETY_PARAMETERS}
-        return type(limits).model_validate({**limits.model_dump(), **update, **changed})
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -180,9 +174,7 @@ class AgentNode(LifecycleNode):
         try:
             self._agent_config = AgentConfig(**self._agent_config_kwargs())
             started = time.monotonic()
-            agent = Agent(self._agent_config)
-            agent.safety = SafetyFilter(self._safety_limits(agent.spec.safety))
-            self._agent = agent
+            self._agent = Agent(self._agent_config)
         except Exception as err:  # a bad engine or config leaves the node unconfigured, not dead
             self._configure_error = f"{type(err).__name__}: {err}"
             self.get_logger().error(f"configure failed: {self._configure_error}")
@@ -350,10 +342,9 @@ class AgentNode(LifecycleNode):
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         if "reset_motion" in pending:
-            agent.safety.reset()
+            agent.reset_motion()
         if "command_timeout_s" in pending:
-            agent.safety.limits = self._safety_limits(agent.safety.limits,
-                                                      command_timeout_s=pending["command_timeout_s"])
+            agent.set_safety(command_timeout_s=pending["command_timeout_s"])
         if "instruction" in pending:
             started = time.monotonic()
             try:
