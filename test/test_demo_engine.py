@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_agent.demo.data import IMAGE_TOKENS, frame_patches
+from gemma4_agent.demo.data import IMAGE_TOKENS, PATCH_SIZE, POOLING, frame_patches
 from gemma4_agent.demo.decode import ActionTrie, BatchDecoder, TrieSelector
 from gemma4_agent.engines.manifest import check_manifest, read_manifest
 from gemma4_agent.model import ModelConfig, load_model
@@ -17,6 +17,7 @@ from gemma4_agent.sim.episodes import run_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "engines" / "demo"
+PATCH_DIM = 3 * (PATCH_SIZE * POOLING) ** 2  # values per merged patch
 HELD_OUT_SEED = 5 * 100003  # generate-bags --seed 5, episode 0: never a training seed
 
 pytestmark = pytest.mark.skipif(not (ENGINE / "manifest.json").is_file(), reason="engines/demo not built")
@@ -57,7 +58,8 @@ def test_config_is_gemma4_unified_at_demo_size(engine):
     sliding = [text.layer(i) for i, t in enumerate(text.layer_types) if t == "sliding_attention"]
     assert all(s.k_eq_v for s in full) and not any(s.k_eq_v for s in sliding)
     assert full[0].head_dim != sliding[0].head_dim
-    assert (cfg.vision_config.patch_size, cfg.vision_config.pooling_kernel_size, cfg.vision_config.patch_dim) == (8, 2, 768)
+    vision = cfg.vision_config
+    assert (vision.patch_size, vision.pooling_kernel_size, vision.patch_dim) == (PATCH_SIZE, POOLING, PATCH_DIM)
     assert text.vocab_size == tokenizer.get_vocab_size()
     prompts = PromptBuilder(tokenizer)
     assert (cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id) == (prompts.image_id, prompts.boi_id, prompts.eoi_id)
@@ -73,7 +75,7 @@ def test_agent_defaults():
 
 def test_sim_frame_gives_63_image_tokens(steps):
     patches, positions = frame_patches(steps[0].frame)
-    assert patches.shape == (63, 768) and positions.shape == (63, 2)
+    assert patches.shape == (63, PATCH_DIM) and positions.shape == (63, 2)
 
 
 @torch.no_grad()

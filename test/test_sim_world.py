@@ -17,6 +17,7 @@ from gemma4_agent.sim import (
     run_episode,
     success,
 )
+from gemma4_agent.sim.expert import stop_distance
 from gemma4_agent.sim.world import Robot
 
 CLEAN = WorldConfig(max_noise_sigma=0.0, max_brightness_jitter=0.0, max_tint_jitter=0.0)
@@ -142,10 +143,20 @@ def test_expert_steers_toward_visible_target():
 
 
 def test_expert_stops_within_radius():
-    world = scene([SceneObject("ball", "red", 0.45, 0.0)])
+    world = scene([SceneObject("ball", "red", 0.38, 0.0)])
     assert success(world)
     assert expert_action(world) == {"action": "stop"}
     assert not success(scene([SceneObject("ball", "red", 0.8, 0.0)]))
+
+
+def test_expert_stops_with_a_margin_inside_the_success_radius():
+    near = scene([SceneObject("ball", "red", 0.45, 0.0)])  # a success already, but the expert drives on
+    assert success(near) and stop_distance(near) == pytest.approx(0.4)
+    assert expert_action(near)["action"] == "move"
+    cube = scene([SceneObject("cube", "red", 0.44, 0.0)])  # a cube blocks the robot at 0.43 m: stop before
+    assert stop_distance(cube) == pytest.approx(0.45) and expert_action(cube) == {"action": "stop"}
+    no_margin = ExpertConfig(stop_margin=0.0)
+    assert expert_action(near, no_margin) == {"action": "stop"}
 
 
 def test_expert_actions_are_in_range_and_rounded():

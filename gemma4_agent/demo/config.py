@@ -4,8 +4,8 @@ Same architecture as the 12B checkpoint (model_type gemma4_unified, the one netw
 gemma4_agent/model): sliding and full attention layers, full layers with their own (larger)
 head_dim, one KV head and K = V, proportional RoPE on full layers, final logit soft-capping,
 encoder-free vision (raw patches -> LN -> Linear -> position table -> projection). Only the sizes
-differ, and the patch: 8 px pooled 2x2, so a merged patch is 16 px (768 values) and a 320x240
-frame at the 70-token budget is 9 x 7 = 63 image tokens.
+differ, and the patch: 16 px pooled 2x2, so a merged patch is 32 px (3072 values) and a 320x240
+frame at the 70-token budget (resized to 288x224) is 9 x 7 = 63 image tokens.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each camera frame becomes one example: the prompt the agent builds (prefix with the instruction,
 the frame's image block, the suffix) followed by the expert's action text and `<turn|>`. Frames
 are kept as the preprocessed patch grid in uint8 (the processor's float values are exactly k/255,
-so nothing is lost), about 48 KB a frame.
+so nothing is lost), about 190 KB a frame.
 
 The rollouts mirror `gemma4_agent.sim.episodes.run_expert` (same camera rate, physics sub-steps,
 stop hold), but the executed command may be perturbed while the label stays the expert's: noise
@@ -27,7 +27,7 @@ from ..sim.expert import ExpertConfig, expert_action, success
 from ..sim.world import World, WorldConfig
 
 IMAGE_TOKENS = 70  # soft-token budget the demo model is trained (and must be run) at
-PATCH_SIZE, POOLING = 8, 2  # 16-px merged patches: 320x240 -> 144x112 -> 9 x 7 = 63 image tokens
+PATCH_SIZE, POOLING = 16, 2  # 32-px merged patches: 320x240 -> 288x224 -> 9 x 7 = 63 image tokens
 TRAIN_SEED_BASE = 9_000_000_000  # training world seeds: far from any `generate-bags --seed S` (S * 100003 + i)
 
 
@@ -131,7 +131,7 @@ def rollout(world_seed: int, perturb: PerturbConfig | None = None, rng: np.rando
 
 
 def frame_patches(rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The agent's preprocessing at the demo budget: (uint8 patches [63, 768], positions [63, 2])."""
+    """The agent's preprocessing at the demo budget: (uint8 patches [63, 3072], positions [63, 2])."""
     patches, positions = preprocess_frame(rgb, IMAGE_TOKENS, PATCH_SIZE, POOLING)
     return (patches * 255.0).round_().to(torch.uint8), positions
 

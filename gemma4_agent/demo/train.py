@@ -44,14 +44,14 @@ IGNORE = -100
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("engines/demo"), help="engine folder to write")
     parser.add_argument("--seed", type=int, default=0, help="seeds the episodes, the initial weights and the batches")
-    parser.add_argument("--episodes", type=int, default=320, help="training episodes (about 150 frames each)")
-    parser.add_argument("--steps", type=int, default=2600, help="optimizer steps (the learning-rate schedule)")
+    parser.add_argument("--episodes", type=int, default=256, help="training episodes (about 150 frames each)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (the learning-rate schedule)")
     parser.add_argument("--batch", type=int, default=32, help="examples per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--minutes", type=float, default=28.0, help="wall-clock cap for the whole run")
-    parser.add_argument("--dagger-episodes", type=int, default=0,
+    parser.add_argument("--dagger-episodes", type=int, default=96,
                         help="episodes the half-trained model drives, labelled by the expert (0: no DAgger)")
-    parser.add_argument("--dagger-at", type=float, default=0.6, help="share of the steps after which DAgger runs")
+    parser.add_argument("--dagger-at", type=float, default=0.5, help="share of the steps after which DAgger runs")
     parser.add_argument("--eval-episodes", type=int, default=12, help="held-out episodes for the final check (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering episodes (same data for any count)")
@@ -74,9 +74,10 @@ def init_model(cfg: ModelConfig, seed: int) -> Gemma4:
 
 
 DECISION_WEIGHT = 4.0  # loss weight of the action-name token (move / stop): the decision that matters most
-NEAR_MOVE_WEIGHT = 2.0  # extra factor when the answer is "move" within NEAR_DISTANCE of the target: a
-NEAR_DISTANCE = 0.8     # premature stop is final in closed loop (the frame no longer changes), a late one is not
-OTHER_TARGET_SHARE = 0.5  # examples that name another object of the frame than the episode's target
+NEAR_MOVE_WEIGHT = 3.0  # extra factor when the answer is "move" within NEAR_DISTANCE of the named object, or
+NEAR_DISTANCE = 0.7     # of the episode's target when another object is named: a premature stop is final in
+                        # closed loop (the frame no longer changes), a late one is not
+OTHER_TARGET_SHARE = 0.3  # examples that name another object of the frame than the episode's target
 
 
 class Examples:
@@ -94,7 +95,9 @@ class Examples:
         self._text_cache: dict[str, list[int]] = {}
         self._weight_cache: dict[tuple, list[float]] = {}
         self.options: list[list[tuple]] = []  # per frame: the true instruction first, then other objects named
-        self.frames = frames
+        self.frames = frames  # the first FrameSet (positions, and its patches as chunk 0)
+        self._chunks: list[torch.Tensor] = [frames.patches]
+        self._starts: list[int] = [0, len(frames)]
         self._add(frames)
 
     def __len__(self) -> int:
@@ -117,13 +120,15 @@ class Examples:
             self._weight_cache[key] = w
         return self._weight_cache[key]
 
-    def _option(self, instr: str, action: dict, dist: float, num_patches: int) -> tuple:
+    def _option(self, instr: str, action: dict, dist: float, num_patches: int, other: float = float("inf")) -> tuple:
         """(prompt, target, mirrored target, weights, mirrored weights) of one instruction + label."""
         if instr not in self._prompt_cache:
             self._prompt_cache[instr] = (self.prompts.prefix(instr, self.system) + self.prompts.image(num_patches)
                                          + self.prompts.suffix())
         target, mirrored = self._target(action), self._target(mirror_action(action))
-        near_move = action["action"] != "stop" and dist < NEAR_DISTANCE
+        # near: the named object, or (for another object named) the episode's target, is close. A stop
+        # there would look plausible, and is final in closed loop.
+        near_move = action["action"] != "stop" and min(dist, other) < NEAR_DISTANCE
         return (self._prompt_cache[instr], target, mirrored, self._weights(target, near_move),
                 self._weights(mirrored, near_move))
 
@@ -133,17 +138,27 @@ class Examples:
         others = frames.others or [[] for _ in range(len(frames))]
         for instr, action, dist, alts in zip(frames.instructions, frames.actions, distances, others):
             self.options.append([self._option(instr, action, dist, num_patches)]
-                                + [self._option(*alt, num_patches) for alt in alts])
+                                + [self._option(*alt, num_patches, dist) for alt in alts])
 
     def extend(self, frames: FrameSet) -> None:
+        """Append frames (kept as another chunk: no copy of the patches already held)."""
         if not torch.equal(frames.positions, self.frames.positions):
             raise ValueError("frames of another size")
-        old = self.frames
-        self.frames = FrameSet(torch.cat([old.patches, frames.patches]), old.positions,
-                               old.instructions + frames.instructions, old.actions + frames.actions,
-                               list(old.distances) + list(frames.distances), list(old.episode) + list(frames.episode),
-                               list(old.others) + list(frames.others))
+        self._chunks.append(frames.patches)
+        self._starts.append(self._starts[-1] + len(frames))
         self._add(frames)
+
+    def patches(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 patches [B, P, D] of examples `index`, from whichever chunk holds each."""
+        if len(self._chunks) == 1:
+            return self._chunks[0][index]
+        starts = torch.tensor(self._starts)
+        chunk = torch.searchsorted(starts, index, right=True) - 1
+        out = torch.empty((len(index),) + tuple(self._chunks[0].shape[1:]), dtype=self._chunks[0].dtype)
+        for c in chunk.unique().tolist():
+            sel = chunk == c
+            out[sel] = self._chunks[c][index[sel] - self._starts[c]]
+        return out
 
     def batch(self, index: torch.Tensor, mirror: torch.Tensor, pick: torch.Tensor | None = None):
         """ids [B, L] (pad 0 at the end), labels [B, L] (IGNORE outside targets), loss weights [B, L],
@@ -165,9 +180,8 @@ class Examples:
         ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
         lab = torch.tensor([s + [IGNORE] * (length - len(s)) for s in labels])
         wts = torch.tensor([s + [0.0] * (length - len(s)) for s in weights])
-        patches = self.frames.patches[index]
+        patches = self.patches(index)
         if bool(mirror.any()):
-            patches = patches.clone()
             patches[mirror] = mirror_patches(patches[mirror], self.frames.positions)
         return ids, lab, wts, patches.float() / 255.0
 

@@ -6,7 +6,9 @@ camera shows, so that a model seeing one frame can imitate it:
   cannot tell which way the target is, so a "turn toward it" rule could not be learned);
 - target in view      -> steer proportionally to its bearing (its horizontal image position),
   drive forward, slower when the bearing is large;
-- target within the success radius (it fills the lower image) -> stop.
+- target within the stop distance (it fills the lower image) -> stop. The stop distance lies
+  `stop_margin` inside the success radius (but never closer than the robot can get to the
+  target's footprint), so a learner that stops a frame or two early still succeeds.
 Numbers are rounded to 2 decimals, the precision the action language carries.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ class ExpertConfig(BaseModel):
     max_angular: float = Field(1.0, gt=0.0, le=1.0)
     slow_bearing: float = Field(0.6, gt=0.0)  # bearing (rad) at which forward speed reaches 0
     view_margin: float = Field(0.05, ge=0.0)  # target centre must be this far inside the FOV (rad)
+    stop_margin: float = Field(0.1, ge=0.0)  # stop this far inside the success radius (m) ...
+    contact_clearance: float = Field(0.02, ge=0.0)  # ... or this far outside contact, whichever is farther
 
 
 def _round(x: float) -> float:
@@ -36,11 +40,21 @@ def success(world: World) -> bool:
     return world.distance_to(world.target) <= world.config.success_radius
 
 
+def stop_distance(world: World, config: ExpertConfig | None = None) -> float:
+    """Robot centre to target centre (m) at which the expert stops: `stop_margin` inside the success
+    radius, but no closer than `contact_clearance` outside contact with the target's footprint (a
+    0.28 m cube blocks the 0.15 m robot at 0.43 m), and never outside the success radius."""
+    cfg = config or ExpertConfig()
+    c = world.config
+    contact = world.target.radius + c.robot_radius + cfg.contact_clearance
+    return min(c.success_radius, max(c.success_radius - cfg.stop_margin, contact))
+
+
 def expert_action(world: World, config: ExpertConfig | None = None) -> dict:
     """The expert's action for the world's current state, in the project's action language."""
     cfg = config or ExpertConfig()
     target = world.target
-    if success(world):
+    if world.distance_to(target) <= stop_distance(world, cfg):
         return {"action": "stop"}
     if not world.in_view(target, cfg.view_margin):
         return {"action": "move", "linear_x": 0.0, "angular_z": _round(cfg.search_angular)}
@@ -57,4 +71,4 @@ def action_to_twist(action: dict) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-__all__ = ["ExpertConfig", "action_to_twist", "expert_action", "success"]
+__all__ = ["ExpertConfig", "action_to_twist", "expert_action", "stop_distance", "success"]
