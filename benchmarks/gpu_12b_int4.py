@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--embedding", action="store_true", help="quantize the tied embedding / LM head too")
+    parser.add_argument("--compiled-only", action="store_true", help="skip the (slow) eager runs")
     args = parser.parse_args()
     ceilings = measure_ceilings("cuda")
     model = build_model(ModelConfig.preset("gemma4-12b"), device="cuda", dtype=torch.bfloat16)
@@ -33,11 +34,13 @@ def main() -> int:
     resident = torch.cuda.memory_allocated()
     print(f"weights resident after packing: {resident / 1e9:.2f} GB", flush=True)
     rows = []
-    for compiled in (False, True):
+    for compiled in (True,) if args.compiled_only else (False, True):
         for tokens in (70, 280):
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3,
-                              model=model, compile=compiled)
+                              model=model, compile=compiled,
+                              profile_to=Path(args.out, f"profile_int4_{'compiled' if compiled else 'eager'}_{tokens}.txt")
+                              if tokens == 280 else None)
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})

@@ -131,7 +131,7 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
-              window_frames: int = 4, model=None, compile: bool = False) -> dict:
+              window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None) -> dict:
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[dtype]
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
@@ -170,7 +170,21 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["memory_allocated_after"] = torch.cuda.memory_allocated(device)
         report["no_hot_path_allocation"] = mem_before == report["memory_allocated_after"]
         report["weights_gb"] = weight_bytes(model) / 1e9
+    if profile_to is not None:
+        write_profile(lambda: session.step(frame, selector), profile_to)
     return report
+
+
+def write_profile(step, path: str | Path, frames: int = 3) -> None:
+    """Kernel time table (torch.profiler) of a few warm frames: where a frame's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(frames):
+            step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80) + "\n")
 
 
 def add_arguments(parser) -> None:

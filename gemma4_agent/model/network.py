@@ -220,9 +220,8 @@ class Gemma4(nn.Module):
         image tokens are replaced, unscaled, by `image_embeds` ([num_image_tokens, hidden], in order)."""
         image_mask = input_ids == self.config.image_token_id
         ids = torch.where(image_mask, self.config.text_config.pad_token_id, input_ids)
-        weight = self.embed_tokens.weight
-        scale = torch.tensor(self.config.text_config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
-        h = F.embedding(ids, weight) * scale
+        h = self.embed_tokens(ids)  # nn.Embedding, or the int4 one (gathers and dequantizes rows)
+        h = h * torch.tensor(self.config.text_config.hidden_size**0.5, dtype=torch.float32).to(h.dtype)
         if image_embeds is not None:
             h = h.masked_scatter(image_mask[..., None], image_embeds.to(h.dtype))
         return h
@@ -240,7 +239,8 @@ class Gemma4(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.embed_tokens.weight)
+        int4_head = getattr(self.embed_tokens, "matmul", None)  # a quantized tied embedding runs its own kernel
+        logits = int4_head(hidden) if int4_head is not None else F.linear(hidden, self.embed_tokens.weight)
         cap = self.config.text_config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

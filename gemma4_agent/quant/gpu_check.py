@@ -3,10 +3,11 @@
     python -m gemma4_agent.quant.gpu_check --json OUT.json            # on the GPU machine
     python -m gemma4_agent.quant.gpu_check --reduced --device cpu     # small shapes, CPU (what the tests run)
 
-1. kernel accuracy: Int4Linear on the packed kernel (tinygemm on CUDA) vs the dequantized-weight float32
-   matmul, q4_0 and awq-g128, batch 1 and 16 -> relative error (acceptance: < 1e-2).
+1. kernel accuracy: Int4Linear on its kernel (Triton on the portable layout on CUDA, tinygemm without Triton)
+   vs the dequantized-weight float32 matmul, q4_0 and awq-g128, batch 1, 3, 16, 286 -> relative error
+   (acceptance: < 1e-2).
 2. weight bytes: random weights of ONE sliding and ONE full decoder layer quantized on the device (q4_0),
-   packed for the kernel with the portable copy released, measured with torch.cuda.memory_allocated;
+   as the kernel keeps them, measured with torch.cuda.memory_allocated;
    the tied embedding quantized at full size; extrapolated to all layers (+ the bf16 rest).
 3. decode ms/token: a GEMV chain (batch 1) over every decoder linear + the LM head, int4 vs bf16, eager
    and CUDA graph, measured on distinct layer copies (so nothing is served from L2) and extrapolated
@@ -92,21 +93,35 @@ def _float_layer(shape, full, device) -> list[nn.Linear]:
 
 @torch.no_grad()
 def check_accuracy(device, reduced: bool) -> list[dict]:
+    """Every kernel path (batch 1 and 3: the GEMV; 16 and 286: the tiled GEMM) at the 12B's linear shapes."""
     rows = []
-    n = 512 if reduced else 4096
+    shapes = [(512, 256), (256, 1024)] if reduced else [(4096, 3840), (3840, 15360), (3840, 8192)]
     for scheme in ("q4_0", "awq-g128"):
-        torch.manual_seed(0)
-        lin = nn.Linear(n, n, bias=False, device=device)
-        mod = Int4Linear.from_float(lin, scheme)
-        w = mod.dequantize(torch.float32)
-        for m in (1, 16):
-            x = torch.randn(m, n, device=device)
-            ref = x @ w.t()
-            with int4_backend("kernel"):
-                y = mod(x.to(torch.bfloat16)).float()
-            rel = float((y - ref).norm() / ref.norm())
-            rows.append({"scheme": scheme, "shape": f"{n}x{n}", "batch": m, "rel_err": rel, "ok": rel < 1e-2})
+        for out, inp in shapes:
+            torch.manual_seed(0)
+            lin = nn.Linear(inp, out, bias=False, device=device)
+            mod = Int4Linear.from_float(lin, scheme)
+            w = mod.dequantize(torch.float32)
+            for m in (1, 3, 16, 286):
+                x = torch.randn(m, inp, device=device)
+                ref = x @ w.t()
+                with int4_backend("kernel"):
+                    y = mod(x.to(torch.bfloat16)).float()
+                rel = float((y - ref).norm() / ref.norm())
+                rows.append({"scheme": scheme, "shape": f"{out}x{inp}", "batch": m, "rel_err": rel, "ok": rel < 1e-2})
     return rows
+
+
+def resident_bytes(mods) -> int:
+    """Bytes the modules keep: their buffers plus any kernel-specific packing cached on them."""
+    total = 0
+    for m in mods:
+        total += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        if m._kernel is not None:
+            total += sum(t.numel() * t.element_size() for t in m._kernel[1:])
+            if m.__dict__.get("_released"):
+                total -= sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    return total
 
 
 @torch.no_grad()
@@ -120,8 +135,7 @@ def check_bytes(device, shape: dict, scheme: str = "q4_0") -> dict:
         mods = _quantized_layer(shape, full, scheme, device)
         _sync(device)
         measured = _mem(device) - base
-        kernel_bytes = sum(m._kernel[1].numel() * m._kernel[1].element_size()
-                           + m._kernel[2].numel() * m._kernel[2].element_size() for m in mods)
+        kernel_bytes = resident_bytes(mods)
         params = sum(o * i for o, i in layer_linears(shape, full).values())
         res["full" if full else "sliding"] = {"params": params, "kernel_bytes": kernel_bytes,
                                               "measured_bytes": measured if device.type == "cuda" else None,
@@ -135,7 +149,7 @@ def check_bytes(device, shape: dict, scheme: str = "q4_0") -> dict:
     _sync(device)
     emb_measured = _mem(device) - base
     emb_portable = sum(t.numel() * t.element_size() for t in qemb.state_dict().values())
-    emb_kernel = qemb._kernel[1].numel() * qemb._kernel[1].element_size() + qemb._kernel[2].numel() * 2
+    emb_kernel = resident_bytes([qemb]) - emb_portable
     del qemb
     per = {k: (v["measured_bytes"] if v["measured_bytes"] is not None else v["kernel_bytes"]) for k, v in res.items()}
     decoder = n_sliding * per["sliding"] + n_full * per["full"]

@@ -15,8 +15,9 @@ Portable checkpoint layout, per quantized module (names under the module's prefi
                                        so the fp16 value survives any load dtype exactly)
     zeros        uint8 [out, in/group] integer zero-points (awq only; q4_0's is 8)
     input_scale  float [in]            awq layers whose scale could not be folded: the input is multiplied by it
-The packed kernel layouts (tinygemm on CUDA, the CPU int4pack kernel) are device-specific and built
-from this on first use (or by `to_device_kernel(model)`), then cached on the module.
+On CUDA the Triton kernels of `triton_q4` read this layout directly (the weights are in GPU memory once).
+The other packed layouts (the CPU int4pack kernel; tinygemm on CUDA where Triton is missing) are
+device-specific and built from this on first use (or by `to_device_kernel(model)`), then cached on the module.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import triton_q4
 
 SCHEMES = {
     "q4_0": {"group_size": 32, "symmetric": True},
@@ -155,6 +158,10 @@ def int4_backend(name: str):
         _BACKEND[0] = old
 
 
+def _triton_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and triton_q4.available()
+
+
 def _inner_k_tiles(k: int) -> int | None:
     for tiles in (8, 4, 2):
         if k % (tiles * 16) == 0:
@@ -212,7 +219,7 @@ class _Int4Weights(nn.Module):
     def _kernel_ok(self, device: torch.device) -> bool:
         if device.type not in ("cpu", "cuda") or self.group_size not in KERNEL_GROUP_SIZES:
             return False
-        if device.type == "cuda" and _inner_k_tiles(self.in_features) is None:
+        if device.type == "cuda" and not _triton_ok(device) and _inner_k_tiles(self.in_features) is None:
             return False
         return True
 
@@ -251,6 +258,10 @@ class _Int4Weights(nn.Module):
         if not use_kernel or x.numel() == 0:
             return F.linear(x, self.dequantize(x.dtype))
         shape = x.shape
+        if _triton_ok(x.device):  # the portable layout as it is: no second copy of the weights
+            y = torch.ops.gemma4_agent.int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.qweight,
+                                                   self.scales, self.zeros, self.group_size)
+            return y.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         packed, sz = self._packed(x.device)
         if x.device.type == "cuda":
@@ -414,7 +425,7 @@ def to_device_kernel(model: nn.Module, device: str | torch.device | None = None,
     for mod in model.modules():
         if isinstance(mod, _Int4Weights):
             dev = torch.device(device) if device is not None else mod.qweight.device
-            if mod._kernel_ok(dev):
+            if mod._kernel_ok(dev) and not _triton_ok(dev):  # Triton reads the portable layout itself
                 mod._packed(dev)
                 if release_portable and isinstance(mod, Int4Linear):
                     for name in ("qweight", "scales", "zeros"):

@@ -1,0 +1,170 @@
+"""CUDA int4 matmul on the portable layout itself (Triton), so the weights sit in GPU memory once, at
+4.5 bits a weight for q4_0 (tinygemm needs its own packing with bf16 scale *and* zero per group: 5 bits,
+plus the portable copy until it is released).
+
+Chosen by the number of rows of x:
+    gemv     (rows <= GEMV_MAX_ROWS: the decode step)  each program reduces BLOCK_N weight rows over all of K;
+             weights stream once from memory, which is the whole cost at batch 1.
+    gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
+             dequantized in registers, on the tensor cores (tl.dot).
+    dequant  (longer chunks: a frame's prefill)  the weight dequantized once into a transient bf16 buffer,
+             then cuBLAS: compute-bound work goes to the best matmul there is.
+w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
+
+Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
+CUDA-graph capture records the launched kernels (autotuning happens on the first, uncaptured call).
+"""
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm / dequantize
+    triton = None
+
+GEMV_MAX_ROWS = 4
+GEMM_MAX_ROWS = 64  # above: dequantize + cuBLAS
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    def _gemv_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w)
+                for bn, bw, w in ((4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8))]
+
+    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "M"])
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element 8c+i in
+        # bits 4i..4i+3 (little endian). A nibble becomes a float without an int->float conversion (a
+        # quarter-rate instruction that would cap the kernel below memory speed): OR-ing it into the
+        # mantissa of 2^23 gives exactly 2^23 + q, and one subtraction leaves q.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        words_per_row = K // 8
+        groups = K // GROUP
+        wc = tl.arange(0, BLOCK_W)
+        for m in range(0, M):
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for w0 in range(0, words_per_row, BLOCK_W):
+                cols = w0 + wc
+                ok = row_ok[:, None] & (cols < words_per_row)[None, :]
+                words = tl.load(qw_ptr + rows[:, None] * words_per_row + cols[None, :], mask=ok, other=0)
+                part = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptr + m * K + cols * 8 + i, mask=cols < words_per_row, other=0).to(tl.float32)
+                    qi = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += qi * xi[None, :]
+                    xsum += xi
+                g = rows[:, None] * groups + (cols // (GROUP // 8))[None, :]
+                s = tl.load(s_ptr + g, mask=ok, other=0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)
+                else:
+                    z = 8.0
+                acc += tl.sum((part - z * xsum[None, :]) * s, axis=1)
+            tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        ok = (rows < N)[:, None] & (cols < K // 2)[None, :]
+        p = tl.load(qw_ptr + rows[:, None] * (K // 2) + cols[None, :], mask=ok, other=0)
+        g = rows[:, None] * (K // GROUP) + (cols // (GROUP // 2))[None, :]
+        s = tl.load(s_ptr + g, mask=ok, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)
+        else:
+            z = 8.0
+        base = w_ptr + rows[:, None] * K + 2 * cols[None, :]
+        tl.store(base, (((p & 0xF).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+        tl.store(base + 1, (((p >> 4).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+
+    def _gemm_configs():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+                                          (32, 128, 128, 4, 3), (128, 128, 128, 8, 2), (16, 128, 128, 4, 3))]
+
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"])
+    @triton.jit
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET,
+                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = pid % tiles_m, pid // tiles_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        half = tl.arange(0, BLOCK_K // 2)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0)
+            p = tl.load(qw_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :],
+                        mask=(rn < N)[:, None] & ((k0 // 2 + half) < K // 2)[None, :], other=0)
+            q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+            # each column's group scale (and zero), gathered: any BLOCK_K works with any group size
+            g_off = rn[:, None] * (K // GROUP) + ((k0 + rk) // GROUP)[None, :]
+            w_ok = (rn < N)[:, None] & k_ok[None, :]
+            s = tl.load(s_ptr + g_off, mask=w_ok, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                q = q - tl.load(z_ptr + g_off, mask=w_ok, other=0).to(tl.float32)
+            else:
+                q = q - 8.0
+            w = (q * s).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+            group: int) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    s = scales.view(torch.float16)
+    z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
+    if m <= GEMV_MAX_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, m, n, k, GROUP=group, HAS_ZEROS=zeros is not None)
+    elif m <= GEMM_MAX_ROWS:
+        bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, bucket, GROUP=group, HAS_ZEROS=zeros is not None)
+    else:
+        # long chunks (a frame's prefill): dequantize once into a transient buffer (the caching allocator hands
+        # the same block back every frame) and let cuBLAS do the arithmetic
+        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(n, 16), triton.cdiv(k // 2, 128))
+        _dequant_kernel[grid](qweight, s, z, w, n, k, GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=16, BLOCK_B=128)
+        torch.matmul(x, w.t(), out=y)
+    return y
+
+
+@torch.library.custom_op("gemma4_agent::int4_matmul", mutates_args=())
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                group: int) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32, contiguous) @ dequant(qweight [N, K/2] uint8, scales [N, K/g] int16 fp16 bits,
+    zeros [N, K/g] uint8 or None = 8)^T -> [M, N] in x's dtype."""
+    return _launch(x.contiguous(), qweight, scales, zeros, group)
+
+
+@int4_matmul.register_fake
+def _(x, qweight, scales, zeros, group):
+    return x.new_empty(x.shape[0], qweight.shape[0])

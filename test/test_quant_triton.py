@@ -1,0 +1,71 @@
+"""The CUDA int4 kernels (gemma4_agent/quant/triton_q4.py) run here in Triton's CPU interpreter: the
+same kernel source, on the portable q4_0 / awq-g128 layout, against the dequantized float32 matmul.
+(The lent GPU runs them compiled: `python -m gemma4_agent.quant.gpu_check`.)"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent("""
+    import json, torch, triton
+    from torch import nn
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    def launch(x, mod, gemv, cfg):
+        m, k = x.shape
+        n = mod.qweight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        s = mod.scales.view(torch.float16)
+        z = mod.zeros if mod.zeros is not None else s
+        common = dict(GROUP=mod.group_size, HAS_ZEROS=mod.zeros is not None, **cfg)
+        if gemv == "gemv":  # autotuning needs a GPU: the interpreter runs one configuration directly
+            T._gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, mod.qweight.view(torch.int32), s, z, y, m, n, k,
+                                                                 **common)
+        elif gemv == "dequant":
+            w = torch.empty(n, k, dtype=x.dtype)
+            T._dequant_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k // 2, cfg["BLOCK_B"]))](
+                mod.qweight, s, z, w, n, k, **common)
+            y = x @ w.t()
+        else:
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+            T._gemm_kernel.fn[grid](x, mod.qweight, s, z, y, m, n, k, 1, **common)
+        return y
+
+    torch.manual_seed(0)
+    rows = []
+    for scheme in ("q4_0", "awq-g128"):
+        for out, inp in ((48, 256), (40, 384)):  # 40 rows: a partial block; 384: K not a multiple of 256
+            mod = Int4Linear.from_float(nn.Linear(inp, out, bias=False), scheme)
+            ref_w = mod.dequantize(torch.float32)
+            # the GEMV in bf16 (the decode step's dtype); the GEMM in fp32 (the interpreter has no bf16 dot)
+            for m, gemv, dtype, cfg in ((1, "gemv", torch.bfloat16, dict(BLOCK_N=8, BLOCK_W=32)),
+                                        (3, "gemv", torch.bfloat16, dict(BLOCK_N=16, BLOCK_W=64)),
+                                        (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
+                                        (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)),
+                                        (70, "dequant", torch.float32, dict(BLOCK_N=16, BLOCK_B=128))):
+                x = torch.randn(m, inp)
+                ref = x.to(dtype).float() @ ref_w.t()
+                y = launch(x.to(dtype).contiguous(), mod, gemv, cfg).float()
+                rows.append([scheme, out, inp, m, float((y - ref).norm() / ref.norm())])
+    print(json.dumps(rows))
+""")
+
+
+def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 20
+    for scheme, out, inp, m, rel in rows:
+        # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
+        assert rel < 1e-2, (scheme, out, inp, m, rel)
