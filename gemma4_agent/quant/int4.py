@@ -259,6 +259,10 @@ class _Int4Weights(nn.Module):
             return F.linear(x, self.dequantize(x.dtype))
         shape = x.shape
         if _triton_ok(x.device):  # the portable layout as it is: no second copy of the weights
+            if torch.compiler.is_compiling() and x.numel() // self.in_features > triton_q4.GEMM_MAX_ROWS:
+                # a long chunk (a frame's prefill) under torch.compile: the dequantization in plain ops, which
+                # Inductor turns into one kernel feeding cuBLAS, without the custom op's per-call host cost
+                return F.linear(x, self.dequantize(x.dtype))
             y = torch.ops.gemma4_agent.int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.qweight,
                                                    self.scales, self.zeros, self.group_size)
             return y.reshape(*shape[:-1], self.out_features)

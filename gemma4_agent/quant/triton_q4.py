@@ -3,7 +3,7 @@
 plus the portable copy until it is released).
 
 Chosen by the number of rows of x:
-    gemv     (rows <= GEMV_MAX_ROWS: the decode step)  each program reduces BLOCK_N weight rows over all of K;
+    gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K;
              weights stream once from memory, which is the whole cost at batch 1.
     gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
              dequantized in registers, on the tensor cores (tl.dot).
@@ -24,7 +24,6 @@ try:
 except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm / dequantize
     triton = None
 
-GEMV_MAX_ROWS = 4
 GEMM_MAX_ROWS = 64  # above: dequantize + cuBLAS
 
 
@@ -35,69 +34,87 @@ def available() -> bool:
 if triton is not None:
 
     def _gemv_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w)
-                for bn, bw, w in ((4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8))]
+        # At one row the work is streaming bytes, and HBM needs ~30 KB in flight per SM to run at speed: each
+        # program loads its rows' whole K (or half of it) in one go, so every program has all its loads out at
+        # once, rather than a loop of small dependent loads (which ran at ~10% of the bandwidth).
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (1, 2, 4) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
+                if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
 
-    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "M"])
+    def _prune_gemv(configs, named_args, **kwargs):
+        # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny models)
+        k = named_args["K"]
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0
+              and c.kwargs["BLOCK_K"] // 2 < k]
+        return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256)}, num_warps=1)]
+
+    def _bench_in_graph(kernel_call, quantiles):
+        # a GEMV takes a few microseconds, less than a launch from Python: time it inside a CUDA graph, as
+        # it runs in the captured decode step, or every configuration measures the same launch overhead
+        return triton.testing.do_bench_cudagraph(kernel_call, rep=10, quantiles=quantiles)
+
+    @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
+                     do_bench=_bench_in_graph)
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
-                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        # The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element 8c+i in
-        # bits 4i..4i+3 (little endian). A nibble becomes a float without an int->float conversion (a
-        # quarter-rate instruction that would cap the kernel below memory speed): OR-ing it into the
-        # mantissa of 2^23 gives exactly 2^23 + q, and one subtraction leaves q.
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K,
+                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One row of x. The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element
+        # 8c+i in bits 4i..4i+3 (little endian). A block of words expands to [BLOCK_N, BLOCK_K] nibbles in k
+        # order, seen as [BLOCK_N, groups, GROUP]: one x load, one scale per group. A nibble becomes a float
+        # without an int->float conversion (a quarter-rate instruction): OR-ed into the mantissa of 2^23 it
+        # reads as exactly 2^23 + q. The zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
+        WORDS: tl.constexpr = BLOCK_K // 8
+        G: tl.constexpr = BLOCK_K // GROUP
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        words_per_row = K // 8
-        groups = K // GROUP
-        wc = tl.arange(0, BLOCK_W)
-        for m in range(0, M):
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for w0 in range(0, words_per_row, BLOCK_W):
-                cols = w0 + wc
-                ok = row_ok[:, None] & (cols < words_per_row)[None, :]
-                words = tl.load(qw_ptr + rows[:, None] * words_per_row + cols[None, :], mask=ok, other=0)
-                part = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-                xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
-                for i in tl.static_range(8):
-                    xi = tl.load(x_ptr + m * K + cols * 8 + i, mask=cols < words_per_row, other=0).to(tl.float32)
-                    qi = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    part += qi * xi[None, :]
-                    xsum += xi
-                g = rows[:, None] * groups + (cols // (GROUP // 8))[None, :]
-                s = tl.load(s_ptr + g, mask=ok, other=0).to(tl.float32)
-                if HAS_ZEROS:
-                    z = tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)
-                else:
-                    z = 8.0
-                acc += tl.sum((part - z * xsum[None, :]) * s, axis=1)
-            tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+        shifts = tl.arange(0, 8) * 4
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            wc = k0 // 8 + tl.arange(0, WORDS)
+            words = tl.load(qw_ptr + rows[:, None] * (K // 8) + wc[None, :],
+                            mask=row_ok[:, None] & (wc < K // 8)[None, :], other=0)
+            q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            q = tl.reshape(q, (BLOCK_N, G, GROUP))
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
+            gc = k0 // GROUP + tl.arange(0, G)
+            g_ok = row_ok[:, None] & (gc < K // GROUP)[None, :]
+            g_off = rows[:, None] * (K // GROUP) + gc[None, :]
+            s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            acc += tl.sum((tl.sum(q * x, axis=2) - z * tl.sum(x, axis=2)) * s, axis=1)
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1
+        # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1.
+        # The two nibbles are interleaved back in registers so every store is one contiguous row segment.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         ok = (rows < N)[:, None] & (cols < K // 2)[None, :]
         p = tl.load(qw_ptr + rows[:, None] * (K // 2) + cols[None, :], mask=ok, other=0)
-        g = rows[:, None] * (K // GROUP) + (cols // (GROUP // 2))[None, :]
-        s = tl.load(s_ptr + g, mask=ok, other=0).to(tl.float32)
+        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, 2 * BLOCK_B)).to(tl.float32)
+        kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        k_ok = (rows < N)[:, None] & (kk < K)[None, :]
+        g = rows[:, None] * (K // GROUP) + (kk // GROUP)[None, :]
+        s = tl.load(s_ptr + g, mask=k_ok, other=0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g, mask=k_ok, other=0).to(tl.float32)
         else:
             z = 8.0
-        base = w_ptr + rows[:, None] * K + 2 * cols[None, :]
-        tl.store(base, (((p & 0xF).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
-        tl.store(base + 1, (((p >> 4).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+        tl.store(w_ptr + rows[:, None] * K + kk[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=k_ok)
 
     def _gemm_configs():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bm, bn, bk, w, st in ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
-                                          (32, 128, 128, 4, 3), (128, 128, 128, 8, 2), (16, 128, 128, 4, 3))]
+                                          (32, 128, 128, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3))]
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"])
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph)
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -140,9 +157,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         return y
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
-    if m <= GEMV_MAX_ROWS:
+    if m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, m, n, k, GROUP=group, HAS_ZEROS=zeros is not None)
+        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, GROUP=group, HAS_ZEROS=zeros is not None)
     elif m <= GEMM_MAX_ROWS:
         bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -151,8 +168,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         # long chunks (a frame's prefill): dequantize once into a transient buffer (the caching allocator hands
         # the same block back every frame) and let cuBLAS do the arithmetic
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(n, 16), triton.cdiv(k // 2, 128))
-        _dequant_kernel[grid](qweight, s, z, w, n, k, GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=16, BLOCK_B=128)
+        grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
+        _dequant_kernel[grid](qweight, s, z, w, n, k, GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=8, BLOCK_B=256,
+                              num_warps=4)
         torch.matmul(x, w.t(), out=y)
     return y
 
