@@ -9,6 +9,9 @@
 Both decode with the action trie (grammar-equivalent, canonical tokens) over a batched KV cache.
 
     python -m gemma4_agent.demo.evaluate --engine engines/demo --seed 7 --episodes 50 [--frames-episodes 20]
+
+An int4 engine (`gemma4-agent quantize`) evaluates the same way; the output's first line names the dtype,
+the quantization scheme and the number of int4 modules, so a run cannot silently evaluate a float model.
 """
 from __future__ import annotations
 
@@ -158,6 +161,17 @@ def closed_loop(model, tokenizer, episodes: int = 50, seed: int = 7, trie: Actio
     }
 
 
+def model_info(model) -> dict:
+    """What is being evaluated: float dtype, int4 scheme and the int4 modules actually in the model."""
+    from ..quant.int4 import Int4Embedding, Int4Linear
+
+    meta = getattr(model, "int4_metadata", None) or {}
+    return {"dtype": str(model.norm.weight.dtype).replace("torch.", ""), "quant": meta.get("scheme"),
+            "int4_layers": meta.get("layers"),
+            "int4_linear_modules": sum(isinstance(m, Int4Linear) for m in model.modules()),
+            "int4_embedding": isinstance(model.embed_tokens, Int4Embedding)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..model.loader import load_model
     from ..model.tokenizer import load_tokenizer
@@ -170,15 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-episodes", type=int, default=20, help="per-frame agreement episodes (0: skip)")
     parser.add_argument("--no-safety", action="store_true", help="closed loop without the safety filter")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="float dtype of the model (for an int4 engine: of its unquantized tensors; on CPU the "
+                             "int4 kernel takes bf16 activations either way)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.engine)
+    model = load_model(args.engine, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(args.engine)
     defaults_path = args.engine / "agent.json"
     system = json.loads(defaults_path.read_text()).get("system", "") if defaults_path.is_file() else ""
     trie = ActionTrie.from_spec(tokenizer)
-    results = {}
+    results = {"engine": str(args.engine), "model": model_info(model)}
+    print(json.dumps(results), flush=True)
     if args.frames_episodes:
         t = time.monotonic()
         results["frames"] = frame_agreement(model, tokenizer, args.frames_episodes, args.seed, trie, True, system)

@@ -2,10 +2,15 @@
 distribution and top-1 agreement, over a set of frames in the agent's prompt.
 
     python -m gemma4_agent.quant.quality FLOAT_CKPT INT4_CKPT [INT4_CKPT ...] [--calib BAG_OR_DIR] [--frames N]
+        [--answer] [--bf16]
     python -m gemma4_agent.quant.quality --tiny      # a tiny random-weight model, both schemes
 
 Prints a Markdown table. "last" is the prompt's last position (the first action token); "all" averages
-every position of every prompt."""
+every position of every prompt (mostly image and instruction tokens: a model trained with the loss on its
+answer only, like the demo engine, was never taught to predict those). `--answer` appends the float model's
+own greedy answer to each prompt (up to `<turn|>` / eos, at most 32 tokens) and reports KL and top-1 over
+the positions that predict it ("answer": what the agent actually decodes). `--bf16` adds the float model
+run in bfloat16 as a row (the cost of bf16 alone, for scale)."""
 from __future__ import annotations
 
 import argparse
@@ -20,31 +25,139 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def compare_models(reference, candidate, batches: list[dict]) -> dict:
-    """KL and top-1 agreement of candidate vs reference, over model.forward kwargs batches."""
-    kl_all, top_all, kl_last, top_last = [], [], [], []
-    for batch in batches:
+def compare_models(reference, candidate, batches: list[dict], answer_from: list[int] | None = None) -> dict:
+    """KL and top-1 agreement of candidate vs reference, over model.forward kwargs batches.
+
+    answer_from[i]: first position of batch i whose next token is answer text (see `append_reference_answers`);
+    then "last" is that position (the answer's first token) and the answer positions get their own keys."""
+    kl_all, top_all, kl_last, top_last, kl_ans, top_ans = [], [], [], [], [], []
+    for i, batch in enumerate(batches):
         lp = F.log_softmax(reference(**batch).float(), dim=-1)[0]
         lq = F.log_softmax(candidate(**batch).float(), dim=-1)[0]
         kl = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0)
         agree = (lp.argmax(-1) == lq.argmax(-1)).float()
+        if answer_from is not None:
+            start = answer_from[i]
+            kl_ans.append(kl[start:-1])  # the last position predicts past the answer
+            top_ans.append(agree[start:-1])
+            kl, agree = kl[:start + 1], agree[:start + 1]  # "all" and "last": the prompt, as without answers
         kl_all.append(kl)
         top_all.append(agree)
         kl_last.append(kl[-1])
         top_last.append(agree[-1])
     kl_all, top_all = torch.cat(kl_all), torch.cat(top_all)
-    return {"prompts": len(batches), "positions": int(kl_all.numel()),
-            "kl_mean": float(kl_all.mean()), "kl_p99": float(torch.quantile(kl_all, 0.99)),
-            "top1": float(top_all.mean()), "kl_last": float(torch.stack(kl_last).mean()),
-            "top1_last": float(torch.stack(top_last).mean())}
+    row = {"prompts": len(batches), "positions": int(kl_all.numel()),
+           "kl_mean": float(kl_all.mean()), "kl_p99": float(torch.quantile(kl_all, 0.99)),
+           "top1": float(top_all.mean()), "kl_last": float(torch.stack(kl_last).mean()),
+           "top1_last": float(torch.stack(top_last).mean())}
+    if answer_from is not None:
+        kl_ans, top_ans = torch.cat(kl_ans), torch.cat(top_ans)
+        row.update({"answer_positions": int(kl_ans.numel()), "kl_answer": float(kl_ans.mean()),
+                    "kl_answer_max": float(kl_ans.max()), "top1_answer": float(top_ans.mean())})
+    return row
+
+
+@torch.no_grad()
+def append_reference_answers(model, batches: list[dict], stop_ids: set[int], max_new: int = 32
+                             ) -> tuple[list[dict], list[int]]:
+    """Each prompt + the model's own greedy continuation (up to and including a stop id, at most max_new
+    tokens). Returns the extended batches and, per batch, the position that predicts the first answer token."""
+    out, starts = [], []
+    for batch in batches:
+        b = dict(batch)
+        start = b["input_ids"].shape[1] - 1
+        for _ in range(max_new):
+            token = model(**b)[0, -1].argmax().view(1, 1)
+            b["input_ids"] = torch.cat([b["input_ids"], token.to(b["input_ids"])], dim=1)
+            mm = b["mm_token_type_ids"]
+            b["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(token).to(mm)], dim=1)
+            if int(token) in stop_ids:
+                break
+        out.append(b)
+        starts.append(start)
+    return out, starts
+
+
+def frames_with_instructions(source: str | Path, max_frames: int) -> list[tuple[np.ndarray, str | None]]:
+    """(rgb, instruction) pairs, evenly spaced: from a ROS 2 bag or a folder of bags, each frame with the bag's
+    /instruction in force at its time (a policy's answer depends on it); from an image folder, no instruction
+    (the prompt then uses agent.json's)."""
+    from .quantize_cli import IMAGE_SUFFIXES, _spaced, load_frames
+
+    path = Path(source)
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return [(rgb, None) for rgb in load_frames(path, max_frames)]
+    from ..bagio import pair_frames_with_commands, read_episode
+    from ..evaluation.replay import find_bags
+
+    labelled = []
+    for bag in find_bags(path):
+        episode = read_episode(bag)
+        labelled += pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
+    if not labelled:
+        raise ValueError(f"{path}: no frames")
+    return [(labelled[i].frame.rgb, labelled[i].instruction) for i in _spaced(len(labelled), max_frames)]
+
+
+def prompt_batches(model, source: str | Path | None, max_frames: int, folder: str | Path) -> list[dict]:
+    """model.forward kwargs of the agent's prompt around each frame (synthetic frames when source is None).
+
+    With a tokenizer.json in `folder` this is exactly what the agent's streaming session prefills:
+    `prefix(instruction, system) + image(n) + suffix()` (the instruction before the image, as the demo engine
+    was trained; `PromptBuilder.single_turn` puts the image first). Without one, the plain token prompt of
+    `quantize_cli.calibration_batches`."""
+    from ..model.preprocess import preprocess_frame
+    from .quantize_cli import calibration_batches
+
+    pairs = frames_with_instructions(source, max_frames) if source else [(f, None) for f in random_frames(max_frames)]
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return [calibration_batches(model, [rgb], folder, instruction=text)[0] for rgb, text in pairs]
+    from ..model.tokenizer import PromptBuilder, load_tokenizer
+
+    cfg = model.config
+    defaults = json.loads((folder / "agent.json").read_text()) if (folder / "agent.json").is_file() else {}
+    prompts = PromptBuilder(load_tokenizer(folder), cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id)
+    device = next(model.parameters()).device
+    batches = []
+    for rgb, text in pairs:
+        patches, positions = preprocess_frame(rgb, defaults.get("image_tokens", 70), cfg.vision_config.patch_size,
+                                              cfg.vision_config.pooling_kernel_size)
+        ids = (prompts.prefix(text or defaults.get("instruction", "go to the red ball"), defaults.get("system", ""))
+               + prompts.image(patches.shape[0]) + prompts.suffix())
+        mm = [int(t == cfg.image_token_id) for t in ids]
+        batches.append({"input_ids": torch.tensor([ids], device=device), "pixel_values": patches[None].to(device),
+                        "image_position_ids": positions[None].to(device),
+                        "mm_token_type_ids": torch.tensor([mm], device=device)})
+    return batches
+
+
+def _stop_ids(model, folder: str | Path) -> set[int]:
+    ids = {model.config.text_config.eos_token_id}
+    if (Path(folder) / "tokenizer.json").is_file():
+        from ..model.tokenizer import TURN_END, load_tokenizer
+
+        turn_end = load_tokenizer(folder).token_to_id(TURN_END)
+        if turn_end is not None:
+            ids.add(turn_end)
+    return {int(i) for i in ids if i is not None}
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    lines = ["| model | prompts | positions | KL mean (all) | KL p99 (all) | top-1 (all) | KL (last) | top-1 (last) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    answer = any("kl_answer" in r for r in rows.values())
+    head = "| model | prompts | positions | KL mean (all) | KL p99 (all) | top-1 (all) | KL (last) | top-1 (last) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if answer:
+        head += " answer positions | KL mean (answer) | KL max (answer) | top-1 (answer) |"
+        rule += "---:|---:|---:|---:|"
+    lines = [head, rule]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['prompts']} | {r['positions']} | {r['kl_mean']:.2e} | {r['kl_p99']:.2e} | "
-                     f"{100 * r['top1']:.1f}% | {r['kl_last']:.2e} | {100 * r['top1_last']:.1f}% |")
+        line = (f"| {name} | {r['prompts']} | {r['positions']} | {r['kl_mean']:.2e} | {r['kl_p99']:.2e} | "
+                f"{100 * r['top1']:.1f}% | {r['kl_last']:.2e} | {100 * r['top1_last']:.1f}% |")
+        if answer:
+            line += (f" {r['answer_positions']} | {r['kl_answer']:.2e} | {r['kl_answer_max']:.2e} | "
+                     f"{100 * r['top1_answer']:.1f}% |" if "kl_answer" in r else " | | | |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -113,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reference", nargs="?", help="float checkpoint folder")
     parser.add_argument("quantized", nargs="*", help="quantized checkpoint folder(s)")
-    parser.add_argument("--calib", help="ROS 2 bag or image folder (default: synthetic frames)")
+    parser.add_argument("--calib", help="ROS 2 bag, folder of bags, or image folder (default: synthetic frames); "
+                                        "a bag's frames are prompted with its /instruction")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="report on a tiny random-weight model")
+    parser.add_argument("--answer", action="store_true",
+                        help="also compare over the float model's own greedy answer to each prompt (teacher-forced)")
+    parser.add_argument("--bf16", action="store_true", help="add the float model in bfloat16 as a row")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -124,14 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.reference or not args.quantized:
             parser.error("give a float checkpoint and at least one quantized checkpoint (or --tiny)")
         from ..model import load_model
-        from .quantize_cli import calibration_batches, load_frames
 
         reference = load_model(args.reference)
-        frames = load_frames(args.calib, args.frames) if args.calib else random_frames(args.frames)
-        batches = calibration_batches(reference, frames, args.reference)
+        batches = prompt_batches(reference, args.calib, args.frames, args.reference)
+        starts = None
+        if args.answer:
+            batches, starts = append_reference_answers(reference, batches, _stop_ids(reference, args.reference))
         rows = {}
+        if args.bf16:
+            rows[f"{Path(args.reference).name} (float, bf16)"] = compare_models(
+                reference, load_model(args.reference, dtype=torch.bfloat16), batches, starts)
         for path in args.quantized:
-            rows[Path(path).name] = compare_models(reference, load_model(path), batches)
+            rows[Path(path).name] = compare_models(reference, load_model(path), batches, starts)
     print(markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
