@@ -78,58 +78,13 @@ def append_reference_answers(model, batches: list[dict], stop_ids: set[int], max
     return out, starts
 
 
-def frames_with_instructions(source: str | Path, max_frames: int) -> list[tuple[np.ndarray, str | None]]:
-    """(rgb, instruction) pairs, evenly spaced: from a ROS 2 bag or a folder of bags, each frame with the bag's
-    /instruction in force at its time (a policy's answer depends on it); from an image folder, no instruction
-    (the prompt then uses agent.json's)."""
-    from .quantize_cli import IMAGE_SUFFIXES, _spaced, load_frames
-
-    path = Path(source)
-    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
-        return [(rgb, None) for rgb in load_frames(path, max_frames)]
-    from ..bagio import pair_frames_with_commands, read_episode
-    from ..evaluation.replay import find_bags
-
-    labelled = []
-    for bag in find_bags(path):
-        episode = read_episode(bag)
-        labelled += pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
-    if not labelled:
-        raise ValueError(f"{path}: no frames")
-    return [(labelled[i].frame.rgb, labelled[i].instruction) for i in _spaced(len(labelled), max_frames)]
-
-
 def prompt_batches(model, source: str | Path | None, max_frames: int, folder: str | Path) -> list[dict]:
-    """model.forward kwargs of the agent's prompt around each frame (synthetic frames when source is None).
+    """model.forward kwargs of the agent's prompt around each frame of `source` (a bag, a folder of bags or of
+    images; synthetic frames when None), each bag frame with its bag's instruction."""
+    from .quantize_cli import calibration_batches, load_frames
 
-    With a tokenizer.json in `folder` this is exactly what the agent's streaming session prefills:
-    `prefix(instruction, system) + image(n) + suffix()` (the instruction before the image, as the demo engine
-    was trained; `PromptBuilder.single_turn` puts the image first). Without one, the plain token prompt of
-    `quantize_cli.calibration_batches`."""
-    from ..model.preprocess import preprocess_frame
-    from .quantize_cli import calibration_batches
-
-    pairs = frames_with_instructions(source, max_frames) if source else [(f, None) for f in random_frames(max_frames)]
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
-        return [calibration_batches(model, [rgb], folder, instruction=text)[0] for rgb, text in pairs]
-    from ..model.tokenizer import PromptBuilder, load_tokenizer
-
-    cfg = model.config
-    defaults = json.loads((folder / "agent.json").read_text()) if (folder / "agent.json").is_file() else {}
-    prompts = PromptBuilder(load_tokenizer(folder), cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id)
-    device = next(model.parameters()).device
-    batches = []
-    for rgb, text in pairs:
-        patches, positions = preprocess_frame(rgb, defaults.get("image_tokens", 70), cfg.vision_config.patch_size,
-                                              cfg.vision_config.pooling_kernel_size)
-        ids = (prompts.prefix(text or defaults.get("instruction", "go to the red ball"), defaults.get("system", ""))
-               + prompts.image(patches.shape[0]) + prompts.suffix())
-        mm = [int(t == cfg.image_token_id) for t in ids]
-        batches.append({"input_ids": torch.tensor([ids], device=device), "pixel_values": patches[None].to(device),
-                        "image_position_ids": positions[None].to(device),
-                        "mm_token_type_ids": torch.tensor([mm], device=device)})
-    return batches
+    frames = load_frames(source, max_frames) if source else random_frames(max_frames)
+    return calibration_batches(model, frames, folder)
 
 
 def _stop_ids(model, folder: str | Path) -> set[int]:

@@ -49,8 +49,9 @@ def source_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-def load_frames(path: str | Path, max_frames: int = 16) -> list[np.ndarray]:
-    """RGB uint8 frames, evenly spaced, from an image folder or a ROS 2 bag."""
+def load_frames(path: str | Path, max_frames: int = 16) -> list[tuple[np.ndarray, str | None]]:
+    """(RGB uint8 frame, instruction) pairs, evenly spaced: from an image folder (no instruction), a ROS 2 bag or a
+    folder of bags (each frame with the bag's /instruction in force at its time: a policy's answer depends on it)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"calibration source not found: {path}")
@@ -58,20 +59,23 @@ def load_frames(path: str | Path, max_frames: int = 16) -> list[np.ndarray]:
     if images:
         import cv2
 
-        picked = [images[i] for i in _spaced(len(images), max_frames)]
         frames = []
-        for p in picked:
+        for p in (images[i] for i in _spaced(len(images), max_frames)):
             bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise ValueError(f"cannot read image {p}")
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            frames.append((cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None))
         return frames
-    from ..bagio import read_episode
+    from ..bagio import pair_frames_with_commands, read_episode
+    from ..evaluation.replay import find_bags
 
-    episode = read_episode(path)
-    if not episode.frames:
-        raise ValueError(f"bag {path} has no frames on {episode.image_topic}")
-    return [episode.frames[i].rgb for i in _spaced(len(episode.frames), max_frames)]
+    labelled = []
+    for bag in find_bags(path):
+        episode = read_episode(bag)
+        labelled += pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
+    if not labelled:
+        raise ValueError(f"{path}: no image frames")
+    return [(labelled[i].frame.rgb, labelled[i].instruction) for i in _spaced(len(labelled), max_frames)]
 
 
 def _spaced(n: int, k: int) -> list[int]:
@@ -80,9 +84,13 @@ def _spaced(n: int, k: int) -> list[int]:
     return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)}) if k > 1 else [0]
 
 
-def calibration_batches(model, frames: list[np.ndarray], folder: str | Path | None = None,
-                        image_tokens: int | None = None, instruction: str | None = None) -> list[dict]:
-    """model.forward kwargs, one per frame: the agent's single-turn prompt around the frame."""
+def calibration_batches(model, frames: list, folder: str | Path | None = None, image_tokens: int | None = None,
+                        instruction: str | None = None) -> list[dict]:
+    """model.forward kwargs, one per frame (an RGB array or an (RGB, instruction) pair from `load_frames`).
+
+    With a tokenizer.json in `folder` the prompt is exactly what the agent's streaming session prefills:
+    prefix(instruction) + image + suffix. The instruction: `instruction` if given, else the frame's own, else
+    agent.json's. Without a tokenizer, a plain token prompt around the image."""
     from ..model.preprocess import preprocess_frame
 
     cfg = model.config
@@ -91,7 +99,6 @@ def calibration_batches(model, frames: list[np.ndarray], folder: str | Path | No
     if folder is not None and (folder / "agent.json").is_file():
         defaults = json.loads((folder / "agent.json").read_text())
     image_tokens = image_tokens or defaults.get("image_tokens", 70)
-    instruction = instruction or defaults.get("instruction", "go to the red ball")
     prompts = None
     if folder is not None and (folder / "tokenizer.json").is_file():
         from ..model.tokenizer import PromptBuilder, load_tokenizer
@@ -101,18 +108,19 @@ def calibration_batches(model, frames: list[np.ndarray], folder: str | Path | No
     vocab = cfg.text_config.vocab_size
     special = {cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id}
     plain = [t for t in range(10, vocab) if t not in special][:16]
+    device = next(model.parameters()).device
     batches = []
-    for rgb in frames:
+    for frame in frames:
+        rgb, own = frame if isinstance(frame, tuple) else (frame, None)
         patches, positions = preprocess_frame(rgb, image_tokens, vision.patch_size, vision.pooling_kernel_size)
         n = patches.shape[0]
         if prompts is not None:
-            prompt = prompts.single_turn(instruction, [n], defaults.get("system", ""))
-            ids, mm = prompt.ids, prompt.mm_token_type_ids
+            text = instruction or own or defaults.get("instruction", "go to the red ball")
+            ids = prompts.prefix(text, defaults.get("system", "")) + prompts.image(n) + prompts.suffix()
         else:
             ids = [cfg.text_config.bos_token_id] + plain[:8] + [cfg.boi_token_id] + [cfg.image_token_id] * n \
                 + [cfg.eoi_token_id] + plain[8:]
-            mm = [1 if t == cfg.image_token_id else 0 for t in ids]
-        device = next(model.parameters()).device
+        mm = [int(t == cfg.image_token_id) for t in ids]
         batches.append({"input_ids": torch.tensor([ids], device=device),
                         "pixel_values": patches[None].to(device),
                         "image_position_ids": positions[None].to(device),
