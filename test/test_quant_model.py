@@ -16,7 +16,7 @@ from gemma4_agent.model.tokenizer import PromptBuilder
 from gemma4_agent.quant.int4 import (Int4Embedding, Int4Linear, decoder_linears, fake_quantize, int4_backend,
                                      quantize_model, save_quantized)
 from gemma4_agent.quant.quality import compare_models, random_frames, tiny_random_model
-from gemma4_agent.quant.quantize_cli import calibration_batches
+from gemma4_agent.quant.quantize_cli import calibration_batches, quantize_checkpoint
 
 from conftest import BOI, EOI, IMAGE, tiny_tokenizer
 
@@ -128,6 +128,22 @@ def test_quantize_cli(engine_dir, tmp_path):
                                                                            max_prefix=32, max_context=200))
     session.set_prefix("go to the red ball")
     assert len(session.step(random_frames(1)[0]).tokens) == 2
+
+
+def test_quantized_manifest_names_the_torch_that_wrote_it(engine_dir, tmp_path):
+    import shutil
+
+    from gemma4_agent.engines.manifest import read_manifest, write_manifest
+
+    src = tmp_path / "src"
+    shutil.copytree(engine_dir, src)
+    old = read_manifest(src, verify_files=False)
+    files = sorted(p.name for p in src.iterdir() if p.is_file() and p.name != "manifest.json")
+    write_manifest(src, old.model_copy(update={"library_versions": {"torch": "1.0.0", "onnx": "1.2.3"}}), files)
+    quantize_checkpoint(src, tmp_path / "q", "q4_0", progress=False)
+    new = read_manifest(tmp_path / "q")
+    assert new.quant == "q4_0"
+    assert new.library_versions == {"torch": torch.__version__.split("+")[0], "onnx": "1.2.3"}
 
 
 def test_quality_and_gpu_check_cpu_modes(tmp_path, capsys):

@@ -635,7 +635,9 @@ def _write_manifest(source: Path, out: Path, scheme: str) -> None:
     except ValueError as exc:  # not a usable engine folder: leave the output a plain checkpoint
         warnings.warn(f"source manifest not copied: {exc}")
         return
-    manifest = manifest.model_copy(update={"quant": scheme, "name": out.name,
+    # the weights were written by this torch, not the source's
+    versions = {**manifest.library_versions, "torch": torch.__version__.split("+")[0]}
+    manifest = manifest.model_copy(update={"quant": scheme, "name": out.name, "library_versions": versions,
                                            "config_hash": ModelConfig.from_json(out).fingerprint()})
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
     write_manifest(out, manifest, files)
