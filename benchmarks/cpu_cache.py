@@ -2,7 +2,7 @@
 interleaved between the two sessions so both see the same machine load; then a long prefix-mode
 stream to show the per-frame cost stays flat.
 
-    python benchmarks/cpu_cache.py --frames 40 --stream 1000 --json OUT.json
+    python benchmarks/cpu_cache.py --frames 40 --stream 1000 [--decode-tokens D] [--quant q4_0] --json OUT.json
 """
 import argparse
 import json
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemma4_agent.engine.bench import FixedLength, SyntheticPrompts, frame_for  # noqa: E402
 from gemma4_agent.engine.session import SessionConfig, StreamingSession  # noqa: E402
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
+from gemma4_agent.quant.int4 import quantize_model  # noqa: E402
 
 
 def main() -> int:
@@ -29,9 +30,12 @@ def main() -> int:
     parser.add_argument("--image-tokens", type=int, default=70)
     parser.add_argument("--decode-tokens", type=int, default=12)
     parser.add_argument("--prefix-tokens", type=int, default=600)
+    parser.add_argument("--quant", choices=["q4_0"], help="int4 decoder linears (the CPU int4pack kernel)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = build_model(ModelConfig.from_json(args.config))
+    if args.quant:
+        model = quantize_model(model, args.quant, progress=False)
     side = model.config.vision_config.patch_size * model.config.vision_config.pooling_kernel_size
     frame = frame_for(args.image_tokens, side)
     sessions = {}
@@ -53,7 +57,7 @@ def main() -> int:
     report = {
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "prefix_tokens": args.prefix_tokens, "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
+        "quant": args.quant, "prefix_tokens": args.prefix_tokens, "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
         "prefix_p50_ms": float(np.median(times["prefix"])), "none_p50_ms": float(np.median(times["none"])),
         "speedup": float(np.median(times["none"]) / np.median(times["prefix"])),
         "stream_frames": args.stream,
