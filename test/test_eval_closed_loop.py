@@ -21,7 +21,7 @@ def test_sim_cli_report(engine, tmp_path):
                "--width", "96", "--height", "72", "--report", str(out), "--no-progress"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert {"success_rate", "episodes", "per_episode", "latency_ms", "reached_rate", "expert_agreement"} <= set(report)
+    assert {"success_rate", "episodes", "per_episode", "latency_ms", "stopped_in_radius_rate", "expert_agreement"} <= set(report)
     assert report["episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0
     assert [r["episode"] for r in report["per_episode"]] == [0, 1]
     assert all(1 <= r["frames"] <= 10 for r in report["per_episode"])
@@ -29,19 +29,25 @@ def test_sim_cli_report(engine, tmp_path):
     assert "success rate" in (out / "report.md").read_text()
 
 
-def test_episode_success_needs_a_stop_within_the_radius(engine):
+def test_episode_success_is_reaching_the_radius_and_stopping_there_is_reported(engine):
     agent = load_agent(engine, 60_000.0)
     world = WorldConfig(width=64, height=48, success_radius=10.0)  # the robot starts "at" the target
     real_act = agent.act
 
-    def stop_act(rgb, stamp_s=None, now_s=None):
-        result = real_act(rgb, stamp_s, now_s)
-        result.status, result.action = "ok", {"action": "stop"}
-        result.twist = {"linear_x": 0.0, "angular_z": 0.0}
-        return result
+    def act_as(action):
+        def act(rgb, stamp_s=None, now_s=None):
+            result = real_act(rgb, stamp_s, now_s)
+            result.status, result.action = "ok", action
+            result.twist = {"linear_x": 0.0 if action["action"] == "stop" else 0.2, "angular_z": 0.0}
+            return result
+        return act
 
-    agent.act = stop_act
+    agent.act = act_as({"action": "stop"})
     row, recs = run_closed_loop_episode(agent, 5, world, EpisodeConfig(max_duration_s=1.0))
-    assert row["success"] and row["frames"] == 1
+    assert row["success"] and row["stopped_in_radius"] and row["frames"] == 1 and row["time_to_success_s"] == 0.0
+    agent.act = act_as({"action": "move", "linear_x": 0.2, "angular_z": 0.0})  # inside the radius, never stops
+    row, recs = run_closed_loop_episode(agent, 5, world, EpisodeConfig(max_duration_s=0.5))
+    assert row["success"] and not row["stopped_in_radius"] and row["frames"] == 5
+    agent.act = act_as({"action": "stop"})  # stops far from the target: neither
     row, recs = run_closed_loop_episode(agent, 5, WorldConfig(width=64, height=48), EpisodeConfig(max_duration_s=0.5))
-    assert not row["success"] and row["frames"] == 5
+    assert not row["success"] and not row["stopped_in_radius"] and row["frames"] == 5
