@@ -14,6 +14,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from gemma4_agent.cli import main
 from gemma4_agent.evaluation.dev_engine import write_random_engine
+from gemma4_agent.evaluation.replay import summary_line
 from gemma4_agent.sim import EpisodeConfig, WorldConfig, run_episode
 from gemma4_agent.sim.generate_bags import write_episode_bag
 
@@ -100,6 +101,9 @@ def test_replay_folder_of_bags_aggregates(engine, bags, tmp_path):
     assert report["bags"] == 2 and report["frames"] == 8
     assert set(report["per_bag"]) == {"mcap_raw", "sqlite3_jpeg"}
     assert all(b["frames"] == 4 for b in report["per_bag"].values())
+    # the sign agreement is over turning frames only: the summary says how many it rests on
+    assert f"over {report['turning_frames']} turning frames" in summary_line(report)
+    assert f"angular sign agreement ({report['turning_frames']} turning frames)" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_bag_without_commands_is_latency_only(engine, tmp_path):

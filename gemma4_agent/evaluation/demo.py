@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bagio import BagError
+from .metrics import agreement_text
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,8 +196,7 @@ def run(args: argparse.Namespace) -> int:
     lat = s["latency_ms"]
     print(f"demo: {s['frames']} frames played, {s['processed']} commanded by the node, {s['dropped']} dropped, "
           f"{s['deadline_misses']} deadline misses, {s['fallbacks']} fallbacks")
-    print(f"demo: vs expert: action type agreement {s['action_type_agreement']}, angular sign agreement "
-          f"{s['angular_sign_agreement']}, MAE linear {s['linear_mae']} angular {s['angular_mae']}")
+    print(f"demo: vs expert: {agreement_text(s)}")
     print(f"demo: latency capture->command p50/p90/p99 {lat['p50']}/{lat['p90']}/{lat['p99']} ms")
     print(f"demo: report {paths['md']}")
     return 0 if node_rc == 0 and s["processed"] > 0 else 1

@@ -92,6 +92,12 @@ def agreement(records: Sequence[FrameRecord]) -> dict[str, Any]:
     }
 
 
+def agreement_text(s: dict[str, Any]) -> str:
+    """One line of the agreement numbers; the sign is over turning frames only, so their count goes with it."""
+    return (f"action type agreement {s['action_type_agreement']}, angular sign agreement {s['angular_sign_agreement']} "
+            f"(over {s.get('turning_frames', 0)} turning frames), MAE linear {s['linear_mae']} angular {s['angular_mae']}")
+
+
 def summarize(records: Sequence[FrameRecord], budget_ms: float) -> dict[str, Any]:
     """The report's numbers over `records` (one bag or many)."""
     acted = [r for r in records if r.acted]

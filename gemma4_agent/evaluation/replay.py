@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from ..bagio import BagError, LabelledFrame, pair_frames_with_commands, read_episode
-from .metrics import FrameRecord, summarize
+from .metrics import FrameRecord, agreement_text, summarize
 
 OFFLINE_AGENT_BUDGET_MS = 60_000.0
 
@@ -293,8 +293,6 @@ def run(args: argparse.Namespace) -> int:
 
 def summary_line(s: dict[str, Any]) -> str:
     lat = s["latency_ms"]
-    agree = (f"action type agreement {s['action_type_agreement']}, angular sign agreement {s['angular_sign_agreement']}, "
-             f"MAE linear {s['linear_mae']} angular {s['angular_mae']}" if s.get("has_recorded_commands")
-             else "no recorded commands: latency only")
+    agree = agreement_text(s) if s.get("has_recorded_commands") else "no recorded commands: latency only"
     return (f"{s['frames']} frames, {s['processed']} processed, {s['dropped']} dropped, {s['deadline_misses']} deadline "
             f"misses, {s['fallbacks']} fallbacks; {agree}; latency p50/p90/p99 {lat['p50']}/{lat['p90']}/{lat['p99']} ms")

@@ -89,7 +89,8 @@ def metrics_table(summary: dict[str, Any]) -> list[str]:
         ("deadline misses", summary.get("deadline_misses")), ("fallbacks", summary.get("fallbacks")),
         ("decode steps (mean)", summary.get("decode_steps_mean")),
         ("action type agreement", summary.get("action_type_agreement")),
-        ("angular sign agreement", summary.get("angular_sign_agreement")),
+        (f"angular sign agreement ({summary.get('turning_frames', 0)} turning frames)",
+         summary.get("angular_sign_agreement")),
         ("linear_x MAE (raw / after safety)", f"{_fmt(summary.get('linear_mae'))} / "
                                               f"{_fmt((summary.get('post_safety') or {}).get('linear_mae'))}"),
         ("angular_z MAE (raw / after safety)", f"{_fmt(summary.get('angular_mae'))} / "
