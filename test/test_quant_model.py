@@ -159,3 +159,16 @@ def test_quality_and_gpu_check_cpu_modes(tmp_path, capsys):
     result = json.loads((tmp_path / "g.json").read_text())
     assert all(r["ok"] for r in result["accuracy"])
     assert result["bytes"]["total_bytes"] < result["bytes"]["bf16_bytes"]
+
+
+def test_quantize_cli_calibration_source_errors(engine_dir, tmp_path, capsys):
+    from gemma4_agent.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", str(engine_dir), str(tmp_path / "q"), "--scheme", "awq-g128", "--calib", str(empty)]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["quantize", str(engine_dir), str(tmp_path / "q"), "--scheme", "awq-g128",
+                 "--calib", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # nothing half-written

@@ -66,11 +66,15 @@ def load_frames(path: str | Path, max_frames: int = 16) -> list[tuple[np.ndarray
                 raise ValueError(f"cannot read image {p}")
             frames.append((cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None))
         return frames
-    from ..bagio import pair_frames_with_commands, read_episode
+    from ..bagio import BagError, pair_frames_with_commands, read_episode
     from ..evaluation.replay import find_bags
 
+    try:
+        bags = find_bags(path)
+    except BagError as err:
+        raise ValueError(f"{err}; and no images ({' '.join(IMAGE_SUFFIXES)}) either") from None
     labelled = []
-    for bag in find_bags(path):
+    for bag in bags:
         episode = read_episode(bag)
         labelled += pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
     if not labelled:
