@@ -151,6 +151,20 @@ def pair_frames_with_commands(
     return out
 
 
+def find_bags(path: str | Path) -> list[Path]:
+    """The bag at `path`, or the bags in the folder `path` (sorted); BagError if none."""
+    p = Path(path)
+    if not p.exists():
+        raise BagError(f"{p}: no such bag (path does not exist)")
+    if p.is_file() or (p / "metadata.yaml").exists() or any(p.glob("*.mcap")) or any(p.glob("*.db3")):
+        return [p]
+    bags = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metadata.yaml").exists() or any(d.glob("*.mcap"))
+                                                             or any(d.glob("*.db3"))))
+    if not bags:
+        raise BagError(f"{p}: neither a bag nor a folder of bags (no metadata.yaml, .mcap or .db3 inside)")
+    return bags
+
+
 @contextmanager
 def _open(path: str | Path) -> Iterator[AnyReader]:
     """An opened AnyReader, closed on exit; BagError if the bag cannot be opened."""

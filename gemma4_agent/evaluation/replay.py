@@ -28,24 +28,10 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ..bagio import BagError, LabelledFrame, pair_frames_with_commands, read_episode
+from ..bagio import BagError, LabelledFrame, find_bags, pair_frames_with_commands, read_episode
 from .metrics import FrameRecord, agreement_text, summarize
 
 OFFLINE_AGENT_BUDGET_MS = 60_000.0
-
-
-def find_bags(path: str | Path) -> list[Path]:
-    """The bag at `path`, or the bags in the folder `path` (sorted); BagError if none."""
-    p = Path(path)
-    if not p.exists():
-        raise BagError(f"{p}: no such bag (path does not exist)")
-    if p.is_file() or (p / "metadata.yaml").exists() or any(p.glob("*.mcap")) or any(p.glob("*.db3")):
-        return [p]
-    bags = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metadata.yaml").exists() or any(d.glob("*.mcap"))
-                                                             or any(d.glob("*.db3"))))
-    if not bags:
-        raise BagError(f"{p}: neither a bag nor a folder of bags (no metadata.yaml, .mcap or .db3 inside)")
-    return bags
 
 
 def load_agent(engine: str | Path | None, budget_ms: float | None = None, **kwargs: Any):

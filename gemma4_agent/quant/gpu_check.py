@@ -116,11 +116,10 @@ def resident_bytes(mods) -> int:
     """Bytes the modules keep: their buffers plus any kernel-specific packing cached on them."""
     total = 0
     for m in mods:
-        total += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        if not m.__dict__.get("_released"):  # released: only the packed copy is left
+            total += sum(t.numel() * t.element_size() for t in m.state_dict().values())
         if m._kernel is not None:
             total += sum(t.numel() * t.element_size() for t in m._kernel[1:])
-            if m.__dict__.get("_released"):
-                total -= sum(t.numel() * t.element_size() for t in m.state_dict().values())
     return total
 
 

@@ -66,8 +66,7 @@ def load_frames(path: str | Path, max_frames: int = 16) -> list[tuple[np.ndarray
                 raise ValueError(f"cannot read image {p}")
             frames.append((cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None))
         return frames
-    from ..bagio import BagError, pair_frames_with_commands, read_episode
-    from ..evaluation.replay import find_bags
+    from ..bagio import BagError, find_bags, pair_frames_with_commands, read_episode
 
     try:
         bags = find_bags(path)
