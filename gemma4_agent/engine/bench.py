@@ -131,7 +131,8 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
-              window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None) -> dict:
+              window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
+              join_projections: bool = True) -> dict:
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[dtype]
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
@@ -143,7 +144,8 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     session = StreamingSession(model, SyntheticPrompts(model.config, prefix_tokens),
                                SessionConfig(mode=cache, image_tokens=image_tokens, max_new_tokens=decode_tokens,
                                              max_prefix=prefix_tokens + 8, max_context=max_context,
-                                             window_frames=window_frames, compile=compile))
+                                             window_frames=window_frames, compile=compile,
+                                             join_projections=join_projections))
     session.set_prefix("bench")
     frame = frame_for(image_tokens, side)
     selector = FixedLength(decode_tokens)

@@ -24,6 +24,7 @@ from ..model.config import SLIDING
 from ..model.network import Gemma4, attention_mask
 from ..model.preprocess import preprocess_frame
 from ..model.tokenizer import PromptBuilder
+from .fusion import join_projections
 from .kv_cache import CacheFull, StaticKVCache
 
 
@@ -37,6 +38,7 @@ class SessionConfig(BaseModel):
     rebase_threshold: int = Field(1 << 16, ge=64)
     cuda_graph: bool = True
     compile: bool = False  # CUDA: torch.compile the decoder (fuses the element-wise work); decode step graph-captured after
+    join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class StreamingSession:
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
         self.max_chunk = self.config.image_tokens + 64
+        if self.device.type == "cuda" and self.config.join_projections:
+            join_projections(model)
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
                                    device=self.device, dtype=self.dtype)
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}

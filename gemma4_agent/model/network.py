@@ -106,9 +106,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
         batch, seq, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
-        k_raw = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k_raw, *v_raw = project(self, x, ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj"))
+        q = apply_rope(self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
+        k_raw = k_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v_raw = v_raw[0].view(batch, seq, self.num_kv_heads, self.head_dim) if v_raw else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
         v = self.v_norm(v_raw).transpose(1, 2)
         if cache is not None:
@@ -145,7 +146,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(self, x, ("gate_proj", "up_proj"))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+def project(owner: nn.Module, x: torch.Tensor, names: tuple) -> list:
+    """The outputs of `owner`'s linear layers `names` on the same input: one matmul where the engine has
+    joined them (engine/fusion.py keeps the joined weight outside the module tree, so checkpoints are unchanged)."""
+    joined = owner.__dict__.get("joined")
+    if joined is not None:
+        return list(joined(x).split(owner.__dict__["joined_sizes"], dim=-1))
+    return [getattr(owner, name)(x) for name in names]
 
 
 class DecoderLayer(nn.Module):

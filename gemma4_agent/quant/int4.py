@@ -142,6 +142,10 @@ def _bits_f16(b: torch.Tensor) -> torch.Tensor:
 # kernel selection
 # --------------------------------------------------------------------------------------------
 _BACKEND = ["auto"]
+# Long chunks (a frame's prefill) under torch.compile on CUDA: Inductor's own dequantization kernel (True) or
+# the custom op's Triton one (False; 2x faster at the 12B's shapes, benchmarks/gpu_decode_kernels.py; the op's
+# per-call host cost hides behind ~100 us of GPU work per call).
+INDUCTOR_DEQUANT = False
 
 
 @contextmanager
@@ -259,9 +263,9 @@ class _Int4Weights(nn.Module):
             return F.linear(x, self.dequantize(x.dtype))
         shape = x.shape
         if _triton_ok(x.device):  # the portable layout as it is: no second copy of the weights
-            if torch.compiler.is_compiling() and x.numel() // self.in_features > triton_q4.GEMM_MAX_ROWS:
-                # a long chunk (a frame's prefill) under torch.compile: the dequantization in plain ops, which
-                # Inductor turns into one kernel feeding cuBLAS, without the custom op's per-call host cost
+            if (INDUCTOR_DEQUANT and torch.compiler.is_compiling()
+                    and x.numel() // self.in_features > triton_q4.GEMM_MAX_ROWS):
+                # the dequantization in plain ops, which Inductor turns into one kernel feeding cuBLAS
                 return F.linear(x, self.dequantize(x.dtype))
             y = torch.ops.gemma4_agent.int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.qweight,
                                                    self.scales, self.zeros, self.group_size)
@@ -289,6 +293,28 @@ class Int4Linear(_Int4Weights):
         w = linear.weight
         mod = cls(linear.in_features, linear.out_features, scheme, input_scale is not None, device=w.device)
         return mod.set_quantized(*_quantize(w, scheme), input_scale=input_scale)
+
+
+def join_int4(mods: list[Int4Linear]) -> Int4Linear | None:
+    """One Int4Linear over the rows of `mods` (same input size, scheme and device, no input scaling, portable
+    weights still held); each original's buffers become views of its rows. None where that cannot be."""
+    first = mods[0]
+    same = {(m.in_features, m.scheme, m.qweight.device) for m in mods}
+    if len(same) != 1 or any(m.input_scale is not None or m.__dict__.get("_released") for m in mods):
+        return None
+    joined = Int4Linear(first.in_features, sum(m.out_features for m in mods), first.scheme, device="meta")
+    for name in ("qweight", "scales", "zeros"):
+        if getattr(first, name) is None:
+            continue
+        whole = torch.cat([getattr(m, name) for m in mods])
+        setattr(joined, name, whole)
+        start = 0
+        for m in mods:
+            setattr(m, name, whole[start:start + m.out_features])
+            start += m.out_features
+    for m in mods:
+        m._kernel = None
+    return joined
 
 
 def _quantize(w: torch.Tensor, scheme: str):

@@ -1,0 +1,167 @@
+"""Where a decode step's time goes at the 12B's widths, in pieces small enough to iterate on:
+
+1. the int4 GEMV at each decoder shape (q/k/v joined, o, gate/up joined, down, the LM head), autotuned as
+   the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs over distinct
+   weight copies (> L2) inside one CUDA graph, as in the captured decode step.
+2. a frame's prefill matmuls (286 rows): dequantize + cuBLAS against the tl.dot GEMM on the int4 weights.
+3. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
+   eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
+   kernel profile of each, to extrapolate to 48 layers without building them.
+
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill engine]
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemma4_agent.engine.bench import measure_ceilings, run_bench  # noqa: E402
+from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
+from gemma4_agent.quant import triton_q4  # noqa: E402
+from gemma4_agent.quant.int4 import Int4Linear, quantize_model, to_device_kernel  # noqa: E402
+
+PRESET = Path(__file__).resolve().parents[1] / "gemma4_agent/model/presets/gemma4-12b.json"
+# (name, out, in) at the 12B's widths; qkv / gate_up as the engine joins them
+SHAPES = [("qkv", 8192, 3840), ("o", 3840, 4096), ("gate_up", 30720, 3840), ("down", 3840, 15360),
+          ("qk_full", 8704, 3840), ("o_full", 3840, 8192)]
+HEAD = ("lm_head", 262144, 3840)
+
+
+def graph_ms(fn, reps: int) -> float:
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=50) / reps
+
+
+def int4_copies(out, inp, count):
+    mods = []
+    for i in range(count):
+        lin = torch.nn.Linear(inp, out, bias=False, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(lin.weight, 0, inp ** -0.5)
+        mods.append(Int4Linear.from_float(lin, "q4_0"))
+        del lin
+    return mods
+
+
+def bench_gemv(ceilings: dict) -> list:
+    rows = []
+    bw = ceilings["copy_bandwidth_gbs"] * 1e9
+    for name, out, inp in SHAPES + [HEAD]:
+        nbytes = out * inp // 2 + out * inp // 32 * 2
+        copies = max(1, min(16, (400 << 20) // nbytes))  # > L2 in all, so weights come from HBM
+        mods = int4_copies(out, inp, copies)
+        x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": name, "out": out, "in": inp, "int4_bytes": nbytes, "ideal_us": nbytes / bw * 1e6}
+        torch.ops.gemma4_agent.int4_matmul(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
+        row["config"] = str(triton_q4._gemv_kernel.best_config)
+        row["int4_gemv_us"] = graph_ms(lambda: [torch.ops.gemma4_agent.int4_matmul(x, m.qweight, m.scales, None, 32)
+                                                for m in mods], len(mods)) * 1e3
+        del mods
+        dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
+                 for _ in range(max(1, min(8, (400 << 20) // (out * inp * 2))))]
+        row["bf16_cublas_us"] = graph_ms(lambda: [torch.nn.functional.linear(x, w) for w in dense], len(dense)) * 1e3
+        row["bf16_ideal_us"] = out * inp * 2 / bw * 1e6
+        del dense
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_prefill(ceilings: dict, m: int = 286) -> list:
+    import triton
+
+    rows = []
+    for name, out, inp in SHAPES:
+        mod = int4_copies(out, inp, 1)[0]
+        x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+        s = mod.scales.view(torch.float16)
+        row = {"shape": name, "rows": m, "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6}
+        row["dequant_cublas_us"] = graph_ms(lambda: torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32), 1) * 1e3
+        y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
+
+        def gemm():
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out, meta["BLOCK_N"]),)  # noqa: E731
+            triton_q4._gemm_kernel[grid](x, mod.qweight, s, s, y, m, out, inp, 512, GROUP=32, HAS_ZEROS=False)
+        gemm()
+        row["int4_gemm_us"] = graph_ms(gemm, 1) * 1e3
+        row["int4_gemm_config"] = str(triton_q4._gemm_kernel.best_config)
+        w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
+        row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del mod, w
+    return rows
+
+
+def six_layer_config() -> ModelConfig:
+    d = json.loads(PRESET.read_text())
+    d["text_config"]["num_hidden_layers"] = 6
+    d["text_config"].pop("layer_types", None)
+    path = Path(tempfile.mkdtemp()) / "config.json"
+    path.write_text(json.dumps(d))
+    return ModelConfig.from_json(path)
+
+
+# (scheme, joined projections, Inductor's dequantization for long int4 chunks)
+VARIANTS = [(None, False, True), (None, True, True), ("q4_0", True, True), ("q4_0", True, False)]
+
+
+def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
+    from gemma4_agent.quant import int4
+
+    # every session compiles its own chunk lengths into the one code object: room for all of them
+    torch._dynamo.config.recompile_limit = 64
+    rows = []
+    cfg = six_layer_config()
+    model, built = None, "nothing"
+    for scheme, join, inductor_dequant in VARIANTS:
+        if built != scheme or not join:  # joining mutates the model: a separate-projection run needs a fresh one
+            del model
+            torch.cuda.empty_cache()
+            model = build_model(cfg, device="cuda", dtype=torch.bfloat16)
+            if scheme:
+                quantize_model(model, scheme, include_embedding=True, progress=False)
+                to_device_kernel(model, "cuda", release_portable=True)
+            built = scheme if join else "nothing"
+        int4.INDUCTOR_DEQUANT = inductor_dequant
+        tag = f"{scheme or 'bf16'}_{'joined' if join else 'separate'}_{'inductor' if inductor_dequant else 'op'}"
+        t0 = time.time()
+        r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
+                      compile=True, join_projections=join, profile_to=out_dir / f"profile_6layer_{tag}.txt")
+        row = {"variant": tag, "layers": 6, "image_tokens": tokens, "per_frame_ms_p50": r["per_frame_ms"]["p50"],
+               "prefill_ms_p50": r["prefill_ms_p50"], "decode_ms_per_token_p50": r["decode_ms_per_token_p50"],
+               "no_hot_path_allocation": r.get("no_hot_path_allocation"), "wall_s": time.time() - t0}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--parts", nargs="+", default=["gemv", "prefill", "engine"])
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--image-tokens", type=int, default=280)
+    args = parser.parse_args()
+    out = Path(args.out)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": measure_ceilings("cuda")}
+    print(json.dumps(report), flush=True)
+    for part in args.parts:
+        if part == "gemv":
+            report["gemv"] = bench_gemv(report["ceilings"])
+        elif part == "prefill":
+            report["prefill"] = bench_prefill(report["ceilings"])
+        elif part == "engine":
+            report["engine"] = bench_engine(out, args.frames, args.image_tokens)
+        (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
