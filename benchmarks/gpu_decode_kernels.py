@@ -4,11 +4,12 @@
    the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs over distinct
    weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. a frame's prefill matmuls (286 rows): dequantize + cuBLAS against the tl.dot GEMM on the int4 weights.
-3. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
+3. one decode step's attention per layer type: the Triton kernels against the matmul form.
+4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill engine]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention engine]
 """
 import argparse
 import json
@@ -99,6 +100,36 @@ def bench_prefill(ceilings: dict, m: int = 286) -> list:
     return rows
 
 
+def bench_attention(slots: int = 982) -> list:
+    """One decode step's attention per layer type at the 12B's shapes over a bench-sized cache: the Triton
+    kernels against the matmul form (what cuBLAS runs), accuracy and time."""
+    from gemma4_agent.model.network import attention_mask, sdpa
+
+    rows = []
+    for name, kv_heads, heads, dim in (("sliding", 8, 16, 256), ("full", 1, 16, 512)):
+        q = torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16) / dim ** 0.5
+        v = torch.randn(1, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+        k_pos = torch.arange(slots, device="cuda")
+        k_pos[slots // 2:] = -(1 << 62)  # half the slots empty, as in a ring not yet full
+        mask = attention_mask(torch.tensor([slots], device="cuda"), k_pos, torch.full((1, 1), -1, device="cuda"),
+                              torch.full((1, slots), -1, device="cuda"), 1024 if name == "sliding" else None)
+        fused = sdpa(q, k, v, mask)
+        groups = heads // kv_heads
+        qg = q.reshape(1, kv_heads, groups, dim)
+        mg = mask.repeat(1, 1, groups, 1)
+
+        def matmul():
+            scores = torch.matmul(qg, k.transpose(-1, -2)).float().masked_fill(~mg, float("-inf"))
+            return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        ref = matmul().reshape(fused.shape)
+        row = {"layer": name, "slots": slots, "rel_err": float((fused.float() - ref.float()).norm() / ref.float().norm()),
+               "triton_us": graph_ms(lambda: sdpa(q, k, v, mask), 1) * 1e3, "matmul_us": graph_ms(matmul, 1) * 1e3}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def six_layer_config() -> ModelConfig:
     d = json.loads(PRESET.read_text())
     d["text_config"]["num_hidden_layers"] = 6
@@ -157,6 +188,8 @@ def main() -> int:
             report["gemv"] = bench_gemv(report["ceilings"])
         elif part == "prefill":
             report["prefill"] = bench_prefill(report["ceilings"])
+        elif part == "attention":
+            report["attention"] = bench_attention()
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_attention
 from .config import FULL, SLIDING, LayerSpec, ModelConfig
 
 
@@ -131,6 +132,10 @@ def sdpa(q, k, v, mask):
     if q.shape[2] <= 32:
         # Decode-sized queries: two small matmuls beat a fused kernel's fixed cost over a masked cache
         # (measured on H200: 61 us per layer for cuDNN flash at one query). Softmax in float32.
+        if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available():
+            # one fused kernel pair instead of cuBLAS's batched GEMMs (fp32 stays on cuBLAS: tl.dot would use tf32)
+            return torch.ops.gemma4_agent.decode_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
+                batch, heads, seq, v.shape[-1])
         scores = torch.matmul(q, k.transpose(-1, -2)).float().masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     else:
