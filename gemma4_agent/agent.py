@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .actions import ActionParser, SafetyFilter, action_to_twist, load_action_spec
 from .actions.grammar import GrammarSelector
@@ -47,6 +47,8 @@ class AgentConfig(BaseModel):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with a "
+                          "throw-away frame (minutes at the 12B shape); CUDA decode steps ~2x faster")
     image_tokens: Literal[70, 140, 280, 560, 1120] | None = None  # None: the engine's default
     budget_ms: float = Field(500.0, gt=0, description="frame age at which a command is no longer useful")
     actions: Path | None = None  # None: the package's config/actions.yaml
@@ -58,6 +60,13 @@ class AgentConfig(BaseModel):
     jump_forward: bool = True
     safety: dict[str, float] = Field(default_factory=dict,
                                      description="overrides of the action file's safety limits (e.g. max_linear_x)")
+
+    @model_validator(mode="after")
+    def _compile_needs_torch(self) -> "AgentConfig":
+        if self.compile and self.backend != "torch":
+            raise ValueError(f"compile applies to the torch backend only (backend is {self.backend}: "
+                             "its engine is compiled when built)")
+        return self
 
 
 @dataclass
@@ -91,7 +100,8 @@ class Agent:
             SessionConfig(mode=config.mode, image_tokens=self.image_tokens, max_new_tokens=config.max_new_tokens,
                           window_frames=config.window_frames, max_prefix=defaults.get("max_prefix", 256),
                           max_context=defaults.get("max_context", 1024) if config.mode == "prefix"
-                          else defaults.get("max_context", 1024) * config.window_frames))
+                          else defaults.get("max_context", 1024) * config.window_frames,
+                          compile=config.compile))
         self.spec = load_action_spec(config.actions)
         vocab = self.engine.model.config.text_config.vocab_size
         self.selector = GrammarSelector(self.spec, self.engine.tokenizer, vocab_size=vocab,
@@ -102,6 +112,8 @@ class Agent:
         self.system = config.system if config.system is not None else defaults.get("system", "")
         self.instruction = ""
         self.set_instruction(config.instruction or defaults.get("instruction", "go to the red ball"))
+        if config.compile:
+            self.session.warm_up(self.selector)
 
     def set_instruction(self, instruction: str) -> None:
         """Change the task; the prefix is recomputed once."""

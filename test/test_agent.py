@@ -103,3 +103,8 @@ def test_reset_motion_restarts_the_acceleration_limit(random_engine):
     agent.reset_motion()
     out = agent.safety.step({"linear_x": limits.max_linear_x, "angular_z": 0.0}, 10.01, valid=True)
     assert out.twist["linear_x"] <= limits.max_linear_accel * 0.01 + 1e-6  # from rest again
+
+
+def test_compile_is_refused_for_prebuilt_backends(random_engine):
+    with pytest.raises(ValueError, match="torch backend only"):
+        AgentConfig(engine=random_engine, backend="onnxruntime", compile=True)

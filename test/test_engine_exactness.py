@@ -95,3 +95,23 @@ def test_none_mode_matches_prefix_mode(tiny_checkpoints):
         assert a.tokens == b.tokens
         for la, lb in zip(a.logits_log, b.logits_log):
             assert ((la - lb).norm() / lb.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_warm_up_frame_leaves_no_trace(tiny_checkpoints, mode):
+    """A session warmed up with a throw-away frame (what the agent does before compiled runs) then gives
+    the same logits, frame after frame, as one that never saw it."""
+    model = load_model(tiny_checkpoints["gqa_window3"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    cfg = SessionConfig(mode=mode, image_tokens=70, max_new_tokens=4, max_prefix=32, max_context=400,
+                        window_frames=2)
+    plain, warmed = StreamingSession(model, prompts, cfg), StreamingSession(model, prompts, cfg)
+    for s in (plain, warmed):
+        s.set_prefix("go to the red ball")
+    warmed.warm_up()
+    assert warmed.next_pos == plain.next_pos and warmed.frame_index == 0
+    for frame in _frames(4, seed=3):
+        a, b = plain.step(frame, keep_logits=True), warmed.step(frame, keep_logits=True)
+        assert a.tokens == b.tokens
+        for la, lb in zip(a.logits_log, b.logits_log):
+            torch.testing.assert_close(lb, la, rtol=0, atol=0)

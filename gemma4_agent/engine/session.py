@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -163,6 +164,17 @@ class StreamingSession:
         self.prefix_ids = ids
         if self.config.mode == "none":
             return
+        self._load_prefix(ids)
+
+    def warm_up(self, selector=None) -> None:
+        """One throw-away frame (640x480, black), so that what the first real frame would compile, autotune
+        and graph-capture happens now; then the cache holds the prefix alone again, as if it never came."""
+        self.step(np.zeros((480, 640, 3), np.uint8), selector)
+        if self.config.mode != "none":
+            self._load_prefix(self.prefix_ids)
+        self.frame_index = 0
+
+    def _load_prefix(self, ids: list[int]) -> None:
         self.cache.clear()
         self.next_pos, self.next_block, self.blocks, self.pending = 0, 0, [], []
         if self.record is not None:

@@ -214,6 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
     parser.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"])
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch backend: torch.compile the decoder first (a slow start, faster frames)")
     parser.add_argument("--max-frames", type=int, default=None, help="replay at most this many frames per bag")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -230,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         bags = find_bags(args.bag)  # fail on a bad path before loading the engine
         budget = args.budget_ms if args.budget_ms is not None else 500.0
         agent = load_agent(args.engine, budget if args.realtime else OFFLINE_AGENT_BUDGET_MS,
-                           image_tokens=args.image_tokens, backend=args.backend, device=args.device)
+                           image_tokens=args.image_tokens, backend=args.backend, device=args.device,
+                           compile=args.compile)
         if args.budget_ms is None:
             from ..agent import AgentConfig
             budget = AgentConfig.model_fields["budget_ms"].default

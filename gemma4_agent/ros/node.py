@@ -160,7 +160,7 @@ class AgentNode(LifecycleNode):
             self._pending[key] = value
 
     def _agent_config_kwargs(self) -> Dict[str, Any]:
-        kwargs: Dict[str, Any] = {name: self.param(name) for name in ("backend", "device", "budget_ms")}
+        kwargs: Dict[str, Any] = {name: self.param(name) for name in ("backend", "device", "compile", "budget_ms")}
         # empty / 0: the AgentConfig default (bundled demo engine, package actions.yaml, engine's defaults)
         for name in ("engine", "actions", "instruction", "image_tokens"):
             if self.param(name):
