@@ -1,8 +1,8 @@
 """Where a decode step's time goes at the 12B's widths, in pieces small enough to iterate on:
 
 1. the int4 GEMV at each decoder shape (q/k/v joined, o, gate/up joined, down, the LM head), autotuned as
-   the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs over distinct
-   weight copies (> L2) inside one CUDA graph, as in the captured decode step.
+   the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs
+   over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. a frame's prefill matmuls (286 rows): dequantize + cuBLAS against the tl.dot GEMM on the int4 weights.
 3. one decode step's attention per layer type: the Triton kernels against the matmul form.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
@@ -82,8 +82,10 @@ def bench_prefill(ceilings: dict, m: int = 286) -> list:
         mod = int4_copies(out, inp, 1)[0]
         x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
         s = mod.scales.view(torch.float16)
-        row = {"shape": name, "rows": m, "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6}
-        row["dequant_cublas_us"] = graph_ms(lambda: torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32), 1) * 1e3
+        flops = 2 * m * out * inp
+        row = {"shape": name, "rows": m, "ideal_matmul_us": flops / (ceilings["matmul_tflops"] * 1e12) * 1e6}
+        row["dequant_cublas_us"] = graph_ms(
+            lambda: torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32), 1) * 1e3
         y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
 
         def gemm():
@@ -123,7 +125,8 @@ def bench_attention(slots: int = 982) -> list:
             scores = torch.matmul(qg, k.transpose(-1, -2)).float().masked_fill(~mg, float("-inf"))
             return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         ref = matmul().reshape(fused.shape)
-        row = {"layer": name, "slots": slots, "rel_err": float((fused.float() - ref.float()).norm() / ref.float().norm()),
+        rel = float((fused.float() - ref.float()).norm() / ref.float().norm())
+        row = {"layer": name, "slots": slots, "rel_err": rel,
                "triton_us": graph_ms(lambda: sdpa(q, k, v, mask), 1) * 1e3, "matmul_us": graph_ms(matmul, 1) * 1e3}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -37,16 +37,23 @@ if triton is not None:
         # At one row the work is streaming bytes, and HBM needs ~30 KB in flight per SM to run at speed: each
         # program loads its rows' whole K (or half of it) in one go, so every program has all its loads out at
         # once, rather than a loop of small dependent loads (which ran at ~10% of the bandwidth).
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                for bn in (1, 2, 4, 8) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
-                if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
+        # PROGRAMS = 0: one program per block of rows. PROGRAMS > 0: that many programs walk the row blocks,
+        # each loading the next block while it computes on this one (whole K per block only).
+        one_pass = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": 0}, num_warps=w)
+                    for bn in (1, 2, 4, 8) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
+                    if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
+        walking = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": p}, num_warps=w)
+                   for bn in (1, 2, 4) for bk in (4096, 8192, 16384) for p in (264, 528, 1056) for w in (4, 8)
+                   if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
+        return one_pass + walking
 
     def _prune_gemv(configs, named_args, **kwargs):
-        # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny models)
+        # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny
+        # models); a walking program holds the whole of K
         k = named_args["K"]
-        ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0
-              and c.kwargs["BLOCK_K"] // 2 < k]
-        return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256)}, num_warps=1)]
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0 and c.kwargs["BLOCK_K"] // 2 < k
+              and (c.kwargs["PROGRAMS"] == 0 or c.kwargs["BLOCK_K"] >= k)]
+        return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256), "PROGRAMS": 0}, num_warps=1)]
 
     def _bench_in_graph(kernel_call, quantiles):
         # a GEMV takes a few microseconds, less than a launch from Python: time it inside a CUDA graph, as
@@ -56,67 +63,105 @@ if triton is not None:
     def _bench_from_hbm(kernel_call, quantiles):
         # The decode step streams every weight from HBM once, but a timing loop over one matrix of < 50 MB
         # reads it from L2 and picks the configuration best for L2 (measured on H200: 1.3x slower from HBM for
-        # the 12B's down projection). So L2 is
-        # flushed before every run; the flush (a 256 MB write) outlasts the launch from Python, which is thus
-        # hidden from the timing.
+        # the 12B's down projection). So L2 is flushed before every run; the flush (a 256 MB write) outlasts
+        # the launch from Python, which is thus hidden from the timing.
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    @triton.jit
+    def _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one block of weight rows over one block of K: packed words, scales, zero-points. The row lengths come
+        # as arguments (K_WORDS = K / 8, K_GROUPS = K / GROUP) so that Triton's divisibility specialisation sees
+        # them: 16-byte loads need a row of words to start 16-byte aligned, which K's own divisibility by 16
+        # does not show once divided by 8 (measured in the PTX: 8-byte loads).
+        G: tl.constexpr = BLOCK_K // GROUP
+        row_ok = rows < N
+        wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
+                        mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
+        gc = k0 // GROUP + tl.arange(0, G)
+        g_ok = row_ok[:, None] & (gc < K_GROUPS)[None, :]
+        g_off = rows[:, None] * K_GROUPS + gc[None, :]
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        else:
+            z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+        return words, s, z
+
+    @triton.jit
+    def _dot_rows(words, s, z, x, xsum, BLOCK_N: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr):
+        # The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element 8c+i in bits
+        # 4i..4i+3 (little endian). The words expand to [BLOCK_N, BLOCK_K] nibbles in k order, seen as
+        # [BLOCK_N, groups, GROUP]: one contiguous x, one scale per group. A nibble becomes a float without an
+        # int->float conversion (a quarter-rate instruction): OR-ed into the mantissa of 2^23 it reads as
+        # exactly 2^23 + q. The zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
+        # (Per-nibble 2-D layouts, with or without a cheaper float trick, measured 1.1-3.6x slower on H200.)
+        shifts = tl.arange(0, 8) * 4
+        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        q = tl.reshape((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0, (BLOCK_N, G, GROUP))
+        part = tl.sum(q * x, axis=2)
+        return tl.sum((part - z * xsum) * s, axis=1)
 
     @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
                      do_bench=_bench_from_hbm)
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One row of x. The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element
-        # 8c+i in bits 4i..4i+3 (little endian). The words expand to [BLOCK_N, BLOCK_K] nibbles in k order, seen
-        # as [BLOCK_N, groups, GROUP]: one contiguous x load, one scale per group. A nibble becomes a float
-        # without an int->float conversion (a quarter-rate instruction): OR-ed into the mantissa of 2^23 it reads
-        # as exactly 2^23 + q. The zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
-        # (Per-nibble 2-D layouts, with or without a cheaper float trick, measured 1.1-3.6x slower on H200.)
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
+        # one row of x times BLOCK_N weight rows per program (or per step of a walking program)
         G: tl.constexpr = BLOCK_K // GROUP
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qw_ptr + rows[:, None] * (K // 8) + wc[None, :],
-                            mask=row_ok[:, None] & (wc < K // 8)[None, :], other=0)
-            shifts = tl.arange(0, 8) * 4
-            q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-            q = tl.reshape((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0, (BLOCK_N, G, GROUP))
-            kk = k0 + tl.arange(0, BLOCK_K)
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if PROGRAMS == 0:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
+                                         BLOCK_N, BLOCK_K)
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
+                acc += _dot_rows(words, s, z, x, tl.sum(x, axis=2), BLOCK_N, G, GROUP)
+            tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+        else:
+            # x is read once per program; the next block's loads are issued before this block's arithmetic
+            kk = tl.arange(0, BLOCK_K)
             x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
-            gc = k0 // GROUP + tl.arange(0, G)
-            g_ok = row_ok[:, None] & (gc < K // GROUP)[None, :]
-            g_off = rows[:, None] * (K // GROUP) + gc[None, :]
-            part = tl.sum(q * x, axis=2)
             xsum = tl.sum(x, axis=2)
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-            else:
-                z = 8.0
-            acc += tl.sum((part - z * xsum) * s, axis=1)
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+            words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, 0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS, BLOCK_N,
+                                      BLOCK_K)
+            for _ in range(pid, tl.cdiv(N, BLOCK_N), PROGRAMS):
+                nxt = rows + PROGRAMS * BLOCK_N
+                words_n, s_n, z_n = _load_rows(qw_ptr, s_ptr, z_ptr, nxt, 0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
+                                               BLOCK_N, BLOCK_K)
+                acc = _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
+                tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+                rows, words, s, z = nxt, words_n, s_n, z_n
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
+                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1.
-        # The two nibbles are interleaved back in registers so every store is one contiguous row segment.
+        # The two nibbles are interleaved back in registers so every store is one contiguous row segment; each
+        # group's scale is loaded once and broadcast over the group (not gathered per element). Row lengths
+        # come as arguments for Triton's divisibility specialisation (16-byte loads, see _load_rows).
+        G: tl.constexpr = 2 * BLOCK_B // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
         cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        ok = (rows < N)[:, None] & (cols < K // 2)[None, :]
-        p = tl.load(qw_ptr + rows[:, None] * (K // 2) + cols[None, :], mask=ok, other=0)
-        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, 2 * BLOCK_B)).to(tl.float32)
-        kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
-        k_ok = (rows < N)[:, None] & (kk < K)[None, :]
-        g = rows[:, None] * (K // GROUP) + (kk // GROUP)[None, :]
-        s = tl.load(s_ptr + g, mask=k_ok, other=0).to(tl.float32)
+        p = tl.load(qw_ptr + rows[:, None] * K_BYTES + cols[None, :], mask=row_ok[:, None] & (cols < K_BYTES)[None, :],
+                    other=0)
+        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, G, GROUP)).to(tl.float32)
+        gc = tl.program_id(1) * G + tl.arange(0, G)
+        g_ok = row_ok[:, None] & (gc < K_GROUPS)[None, :]
+        g = rows[:, None] * K_GROUPS + gc[None, :]
+        s = tl.load(s_ptr + g, mask=g_ok, other=0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + g, mask=k_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g, mask=g_ok, other=0).to(tl.float32)
         else:
-            z = 8.0
-        tl.store(w_ptr + rows[:, None] * K + kk[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=k_ok)
+            z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+        w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, 2 * BLOCK_B))
+        kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        tl.store(w_ptr + rows[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (kk < K)[None, :])
 
     def _gemm_configs():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -167,8 +212,11 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     if m == 1:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, GROUP=group, HAS_ZEROS=zeros is not None)
+        def grid(meta):
+            blocks = triton.cdiv(n, meta["BLOCK_N"])
+            return (min(blocks, meta["PROGRAMS"]) if meta["PROGRAMS"] else blocks,)
+        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
+                           HAS_ZEROS=zeros is not None)
     elif m <= GEMM_MAX_ROWS:
         bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -178,8 +226,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         # the same block back every frame) and let cuBLAS do the arithmetic
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
-        _dequant_kernel[grid](qweight, s, z, w, n, k, GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=8, BLOCK_B=256,
-                              num_warps=4)
+        _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=zeros is not None,
+                              BLOCK_N=8, BLOCK_B=256, num_warps=4)
         torch.matmul(x, w.t(), out=y)
     return y
 
