@@ -34,25 +34,24 @@ def available() -> bool:
 if triton is not None:
 
     def _gemv_configs():
-        # At one row the work is streaming bytes, and HBM needs ~30 KB in flight per SM to run at speed: each
-        # program loads its rows' whole K (or half of it) in one go, so every program has all its loads out at
-        # once, rather than a loop of small dependent loads (which ran at ~10% of the bandwidth).
-        # PROGRAMS = 0: one program per block of rows. PROGRAMS > 0: that many programs walk the row blocks,
-        # each loading the next block while it computes on this one (whole K per block only).
+        # At one row the work is streaming bytes, and HBM needs ~30 KB in flight per SM to run at speed.
+        # PROGRAMS = 0: one program per block of rows, loading the rows' whole K (or half of it) in one go, so
+        # every program has all its loads out at once (a loop of small dependent loads ran at ~10% of the
+        # bandwidth); many registers per thread, so few programs per SM.
+        # PROGRAMS > 0: that many programs walk tiles of (row block, K chunk), each issuing the next tile's
+        # loads before the arithmetic on this one: small tiles, few registers, loads always in flight.
         one_pass = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": 0}, num_warps=w)
                     for bn in (1, 2, 4, 8) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
-                    if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
+                    if bn * bk <= 16384 and bn * bk // 8 >= 32 * w and not (w == 2 and bn * bk >= 8192)]
         walking = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": p}, num_warps=w)
-                   for bn in (1, 2, 4) for bk in (4096, 8192, 16384) for p in (264, 528, 1056) for w in (4, 8)
-                   if bn * bk <= 16384 and bn * bk // 8 >= 32 * w]
+                   for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for p in (264, 1056) for w in (2, 4)
+                   if 2048 * w <= bn * bk <= 8192]
         return one_pass + walking
 
     def _prune_gemv(configs, named_args, **kwargs):
-        # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny
-        # models); a walking program holds the whole of K
+        # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny models)
         k = named_args["K"]
-        ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0 and c.kwargs["BLOCK_K"] // 2 < k
-              and (c.kwargs["PROGRAMS"] == 0 or c.kwargs["BLOCK_K"] >= k)]
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0 and c.kwargs["BLOCK_K"] // 2 < k]
         return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256), "PROGRAMS": 0}, num_warps=1)]
 
     def _bench_in_graph(kernel_call, quantiles):
@@ -90,6 +89,13 @@ if triton is not None:
         return words, s, z
 
     @triton.jit
+    def _load_x(x_ptr, k0, K, G: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one K block of the activation row as [1, groups, GROUP] float32, and its sums per group
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
+        return x, tl.sum(x, axis=2)
+
+    @triton.jit
     def _dot_rows(words, s, z, x, xsum, BLOCK_N: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr):
         # The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element 8c+i in bits
         # 4i..4i+3 (little endian). The words expand to [BLOCK_N, BLOCK_K] nibbles in k order, seen as
@@ -108,33 +114,37 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
                      HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
-        # one row of x times BLOCK_N weight rows per program (or per step of a walking program)
+        # one row of x times BLOCK_N weight rows per program (or per tile of a walking program)
         G: tl.constexpr = BLOCK_K // GROUP
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if PROGRAMS == 0:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
                                          BLOCK_N, BLOCK_K)
-                kk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
-                acc += _dot_rows(words, s, z, x, tl.sum(x, axis=2), BLOCK_N, G, GROUP)
+                x, xsum = _load_x(x_ptr, k0, K, G, GROUP, BLOCK_K)
+                acc += _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
             tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
         else:
-            # x is read once per program; the next block's loads are issued before this block's arithmetic
-            kk = tl.arange(0, BLOCK_K)
-            x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
-            xsum = tl.sum(x, axis=2)
+            # tile t: row block pid + (t // chunks) * PROGRAMS, K chunk t % chunks. The loads of tile t + 1 are
+            # issued before the arithmetic of tile t (past the last tile they are masked off: rows >= N).
+            chunks = tl.cdiv(K, BLOCK_K)
+            tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, PROGRAMS) * chunks
             words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, 0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS, BLOCK_N,
-                                      BLOCK_K)
-            for _ in range(pid, tl.cdiv(N, BLOCK_N), PROGRAMS):
-                nxt = rows + PROGRAMS * BLOCK_N
-                words_n, s_n, z_n = _load_rows(qw_ptr, s_ptr, z_ptr, nxt, 0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
-                                               BLOCK_N, BLOCK_K)
-                acc = _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
-                tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
-                rows, words, s, z = nxt, words_n, s_n, z_n
+                                     BLOCK_K)
+            x, xsum = _load_x(x_ptr, 0, K, G, GROUP, BLOCK_K)
+            for t in range(0, tiles):
+                rows_n = (pid + ((t + 1) // chunks) * PROGRAMS) * BLOCK_N + tl.arange(0, BLOCK_N)
+                k_n = ((t + 1) % chunks) * BLOCK_K
+                words_n, s_n, z_n = _load_rows(qw_ptr, s_ptr, z_ptr, rows_n, k_n, N, K_WORDS, K_GROUPS, GROUP,
+                                               HAS_ZEROS, BLOCK_N, BLOCK_K)
+                x_n, xsum_n = _load_x(x_ptr, k_n, K, G, GROUP, BLOCK_K)
+                acc += _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
+                if t % chunks == chunks - 1:
+                    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+                    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                rows, words, s, z, x, xsum = rows_n, words_n, s_n, z_n, x_n, xsum_n
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
