@@ -2,7 +2,8 @@
 interleaved between the two sessions so both see the same machine load; then a long prefix-mode
 stream to show the per-frame cost stays flat.
 
-    python benchmarks/cpu_cache.py --frames 40 --stream 1000 [--decode-tokens D] [--quant q4_0] [--dtype bfloat16] --json OUT.json
+    python benchmarks/cpu_cache.py --frames 40 --stream 1000 [--decode-tokens D] [--quant q4_0] [--dtype bfloat16] [--compile]
+        --json OUT.json
 """
 import argparse
 import json
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--quant", choices=["q4_0"], help="int4 decoder linears (the CPU int4pack kernel)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 halves the bytes each decode step reads (native on CPUs with AVX512-BF16 / AMX)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder (SessionConfig.compile)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = build_model(ModelConfig.from_json(args.config), dtype=getattr(torch, args.dtype))
@@ -45,7 +47,8 @@ def main() -> int:
         s = StreamingSession(model, SyntheticPrompts(model.config, args.prefix_tokens),
                              SessionConfig(mode=mode, image_tokens=args.image_tokens, max_new_tokens=args.decode_tokens,
                                            max_prefix=args.prefix_tokens + 8,
-                                           max_context=args.prefix_tokens + args.image_tokens + 128))
+                                           max_context=args.prefix_tokens + args.image_tokens + 128,
+                                           compile=args.compile))
         s.set_prefix("bench")
         s.step(frame, FixedLength(args.decode_tokens))  # warm-up
         sessions[mode] = s
@@ -59,7 +62,7 @@ def main() -> int:
     report = {
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "quant": args.quant, "dtype": args.dtype, "prefix_tokens": args.prefix_tokens, "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
+        "quant": args.quant, "dtype": args.dtype, "compile": args.compile, "prefix_tokens": args.prefix_tokens, "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
         "prefix_p50_ms": float(np.median(times["prefix"])), "none_p50_ms": float(np.median(times["none"])),
         "speedup": float(np.median(times["none"]) / np.median(times["prefix"])),
         "stream_frames": args.stream,
