@@ -25,6 +25,7 @@ from ..model.config import SLIDING
 from ..model.network import Gemma4, attention_mask
 from ..model.preprocess import preprocess_frame
 from ..model.tokenizer import PromptBuilder
+from ..quant.int4 import to_device_kernel
 from .fusion import join_projections
 from .kv_cache import CacheFull, StaticKVCache
 
@@ -105,7 +106,10 @@ class StreamingSession:
         self._graph = None
         # one compiled function for every chunk length; dynamo specialises per length (a frame chunk and
         # the one-token step are the lengths that repeat)
-        self._compiled = torch.compile(self._layers_and_head, dynamic=False) if self.config.compile else None
+        self._compiled = None
+        if self.config.compile:
+            to_device_kernel(model)  # int4 packs built now, outside the compiled code
+            self._compiled = torch.compile(self._layers_and_head, dynamic=False)
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()

@@ -228,6 +228,10 @@ class _Int4Weights(nn.Module):
         return True
 
     def _packed(self, device: torch.device):
+        if self._kernel is not None and torch.compiler.is_compiling():
+            # under torch.compile the pack built before compiling is used as it is (a data-pointer check would
+            # break the graph at every layer); the session packs before it compiles (to_device_kernel)
+            return self._kernel[1], self._kernel[2]
         key = (str(device), self.qweight.data_ptr(), self.scales.data_ptr())
         if self._kernel is not None and (self._kernel[0] == key or self.__dict__.get("_released")):
             return self._kernel[1], self._kernel[2]
