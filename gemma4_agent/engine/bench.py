@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model.config import ModelConfig
+from ..model.config import PRESETS_DIR, ModelConfig
 from ..model.network import build_model
 from .session import SessionConfig, StreamingSession
 
@@ -73,8 +73,13 @@ def load_for_bench(path: str, device: str, dtype: torch.dtype):
         from ..model.loader import load_model
 
         return load_model(p, dtype=dtype, device=device)
-    cfg = ModelConfig.from_json(p) if p.exists() else ModelConfig.preset(path)
-    return build_model(cfg, device=device, dtype=dtype)
+    if p.exists():
+        return build_model(ModelConfig.from_json(p), device=device, dtype=dtype)
+    presets = sorted(f.stem for f in PRESETS_DIR.glob("*.json"))
+    if path not in presets:
+        raise FileNotFoundError(f"--config {path}: no such config.json or checkpoint folder, and not a preset "
+                                f"({', '.join(presets)})")
+    return build_model(ModelConfig.preset(path), device=device, dtype=dtype)
 
 
 def frame_for(tokens: int, side: int) -> np.ndarray:
@@ -199,13 +204,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=600)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--ceilings", action="store_true", help="CUDA: measure bandwidth/matmul rate and the floor")
-    parser.add_argument("--compile", action="store_true", help="CUDA: torch.compile the decoder (prefill chunks and the graph-captured decode step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder (on CUDA: prefill chunks and the graph-captured decode step)")
+    parser.add_argument("--quant", choices=["q4_0"], help="int4 decoder linears (quantized here, from the weights given)")
     parser.add_argument("--json", help="write the report here")
 
 
 def run(args) -> int:
+    import sys
+
+    dtype = {"auto": torch.bfloat16 if args.device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        model = load_for_bench(args.config, args.device, dtype)
+    except (OSError, ValueError) as err:  # a wrong path or a malformed config: say so, no traceback
+        print(f"gemma4-agent bench: error: {err}", file=sys.stderr)
+        return 2
+    if args.quant:
+        from ..quant.int4 import quantize_model
+
+        model = quantize_model(model, args.quant, progress=False)
     report = run_bench(args.config, args.device, args.frames, args.image_tokens, args.decode_tokens, args.cache,
-                       args.prefix_tokens, args.dtype, compile=args.compile)
+                       args.prefix_tokens, args.dtype, compile=args.compile, model=model)
+    report["quant"] = args.quant
     if args.device == "cuda" and args.ceilings:
         report["ceilings"] = measure_ceilings(args.device)
     text = json.dumps(report, indent=2)
