@@ -48,7 +48,7 @@ class AgentConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with a "
-                          "throw-away frame (minutes at the 12B shape); CUDA decode steps ~2x faster")
+                          "throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x faster")
     image_tokens: Literal[70, 140, 280, 560, 1120] | None = None  # None: the engine's default
     budget_ms: float = Field(500.0, gt=0, description="frame age at which a command is no longer useful")
     actions: Path | None = None  # None: the package's config/actions.yaml

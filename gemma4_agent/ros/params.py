@@ -49,7 +49,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("backend", "torch", "Inference backend.", choices=BACKENDS),
     ParamSpec("device", "cpu", "Device the engine runs on.", choices=DEVICES),
     ParamSpec("compile", False, "torch backend: torch.compile the decoder at configure, with one throw-away "
-              "frame (minutes at the 12B shape); decode steps ~2x faster on CUDA."),
+              "frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x faster (BENCHMARKS.md)."),
     ParamSpec("image_tokens", 0, "Image token budget per frame (48x48-pixel patches). 0: the engine's default.",
               range=(0, 1120), choices=(0, *IMAGE_TOKEN_BUDGETS)),
     ParamSpec("budget_ms", 500.0, "Latency budget per frame, from capture stamp to command. A frame older "
