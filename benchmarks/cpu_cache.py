@@ -2,8 +2,8 @@
 interleaved between the two sessions so both see the same machine load; then a long prefix-mode
 stream to show the per-frame cost stays flat.
 
-    python benchmarks/cpu_cache.py --frames 40 --stream 1000 [--decode-tokens D] [--quant q4_0] [--dtype bfloat16] [--compile]
-        --json OUT.json
+    python benchmarks/cpu_cache.py --frames 40 --stream 1000 [--decode-tokens D] [--quant q4_0] [--compile]
+        [--dtype bfloat16] --json OUT.json
 """
 import argparse
 import json
@@ -62,7 +62,8 @@ def main() -> int:
     report = {
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "quant": args.quant, "dtype": args.dtype, "compile": args.compile, "prefix_tokens": args.prefix_tokens, "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
+        "quant": args.quant, "dtype": args.dtype, "compile": args.compile, "prefix_tokens": args.prefix_tokens,
+        "image_tokens": args.image_tokens, "decode_tokens": args.decode_tokens,
         "prefix_p50_ms": float(np.median(times["prefix"])), "none_p50_ms": float(np.median(times["none"])),
         "speedup": float(np.median(times["none"]) / np.median(times["prefix"])),
         "stream_frames": args.stream,

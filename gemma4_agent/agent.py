@@ -47,8 +47,9 @@ class AgentConfig(BaseModel):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with a "
-                          "throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x faster")
+    compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with "
+                          "a throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x "
+                          "faster")
     image_tokens: Literal[70, 140, 280, 560, 1120] | None = None  # None: the engine's default
     budget_ms: float = Field(500.0, gt=0, description="frame age at which a command is no longer useful")
     actions: Path | None = None  # None: the package's config/actions.yaml

@@ -39,7 +39,8 @@ class SessionConfig(BaseModel):
     window_frames: int = Field(4, ge=1)
     rebase_threshold: int = Field(1 << 16, ge=64)
     cuda_graph: bool = True
-    compile: bool = False  # CUDA: torch.compile the decoder (fuses the element-wise work); decode step graph-captured after
+    compile: bool = False  # torch.compile the decoder (fuses the element-wise work); on CUDA the decode step is
+    # then graph-captured as compiled
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
 
 

@@ -107,7 +107,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
         batch, seq, _ = x.shape
-        q, k_raw, *v_raw = project(self, x, ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj"))
+        names = ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj")
+        q, k_raw, *v_raw = project(self, x, names)
         q = apply_rope(self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
         k_raw = k_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
         v_raw = v_raw[0].view(batch, seq, self.num_kv_heads, self.head_dim) if v_raw else k_raw
