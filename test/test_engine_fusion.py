@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from gemma4_agent.engine.fusion import join_linears, join_projections
+from gemma4_agent.engine.fusion import join_linears, join_projections, joined_modules
 from gemma4_agent.model import load_model
 from gemma4_agent.quant.int4 import Int4Linear, quantize_model
 from gemma4_agent.quant.quality import random_frames, tiny_random_model
@@ -48,6 +48,7 @@ def _check_joined(model):
     for k, v in state.items():
         assert torch.equal(now[k], v), k
     assert join_projections(model) == joined  # idempotent: nothing joined twice
+    assert len(joined_modules(model)) == joined
 
 
 def test_joined_weights_are_views_not_copies(tiny_checkpoints):

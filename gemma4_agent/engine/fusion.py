@@ -59,3 +59,8 @@ def join_projections(model) -> int:
         count += _join(attn, [n for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n) is not None])
         count += _join(layer.mlp, ["gate_proj", "up_proj"])
     return count
+
+
+def joined_modules(model) -> list[nn.Module]:
+    """The joined modules join_projections made (outside the module tree, so model.modules() misses them)."""
+    return [m.__dict__["joined"] for m in model.modules() if "joined" in m.__dict__]

@@ -26,7 +26,7 @@ from ..model.network import Gemma4, attention_mask
 from ..model.preprocess import preprocess_frame
 from ..model.tokenizer import PromptBuilder
 from ..quant.int4 import to_device_kernel
-from .fusion import join_projections
+from .fusion import join_projections, joined_modules
 from .kv_cache import CacheFull, StaticKVCache
 
 
@@ -109,7 +109,8 @@ class StreamingSession:
         # the one-token step are the lengths that repeat)
         self._compiled = None
         if self.config.compile:
-            to_device_kernel(model)  # int4 packs built now, outside the compiled code
+            for mod in (model, *joined_modules(model)):
+                to_device_kernel(mod)  # int4 packs built now, outside the compiled code
             self._compiled = torch.compile(self._layers_and_head, dynamic=False)
 
     # --- low level -------------------------------------------------------------------------
