@@ -191,7 +191,7 @@ def write_profile(step, path: str | Path, frames: int = 3) -> None:
         for _ in range(frames):
             step()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80) + "\n")
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=160) + "\n")
 
 
 def add_arguments(parser) -> None:
