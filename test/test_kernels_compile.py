@@ -7,7 +7,10 @@ step's bandwidth depends on (they silently became 8-byte loads when a row's leng
 K / 8). Arguments are specialised as the JIT specialises them at the 12B's shapes (pointers and integers
 divisible by 16 marked so, K / GROUP = 120 not)."""
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -21,11 +24,27 @@ from gemma4_agent.quant import triton_q4 as T  # noqa: E402
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_ptx(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4) -> str:
+def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4):
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in divisible}
-    src = ASTSource(fn=fn, signature={k: v for k, v in signature.items()}, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=SM90, options={"num_warps": num_warps}).asm["ptx"]
+    src = ASTSource(fn=fn, signature=dict(signature), constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=SM90, options={"num_warps": num_warps})
+
+
+def compile_ptx(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4) -> str:
+    return compile_kernel(fn, signature, constexprs, divisible, num_warps).asm["ptx"]
+
+
+def stack_bytes(kernel) -> int:
+    """Local memory per thread (register spills), from the cubin, by the cuobjdump that ships with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("no cuobjdump in this Triton")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def loads(ptx: str) -> Counter:
@@ -69,12 +88,16 @@ def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():
     assert n["ld.global.v4.b32"] > 0 and n["ld.global.b16"] <= 2, n  # (it gathered 32 scales per thread)
 
 
-def test_gemm_configurations_compile():
+def test_gemm_configurations_compile_without_spilling():
     sig = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "M_BUCKET": "i32", "GROUP": "constexpr", "HAS_ZEROS": "constexpr",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+           "N": "i32", "K": "i32", "K_BYTES": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     for c in T._gemm_configs():
-        compile_ptx(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, **c.kwargs}, ("N", "K"), c.num_warps)
+        for group, has_zeros in ((32, False), (128, True)):  # blocks of whole groups, and blocks inside a group
+            s = dict(sig, z_ptr="*u8" if has_zeros else "*fp16")
+            kernel = compile_kernel(T._gemm_kernel.fn, s, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
+                                    ("N", "K", "K_BYTES"), c.num_warps)
+            assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
 
 
 @pytest.mark.parametrize("dim, rows", [(256, 16), (512, 16), (512, 32)])  # sliding, full, jump-forward rows

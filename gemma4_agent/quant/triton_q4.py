@@ -174,42 +174,57 @@ if triton is not None:
                  mask=row_ok[:, None] & (kk < K)[None, :])
 
     def _gemm_configs():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bm, bn, bk, w, st in ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
-                                          (32, 128, 128, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3))]
+        # none spills registers on sm_90 (tested ahead of time: test_kernels_compile.py lists them)
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+                for bm, bn, bk, w in ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8),
+                                      (16, 64, 128, 4), (16, 128, 64, 8), (16, 128, 128, 8))]
 
     @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph)
     @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET,
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_BYTES, K_GROUPS, M_BUCKET,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2
+        # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2.
+        # Scales (and zeros) are loaded once per group and broadcast over it: gathering one per element held a
+        # [BLOCK_N, BLOCK_K] tensor of them and spilled registers in most configurations (sm_90 ptxas).
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
         half = tl.arange(0, BLOCK_K // 2)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + rk) < K
-            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0)
-            p = tl.load(qw_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :],
-                        mask=(rn < N)[:, None] & ((k0 // 2 + half) < K // 2)[None, :], other=0)
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & ((k0 + rk) < K)[None, :],
+                        other=0)
+            p = tl.load(qw_ptr + rn[:, None] * K_BYTES + (k0 // 2 + half)[None, :],
+                        mask=n_ok[:, None] & ((k0 // 2 + half) < K_BYTES)[None, :], other=0)
             q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
-            # each column's group scale (and zero), gathered: any BLOCK_K works with any group size
-            g_off = rn[:, None] * (K // GROUP) + ((k0 + rk) // GROUP)[None, :]
-            w_ok = (rn < N)[:, None] & k_ok[None, :]
-            s = tl.load(s_ptr + g_off, mask=w_ok, other=0).to(tl.float32)
-            if HAS_ZEROS:
-                q = q - tl.load(z_ptr + g_off, mask=w_ok, other=0).to(tl.float32)
-            else:
-                q = q - 8.0
-            w = (q * s).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc)
+            if BLOCK_K >= GROUP:  # whole groups in the block: [BLOCK_N, groups] scales, broadcast over each group
+                G: tl.constexpr = BLOCK_K // GROUP
+                gc = k0 // GROUP + tl.arange(0, G)
+                g_ok = n_ok[:, None] & (gc < K_GROUPS)[None, :]
+                g_off = rn[:, None] * K_GROUPS + gc[None, :]
+                sc = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+                if HAS_ZEROS:
+                    zp = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+                else:
+                    zp = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+                w = tl.reshape((tl.reshape(q, (BLOCK_N, G, GROUP)) - zp[:, :, None]) * sc[:, :, None],
+                               (BLOCK_N, BLOCK_K))
+            else:  # the block lies inside one group: one scale per row
+                g_off = rn * K_GROUPS + k0 // GROUP
+                sc = tl.load(s_ptr + g_off, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZEROS:
+                    zp = tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    zp = tl.zeros((BLOCK_N,), dtype=tl.float32) + 8.0
+                w = (q - zp[:, None]) * sc[:, None]
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+                 mask=(rm < M)[:, None] & n_ok[None, :])
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -230,7 +245,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     elif m <= GEMM_MAX_ROWS:
         bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, bucket, GROUP=group, HAS_ZEROS=zeros is not None)
+        _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, k // 2, k // group, bucket, GROUP=group,
+                           HAS_ZEROS=zeros is not None)
     else:
         # long chunks (a frame's prefill): dequantize once into a transient buffer (the caching allocator hands
         # the same block back every frame) and let cuBLAS do the arithmetic
