@@ -142,19 +142,17 @@ def six_layer_config() -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
-# (scheme, joined projections, Inductor's dequantization for long int4 chunks)
-VARIANTS = [(None, False, True), (None, True, True), ("q4_0", True, True), ("q4_0", True, False)]
+# (scheme, joined projections)
+VARIANTS = [(None, False), (None, True), ("q4_0", False), ("q4_0", True)]
 
 
 def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
-    from gemma4_agent.quant import int4
-
     # every session compiles its own chunk lengths into the one code object: room for all of them
     torch._dynamo.config.recompile_limit = 64
     rows = []
     cfg = six_layer_config()
     model, built = None, "nothing"
-    for scheme, join, inductor_dequant in VARIANTS:
+    for scheme, join in VARIANTS:
         if built != scheme or not join:  # joining mutates the model: a separate-projection run needs a fresh one
             del model
             torch.cuda.empty_cache()
@@ -163,8 +161,7 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
                 quantize_model(model, scheme, include_embedding=True, progress=False)
                 to_device_kernel(model, "cuda", release_portable=True)
             built = scheme if join else "nothing"
-        int4.INDUCTOR_DEQUANT = inductor_dequant
-        tag = f"{scheme or 'bf16'}_{'joined' if join else 'separate'}_{'inductor' if inductor_dequant else 'op'}"
+        tag = f"{scheme or 'bf16'}_{'joined' if join else 'separate'}"
         t0 = time.time()
         r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
                       compile=True, join_projections=join, profile_to=out_dir / f"profile_6layer_{tag}.txt")

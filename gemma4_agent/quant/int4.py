@@ -142,10 +142,6 @@ def _bits_f16(b: torch.Tensor) -> torch.Tensor:
 # kernel selection
 # --------------------------------------------------------------------------------------------
 _BACKEND = ["auto"]
-# Long chunks (a frame's prefill) under torch.compile on CUDA: Inductor's own dequantization kernel (True) or
-# the custom op's Triton one (False; 2x faster at the 12B's shapes, benchmarks/gpu_decode_kernels.py; the op's
-# per-call host cost hides behind ~100 us of GPU work per call).
-INDUCTOR_DEQUANT = False
 
 
 @contextmanager
@@ -267,10 +263,6 @@ class _Int4Weights(nn.Module):
             return F.linear(x, self.dequantize(x.dtype))
         shape = x.shape
         if _triton_ok(x.device):  # the portable layout as it is: no second copy of the weights
-            if (INDUCTOR_DEQUANT and torch.compiler.is_compiling()
-                    and x.numel() // self.in_features > triton_q4.GEMM_MAX_ROWS):
-                # the dequantization in plain ops, which Inductor turns into one kernel feeding cuBLAS
-                return F.linear(x, self.dequantize(x.dtype))
             y = torch.ops.gemma4_agent.int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.qweight,
                                                    self.scales, self.zeros, self.group_size)
             return y.reshape(*shape[:-1], self.out_features)
