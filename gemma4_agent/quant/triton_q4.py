@@ -3,8 +3,8 @@
 plus the portable copy until it is released).
 
 Chosen by the number of rows of x:
-    gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K;
-             weights stream once from memory, which is the whole cost at batch 1.
+    gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K (or walks
+             several tiles of rows and K); weights stream once from memory, which is the whole cost at batch 1.
     gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
              dequantized in registers, on the tensor cores (tl.dot).
     dequant  (longer chunks: a frame's prefill)  the weight dequantized once into a transient bf16 buffer,
@@ -39,7 +39,8 @@ if triton is not None:
         # every program has all its loads out at once (a loop of small dependent loads ran at ~10% of the
         # bandwidth); many registers per thread, so few programs per SM.
         # PROGRAMS > 0: that many programs walk tiles of (row block, K chunk), each issuing the next tile's
-        # loads before the arithmetic on this one: small tiles, few registers, loads always in flight.
+        # loads before the arithmetic on this one, so a program's loads and arithmetic overlap. Not yet timed
+        # on a GPU (2026-11-29): the autotuner decides between the two.
         one_pass = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": 0}, num_warps=w)
                     for bn in (1, 2, 4, 8) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
                     if bn * bk <= 16384 and bn * bk // 8 >= 32 * w and not (w == 2 and bn * bk >= 8192)]
@@ -55,8 +56,8 @@ if triton is not None:
         return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256), "PROGRAMS": 0}, num_warps=1)]
 
     def _bench_in_graph(kernel_call, quantiles):
-        # a GEMV takes a few microseconds, less than a launch from Python: time it inside a CUDA graph, as
-        # it runs in the captured decode step, or every configuration measures the same launch overhead
+        # a GEMM over a few rows takes microseconds, less than a launch from Python: time it inside a CUDA
+        # graph, or every configuration measures the same launch overhead
         return triton.testing.do_bench_cudagraph(kernel_call, rep=10, quantiles=quantiles)
 
     def _bench_from_hbm(kernel_call, quantiles):
