@@ -67,6 +67,12 @@ class FixedLength:
         return self.count >= self.n
 
 
+def bench_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype: "auto" is bf16 on CUDA, float32 on CPU."""
+    return {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[name]
+
+
 def load_for_bench(path: str, device: str, dtype: torch.dtype):
     p = Path(path)
     if p.is_dir() and any(p.glob("model*.safetensors*")):
@@ -138,8 +144,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
               join_projections: bool = True) -> dict:
-    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
     side = vision.patch_size * vision.pooling_kernel_size
@@ -213,10 +218,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import sys
 
-    dtype = {"auto": torch.bfloat16 if args.device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
     try:
-        model = load_for_bench(args.config, args.device, dtype)
+        model = load_for_bench(args.config, args.device, bench_dtype(args.dtype, args.device))
     except (OSError, ValueError) as err:  # a wrong path or a malformed config: say so, no traceback
         print(f"gemma4-agent bench: error: {err}", file=sys.stderr)
         return 2
