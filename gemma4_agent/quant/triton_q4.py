@@ -68,6 +68,21 @@ if triton is not None:
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
     @triton.jit
+    def _load_scales(s_ptr, z_ptr, rows, row_ok, g0, K_GROUPS, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     G: tl.constexpr):
+        # scales and zero-points [BLOCK_N, G] of groups g0..g0+G-1: one load per group, broadcast over it by the
+        # caller (gathering one per element cost a load per weight and, in the GEMM, spilled registers)
+        gc = g0 + tl.arange(0, G)
+        g_ok = row_ok[:, None] & (gc < K_GROUPS)[None, :]
+        g_off = rows[:, None] * K_GROUPS + gc[None, :]
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        else:
+            z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+        return s, z
+
+    @triton.jit
     def _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
                    HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one block of weight rows over one block of K: packed words, scales, zero-points. The row lengths come
@@ -79,14 +94,7 @@ if triton is not None:
         wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
                         mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
-        gc = k0 // GROUP + tl.arange(0, G)
-        g_ok = row_ok[:, None] & (gc < K_GROUPS)[None, :]
-        g_off = rows[:, None] * K_GROUPS + gc[None, :]
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-        else:
-            z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+        s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
         return words, s, z
 
     @triton.jit
@@ -151,9 +159,8 @@ if triton is not None:
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
                         HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1.
-        # The two nibbles are interleaved back in registers so every store is one contiguous row segment; each
-        # group's scale is loaded once and broadcast over the group (not gathered per element). Row lengths
-        # come as arguments for Triton's divisibility specialisation (16-byte loads, see _load_rows).
+        # The two nibbles are interleaved back in registers so every store is one contiguous row segment. Row
+        # lengths come as arguments for Triton's divisibility specialisation (16-byte loads, see _load_rows).
         G: tl.constexpr = 2 * BLOCK_B // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -161,14 +168,7 @@ if triton is not None:
         p = tl.load(qw_ptr + rows[:, None] * K_BYTES + cols[None, :], mask=row_ok[:, None] & (cols < K_BYTES)[None, :],
                     other=0)
         q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, G, GROUP)).to(tl.float32)
-        gc = tl.program_id(1) * G + tl.arange(0, G)
-        g_ok = row_ok[:, None] & (gc < K_GROUPS)[None, :]
-        g = rows[:, None] * K_GROUPS + gc[None, :]
-        s = tl.load(s_ptr + g, mask=g_ok, other=0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g, mask=g_ok, other=0).to(tl.float32)
-        else:
-            z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+        s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, tl.program_id(1) * G, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
         w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, 2 * BLOCK_B))
         kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         tl.store(w_ptr + rows[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
@@ -186,8 +186,6 @@ if triton is not None:
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2.
-        # Scales (and zeros) are loaded once per group and broadcast over it: gathering one per element held a
-        # [BLOCK_N, BLOCK_K] tensor of them and spilled registers in most configurations (sm_90 ptxas).
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
@@ -205,24 +203,12 @@ if triton is not None:
             q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
             if BLOCK_K >= GROUP:  # whole groups in the block: [BLOCK_N, groups] scales, broadcast over each group
                 G: tl.constexpr = BLOCK_K // GROUP
-                gc = k0 // GROUP + tl.arange(0, G)
-                g_ok = n_ok[:, None] & (gc < K_GROUPS)[None, :]
-                g_off = rn[:, None] * K_GROUPS + gc[None, :]
-                sc = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-                if HAS_ZEROS:
-                    zp = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-                else:
-                    zp = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
+                sc, zp = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
                 w = tl.reshape((tl.reshape(q, (BLOCK_N, G, GROUP)) - zp[:, :, None]) * sc[:, :, None],
                                (BLOCK_N, BLOCK_K))
             else:  # the block lies inside one group: one scale per row
-                g_off = rn * K_GROUPS + k0 // GROUP
-                sc = tl.load(s_ptr + g_off, mask=n_ok, other=0).to(tl.float32)
-                if HAS_ZEROS:
-                    zp = tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32)
-                else:
-                    zp = tl.zeros((BLOCK_N,), dtype=tl.float32) + 8.0
-                w = (q - zp[:, None]) * sc[:, None]
+                sc, zp = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, 1)
+                w = (q - zp) * sc
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & n_ok[None, :])
