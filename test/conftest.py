@@ -103,3 +103,16 @@ def tiny_tokenizer(vocab_size: int = 300):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(special))
     return tok
+
+
+def run_in_triton_interpreter(script: str) -> list:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (kernels on the CPU, the same source the GPU
+    compiles; the flag is read at import, hence the subprocess) and return the JSON list it prints last."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

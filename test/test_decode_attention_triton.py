@@ -2,15 +2,13 @@
 interpreter, against network.sdpa's matmul form of the same arithmetic: grouped query rows, masked slots
 (including splits where nothing is allowed), a slot count that is not a multiple of the tiles.
 (The lent GPU runs them compiled: benchmarks/gpu_decode_kernels.py checks them at the 12B's shapes.)"""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
+
+from conftest import run_in_triton_interpreter  # noqa: E402
 
 SCRIPT = textwrap.dedent('''
     import json, torch
@@ -43,12 +41,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_decode_attention_kernels_match_the_matmul_form_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = run_in_triton_interpreter(SCRIPT)
     assert len(rows) == 6
     for *case, rel in rows:
         assert rel < 1e-5, (case, rel)  # float32 throughout: equal up to summation order

@@ -1,14 +1,13 @@
 """The CUDA int4 kernels (gemma4_agent/quant/triton_q4.py) run here in Triton's CPU interpreter: the
 same kernel source, on the portable q4_0 / awq-g128 layout, against the dequantized float32 matmul.
 (The lent GPU runs them compiled: `python -m gemma4_agent.quant.gpu_check`.)"""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
+
+from conftest import run_in_triton_interpreter  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import json, torch, triton
@@ -66,14 +65,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = run_in_triton_interpreter(SCRIPT)
     assert len(rows) == 36
     for scheme, out, inp, m, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
