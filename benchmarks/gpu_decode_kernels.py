@@ -58,8 +58,10 @@ def bench_gemv(ceilings: dict) -> list:
         mods = int4_copies(out, inp, copies)
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
         row = {"shape": name, "out": out, "in": inp, "int4_bytes": nbytes, "ideal_us": nbytes / bw * 1e6}
-        torch.ops.gemma4_agent.int4_matmul(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
+        y = torch.ops.gemma4_agent.int4_matmul(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
         row["config"] = str(triton_q4._gemv_kernel.best_config)
+        ref = x.float() @ mods[0].dequantize(torch.float32).t()
+        row["rel_err"] = float((y.float() - ref).norm() / ref.norm())  # the compiled kernel's arithmetic
         row["int4_gemv_us"] = graph_ms(lambda: [torch.ops.gemma4_agent.int4_matmul(x, m.qweight, m.scales, None, 32)
                                                 for m in mods], len(mods)) * 1e3
         del mods
@@ -90,7 +92,8 @@ def bench_prefill(ceilings: dict, m: int = 286) -> list:
 
         def gemm():
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out, meta["BLOCK_N"]),)  # noqa: E731
-            triton_q4._gemm_kernel[grid](x, mod.qweight, s, s, y, m, out, inp, 512, GROUP=32, HAS_ZEROS=False)
+            triton_q4._gemm_kernel[grid](x, mod.qweight, s, s, y, m, out, inp, inp // 2, inp // 32,
+                                         1 << (m - 1).bit_length(), GROUP=32, HAS_ZEROS=False)
         gemm()
         row["int4_gemm_us"] = graph_ms(gemm, 1) * 1e3
         row["int4_gemm_config"] = str(triton_q4._gemm_kernel.best_config)

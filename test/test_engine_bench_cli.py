@@ -33,3 +33,21 @@ def test_bench_cli_refuses_a_missing_config(tmp_path):
                            "--frames", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_floor_counts_the_prefill_flops_of_int4_layers_as_of_dense_ones():
+    # int4 weights are buffers, not parameters: a count of parameters once left the int4 prefill out of the floor
+    from gemma4_agent.engine.bench import floor_ms
+    from gemma4_agent.model import ModelConfig, build_model
+    from gemma4_agent.quant.int4 import Int4Linear, quantize_model
+
+    model = build_model(ModelConfig.from_json(ROOT / "benchmarks" / "tiny-config.json"))
+    text = model.config.text_config
+    linear = sum(p.numel() for p in model.layers.parameters() if p.ndim == 2)
+    ceilings = {"copy_bandwidth_gbs": 1.0, "matmul_tflops": 1e-9}  # 1 FLOP per ms
+    dense = floor_ms(model, 100, 1, ceilings, 0)  # one decoded token: no decode steps, the prefill alone
+    assert dense == pytest.approx(2 * linear * 100 + 2 * text.vocab_size * text.hidden_size)
+    quantize_model(model, "q4_0", progress=False)
+    assert not any(p.ndim == 2 for p in model.layers.parameters())
+    assert any(isinstance(m, Int4Linear) for m in model.layers.modules())
+    assert floor_ms(model, 100, 1, ceilings, 0) == pytest.approx(dense)

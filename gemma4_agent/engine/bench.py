@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..model.config import PRESETS_DIR, ModelConfig
 from ..model.network import build_model
+from ..quant.int4 import Int4Linear
 from .session import SessionConfig, StreamingSession
 
 GRIDS = {70: (10, 7), 140: (14, 10), 280: (20, 14), 560: (28, 20), 1120: (40, 28)}  # (cols, rows) of merged patches
@@ -131,10 +132,16 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def matmul_weights(module: torch.nn.Module) -> int:
+    """Weights one token is multiplied through: in x out of every linear layer, dense or int4 (counted from the
+    shapes: the packed int4 weights are buffers, not parameters, and were missed by a count of parameters)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, (torch.nn.Linear, Int4Linear)))
+
+
 def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes_per_token: int) -> float:
     """Prefill FLOPs over the matmul rate plus the weight bytes read per decoded token over bandwidth."""
-    params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
-    prefill_flops = 2 * params * chunk_tokens + 2 * model.embed_tokens.weight.numel()
+    vocab, hidden = model.config.text_config.vocab_size, model.config.text_config.hidden_size
+    prefill_flops = 2 * matmul_weights(model.layers) * chunk_tokens + 2 * vocab * hidden
     prefill = prefill_flops / (ceilings["matmul_tflops"] * 1e12)
     decode = (decode_tokens - 1) * bytes_per_token / (ceilings["copy_bandwidth_gbs"] * 1e9)
     return (prefill + decode) * 1e3

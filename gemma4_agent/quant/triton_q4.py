@@ -3,8 +3,8 @@
 plus the portable copy until it is released).
 
 Chosen by the number of rows of x:
-    gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K (or walks
-             several tiles of rows and K); weights stream once from memory, which is the whole cost at batch 1.
+    gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K; weights stream
+             once from memory, which is the whole cost at batch 1, if the arithmetic per weight keeps up.
     gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
              dequantized in registers, on the tensor cores (tl.dot).
     dequant  (longer chunks: a frame's prefill)  the weight dequantized once into a transient bf16 buffer,
@@ -34,26 +34,18 @@ def available() -> bool:
 if triton is not None:
 
     def _gemv_configs():
-        # At one row the work is streaming bytes, and HBM needs ~30 KB in flight per SM to run at speed.
-        # PROGRAMS = 0: one program per block of rows, loading the rows' whole K (or half of it) in one go, so
-        # every program has all its loads out at once (a loop of small dependent loads ran at ~10% of the
-        # bandwidth); many registers per thread, so few programs per SM.
-        # PROGRAMS > 0: that many programs walk tiles of (row block, K chunk), each issuing the next tile's
-        # loads before the arithmetic on this one, so a program's loads and arithmetic overlap. Not yet timed
-        # on a GPU (2026-11-29): the autotuner decides between the two.
-        one_pass = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": 0}, num_warps=w)
-                    for bn in (1, 2, 4, 8) for bk in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)
-                    if bn * bk <= 16384 and bn * bk // 8 >= 32 * w and not (w == 2 and bn * bk >= 8192)]
-        walking = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS": p}, num_warps=w)
-                   for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for p in (264, 1056) for w in (2, 4)
-                   if 2048 * w <= bn * bk <= 8192]
-        return one_pass + walking
+        # At one row the work is streaming bytes while keeping the arithmetic per weight small enough to keep
+        # up (the SM issues ~4 instructions per weight at full HBM speed). 128-256 weights per thread per block:
+        # enough 16-byte loads in flight per SM without running out of registers.
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (4, 8, 16, 32, 64) for bk in (256, 512, 1024, 2048, 4096) for w in (1, 2, 4, 8)
+                if 128 <= bn * bk // (32 * w) <= 256]
 
     def _prune_gemv(configs, named_args, **kwargs):
         # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny models)
         k = named_args["K"]
         ok = [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GROUP"] == 0 and c.kwargs["BLOCK_K"] // 2 < k]
-        return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": max(kwargs["GROUP"], 256), "PROGRAMS": 0}, num_warps=1)]
+        return ok or [triton.Config({"BLOCK_N": 4, "BLOCK_K": max(kwargs["GROUP"], 256)}, num_warps=1)]
 
     def _bench_in_graph(kernel_call, quantiles):
         # a GEMM over a few rows takes microseconds, less than a launch from Python: time it inside a CUDA
@@ -83,84 +75,66 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
-                   HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one block of weight rows over one block of K: packed words, scales, zero-points. The row lengths come
-        # as arguments (K_WORDS = K / 8, K_GROUPS = K / GROUP) so that Triton's divisibility specialisation sees
-        # them: 16-byte loads need a row of words to start 16-byte aligned, which K's own divisibility by 16
-        # does not show once divided by 8 (measured in the PTX: 8-byte loads).
+    def _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        # Rows of packed words [BLOCK_N, BLOCK_K / 8] (word c holds elements 8c..8c+7, element 8c+i in bits
+        # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled per group: [BLOCK_N]. Bound by instructions per weight, so:
+        # - a nibble becomes a float with one AND and one FADD, no int->float conversion (quarter rate): each
+        #   half-word is copied once under the bits of 2^23 (0x4B000000), and masking one nibble out of the copy
+        #   leaves the float 2^23 + q * 16^j (j its place in the half-word); subtracting 2^23 + 8 * 16^j gives
+        #   (q - 8) * 16^j exactly, and x comes pre-divided by 16^j (exact, a power of two);
+        # - an FMA per weight into a [BLOCK_N, words] accumulator, summed over a group's words only at the end;
+        # - the zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
+        # (9.5 SASS instructions per weight before, sm_90: a 3-D nibble layout, shifts and sign extensions.)
+        W: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BLOCK_K // GROUP
-        row_ok = rows < N
-        wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
-                        mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
-        s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
-        return words, s, z
-
-    @triton.jit
-    def _load_x(x_ptr, k0, K, G: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one K block of the activation row as [1, groups, GROUP] float32, and its sums per group
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32), (1, G, GROUP))
-        return x, tl.sum(x, axis=2)
-
-    @triton.jit
-    def _dot_rows(words, s, z, x, xsum, BLOCK_N: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr):
-        # The packed bytes read as int32 words: word c of a row holds elements 8c..8c+7, element 8c+i in bits
-        # 4i..4i+3 (little endian). The words expand to [BLOCK_N, BLOCK_K] nibbles in k order, seen as
-        # [BLOCK_N, groups, GROUP]: one contiguous x, one scale per group. A nibble becomes a float without an
-        # int->float conversion (a quarter-rate instruction): OR-ed into the mantissa of 2^23 it reads as
-        # exactly 2^23 + q. The zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
-        # (Per-nibble 2-D layouts, with or without a cheaper float trick, measured 1.1-3.6x slower on H200.)
-        shifts = tl.arange(0, 8) * 4
-        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-        q = tl.reshape((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0, (BLOCK_N, G, GROUP))
-        part = tl.sum(q * x, axis=2)
-        return tl.sum((part - z * xsum) * s, axis=1)
+        kx = k0 + 8 * tl.arange(0, W)
+        w = words.to(tl.uint32, bitcast=True)
+        halves = ((w & 0xFFFF) | 0x4B000000, (w >> 16) | 0x4B000000)
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        xsum = tl.zeros((W,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kx + i, mask=kx + i < K, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                xsum += xi
+            q = (halves[i // 4] & (0x7F000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
+            if HAS_ZEROS:
+                q -= 8388608.0
+            else:
+                q -= 8388608.0 + 8.0 * (1 << (4 * (i % 4)))
+            acc += q * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
+        part = tl.sum(tl.reshape(acc, (BLOCK_N, G, GROUP // 8)), axis=2)
+        if HAS_ZEROS:
+            part -= z * tl.sum(tl.reshape(xsum, (G, GROUP // 8)), axis=1)[None, :]
+        return tl.sum(part * s, axis=1)
 
     @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
                      do_bench=_bench_from_hbm)
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
-        # one row of x times BLOCK_N weight rows per program (or per tile of a walking program)
+                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one row of x times BLOCK_N weight rows per program. The row lengths come as arguments (K_WORDS = K / 8,
+        # K_GROUPS = K / GROUP) so that Triton's divisibility specialisation sees them: 16-byte loads need a row
+        # of words to start 16-byte aligned, which K's own divisibility by 16 does not show once divided by 8
+        # (measured in the PTX: 8-byte loads).
         G: tl.constexpr = BLOCK_K // GROUP
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if PROGRAMS == 0:
-            for k0 in range(0, K, BLOCK_K):
-                words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, k0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
-                                         BLOCK_N, BLOCK_K)
-                x, xsum = _load_x(x_ptr, k0, K, G, GROUP, BLOCK_K)
-                acc += _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
-            tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
-        else:
-            # tile t: row block pid + (t // chunks) * PROGRAMS, K chunk t % chunks. The loads of tile t + 1 are
-            # issued before the arithmetic of tile t (past the last tile they are masked off: rows >= N).
-            chunks = tl.cdiv(K, BLOCK_K)
-            tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, PROGRAMS) * chunks
-            words, s, z = _load_rows(qw_ptr, s_ptr, z_ptr, rows, 0, N, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS, BLOCK_N,
-                                     BLOCK_K)
-            x, xsum = _load_x(x_ptr, 0, K, G, GROUP, BLOCK_K)
-            for t in range(0, tiles):
-                rows_n = (pid + ((t + 1) // chunks) * PROGRAMS) * BLOCK_N + tl.arange(0, BLOCK_N)
-                k_n = ((t + 1) % chunks) * BLOCK_K
-                words_n, s_n, z_n = _load_rows(qw_ptr, s_ptr, z_ptr, rows_n, k_n, N, K_WORDS, K_GROUPS, GROUP,
-                                               HAS_ZEROS, BLOCK_N, BLOCK_K)
-                x_n, xsum_n = _load_x(x_ptr, k_n, K, G, GROUP, BLOCK_K)
-                acc += _dot_rows(words, s, z, x, xsum, BLOCK_N, G, GROUP)
-                if t % chunks == chunks - 1:
-                    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
-                    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                rows, words, s, z, x, xsum = rows_n, words_n, s_n, z_n, x_n, xsum_n
+        for k0 in range(0, K, BLOCK_K):
+            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
+                            mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
+            s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+            acc += _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
                         HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1.
         # The two nibbles are interleaved back in registers so every store is one contiguous row segment. Row
-        # lengths come as arguments for Triton's divisibility specialisation (16-byte loads, see _load_rows).
+        # lengths come as arguments for Triton's divisibility specialisation (16-byte loads, see _gemv_kernel).
         G: tl.constexpr = 2 * BLOCK_B // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -224,9 +198,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     if m == 1:
-        def grid(meta):
-            blocks = triton.cdiv(n, meta["BLOCK_N"])
-            return (min(blocks, meta["PROGRAMS"]) if meta["PROGRAMS"] else blocks,)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
                            HAS_ZEROS=zeros is not None)
     elif m <= GEMM_MAX_ROWS:
