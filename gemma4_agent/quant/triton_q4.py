@@ -78,7 +78,7 @@ if triton is not None:
     def _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
         # Rows of packed words [BLOCK_N, BLOCK_K / 8] (word c holds elements 8c..8c+7, element 8c+i in bits
-        # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled per group: [BLOCK_N]. Bound by instructions per weight, so:
+        # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled, per group: [BLOCK_N, groups]. Bound by instructions per weight, so:
         # - a nibble becomes a float with one AND and one FADD, no int->float conversion (quarter rate): each
         #   half-word is copied once under the bits of 2^23 (0x4B000000), and masking one nibble out of the copy
         #   leaves the float 2^23 + q * 16^j (j its place in the half-word); subtracting 2^23 + 8 * 16^j gives
@@ -106,7 +106,7 @@ if triton is not None:
         part = tl.sum(tl.reshape(acc, (BLOCK_N, G, GROUP // 8)), axis=2)
         if HAS_ZEROS:
             part -= z * tl.sum(tl.reshape(xsum, (G, GROUP // 8)), axis=1)[None, :]
-        return tl.sum(part * s, axis=1)
+        return part * s
 
     @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
                      do_bench=_bench_from_hbm)
@@ -120,14 +120,15 @@ if triton is not None:
         G: tl.constexpr = BLOCK_K // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # per group until the end: one reduction across threads per program, not one per block of K
+        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
                             mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
             s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
             acc += _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
