@@ -2,7 +2,7 @@
 per-frame latency at 70 and 280 image tokens with 12 decoded tokens, prefix cache vs none, the floor
 from the copy bandwidth and matmul rate measured in the same run, and the no-allocation check.
 
-    python benchmarks/gpu_12b.py --out OUT_DIR
+    python benchmarks/gpu_12b.py --out OUT_DIR [--compile | --compiled-only] [--image-tokens 280 70] [--frames N]
 """
 import argparse
 import json
@@ -21,6 +21,8 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    parser.add_argument("--compiled-only", action="store_true", help="only the compiled, prefix-cached runs")
+    parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
     args = parser.parse_args()
     out = Path(args.out)
     ceilings = measure_ceilings("cuda")
@@ -29,9 +31,9 @@ def main() -> int:
     # per decoded token every weight is read once, except the embedding table, of which only the
     # LM-head use (the whole table) counts: the gather of one row is negligible
     rows = []
-    variants = [(t, c, False) for t in (70, 280) for c in ("prefix", "none")]
-    if args.compile:
-        variants += [(t, "prefix", True) for t in (70, 280)]
+    variants = [] if args.compiled_only else [(t, c, False) for t in args.image_tokens for c in ("prefix", "none")]
+    if args.compile or args.compiled_only:
+        variants += [(t, "prefix", True) for t in args.image_tokens]
     for tokens, cache, compiled in variants:
         frames = args.frames if cache == "prefix" else max(5, args.frames // 3)
         r = run_bench("gemma4-12b", "cuda", frames, tokens, 12, cache, 600, "bfloat16", warmup=3, model=model,
@@ -42,9 +44,10 @@ def main() -> int:
         print(json.dumps({k: r[k] for k in ("cache", "compile", "image_tokens", "per_frame_ms", "prefill_ms_p50",
                                             "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
                                             "no_hot_path_allocation")}), flush=True)
-    report = {"ceilings": ceilings, "weights_gb": wbytes / 1e9, "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "runs": rows}
-    (out / "gpu_12b.json").write_text(json.dumps(report, indent=2))
+        # written after every run: a run cut off by a time limit keeps what finished
+        report = {"ceilings": ceilings, "weights_gb": wbytes / 1e9, "gpu": torch.cuda.get_device_name(),
+                  "torch": torch.__version__, "runs": rows}
+        (out / "gpu_12b.json").write_text(json.dumps(report, indent=2))
     print(f"\n{'cache':8} {'compiled':>8} {'tokens':>6} {'p50 ms':>8} {'prefill':>8} {'ms/tok':>7} {'floor':>7} {'ratio':>6}  alloc-free")
     for r in rows:
         print(f"{r['cache']:8} {str(r['compile']):>8} {r['image_tokens']:6d} {r['per_frame_ms']['p50']:8.1f} {r['prefill_ms_p50']:8.1f} "

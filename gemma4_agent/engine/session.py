@@ -38,7 +38,7 @@ class SessionConfig(BaseModel):
     max_context: int = Field(4096, ge=64)
     window_frames: int = Field(4, ge=1)
     rebase_threshold: int = Field(1 << 16, ge=64)
-    cuda_graph: bool = True
+    cuda_graph: bool = True  # CUDA: the decode step and the frame chunk each replay a captured graph
     compile: bool = False  # torch.compile the decoder (fuses the element-wise work); on CUDA the decode step is
     # then graph-captured as compiled
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
@@ -104,7 +104,7 @@ class StreamingSession:
         self.pending: list[int] = []  # window mode: tokens chosen last frame, not yet in the cache
         self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
         self.frame_index = 0
-        self._graph = None
+        self._graphs: dict[tuple[str, int], dict] = {}  # ("ids", 1): the decode step; ("h", n): a frame chunk
         # one compiled function for every chunk length; dynamo specialises per length (a frame chunk and
         # the one-token step are the lengths that repeat)
         self._compiled = None
@@ -125,8 +125,10 @@ class StreamingSession:
         hidden = self.model.decode(h, positions, masks, self.cache)
         return self.model.logits(hidden[:, -1]).float()[0]
 
-    def _chunk(self, ids: list[int], image_embeds: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
-        """Prefill a run of tokens at the next positions; returns the last position's logits."""
+    def _chunk(self, ids: list[int], image_embeds: torch.Tensor | None = None, prefix: bool = False,
+               graph: bool = False) -> torch.Tensor:
+        """Prefill a run of tokens at the next positions; returns the last position's logits. `graph`: a chunk
+        whose length repeats every frame, replayed from a CUDA graph where graphs are on."""
         n = len(ids)
         positions = torch.arange(self.next_pos, self.next_pos + n, device=self.device)
         id_tensor = torch.tensor(ids, device=self.device)
@@ -147,6 +149,8 @@ class StreamingSession:
                                 "image_embeds": None if image_embeds is None else image_embeds.cpu(),
                                 "frame": self.frame_index, "evicted_at": None})
         self.next_pos += n
+        if graph and self._graphs_on():
+            return self._replay(("h", n), {"h": h, "pos": positions, "blocks": blocks, "slots": slots})
         return self._forward(h, positions, blocks, slots)
 
     def _check_room(self, n: int) -> None:
@@ -210,13 +214,13 @@ class StreamingSession:
             if self.record is not None:
                 self.record.clear()
             self._chunk(self.prefix_ids, prefix=True)  # the whole prompt again, every frame
-            logits = self._chunk(frame_ids, image_embeds)
+            logits = self._chunk(frame_ids, image_embeds, graph=True)
         elif mode == "prefix":
             self.cache.rewind()
             self.next_pos = self.prefix_len
             if self.record is not None:
                 del self.record[1:]
-            logits = self._chunk(frame_ids, image_embeds)
+            logits = self._chunk(frame_ids, image_embeds, graph=True)
         else:
             self._make_room()
             tail = self.pending + (self.prompts.next_turn() if self.blocks else [])
@@ -225,7 +229,7 @@ class StreamingSession:
                 self.blocks[-1] = (self.blocks[-1][0], self.next_pos)
             self.pending = []
             start = self.next_pos
-            logits = self._chunk(frame_ids, image_embeds)
+            logits = self._chunk(frame_ids, image_embeds, graph=True)
             self.blocks.append((start, self.next_pos))
         self._sync()
         t2 = time.perf_counter()
@@ -275,7 +279,7 @@ class StreamingSession:
         return [dict(seg) for seg in self.record] if self.record is not None else []
 
     def _decode_chunk(self, ids: list[int]) -> torch.Tensor:
-        if len(ids) == 1 and self.device.type == "cuda" and self.config.cuda_graph and self.record is None:
+        if len(ids) == 1 and self._graphs_on():
             return self._graph_step(ids[0])
         return self._chunk(ids)
 
@@ -306,17 +310,21 @@ class StreamingSession:
         if self.record is not None:
             for seg in self.record:
                 seg["positions"] = seg["positions"] - delta
-        self._graph = None
+        self._graphs.clear()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # --- CUDA graph of one decode step -------------------------------------------------------
+    # --- CUDA graphs: the decode step and the frame chunk ----------------------------------------
+    # Each replays the whole decoder as launched once, so a step costs the GPU's time and not the launches from
+    # Python (~190 kernels a frame, most of a prefill's time at the 12B's int4 shape). Inputs are copied into
+    # the graph's static tensors; the session's state (positions, cache slots) stays on the Python side.
+    def _graphs_on(self) -> bool:
+        return self.device.type == "cuda" and self.config.cuda_graph and self.record is None
+
     def _graph_step(self, token: int) -> torch.Tensor:
-        g = self._graph
-        if g is None:
-            g = self._graph = self._capture()
+        g = self._graphs.get(("ids", 1)) or self._capture("ids", 1)
         g["ids"].fill_(token)
         g["pos"].fill_(self.next_pos)
         slots = self.cache.ring_slots(1)
@@ -326,18 +334,32 @@ class StreamingSession:
         g["graph"].replay()
         return g["logits"]
 
-    def _capture(self) -> dict:
+    def _replay(self, key: tuple[str, int], inputs: dict) -> torch.Tensor:
+        g = self._graphs.get(key) or self._capture(*key)
+        for name in ("h", "pos", "blocks"):
+            g[name].copy_(inputs[name].view_as(g[name]))
+        for t, s in inputs["slots"].items():
+            g["slots"][t].copy_(s)
+        g["graph"].replay()
+        return g["logits"]
+
+    def _capture(self, kind: str, n: int) -> dict:
+        """Capture the forward over n tokens given as ids ("ids": the embedding inside the graph) or as
+        embeddings ("h": a frame chunk, whose image embeddings come from outside)."""
         dev = self.device
-        static = {"ids": torch.zeros(1, 1, dtype=torch.long, device=dev),
-                  "pos": torch.zeros(1, dtype=torch.long, device=dev),
-                  "blocks": torch.full((1,), -1, dtype=torch.long, device=dev),
-                  "slots": {t: torch.full((1,), self.cache.prefix_capacity, dtype=torch.long, device=dev)
+        static = {"pos": torch.zeros(n, dtype=torch.long, device=dev),
+                  "blocks": torch.full((n,), -1, dtype=torch.long, device=dev),
+                  "slots": {t: torch.full((n,), self.cache.prefix_capacity, dtype=torch.long, device=dev)
                             for t in self.cache.capacity}}
+        if kind == "ids":
+            static["ids"] = torch.zeros(1, n, dtype=torch.long, device=dev)
+        else:
+            static["h"] = torch.zeros(1, n, self.model.config.text_config.hidden_size, dtype=self.dtype, device=dev)
         saved = {t: (self.cache.slot_pos[t].clone(), self.cache.slot_block[t].clone()) for t in self.cache.capacity}
         k_saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.k, self.cache.v)]
 
         def run():
-            h = self.model.embed(static["ids"])
+            h = self.model.embed(static["ids"]) if kind == "ids" else static["h"]
             return self._forward(h, static["pos"], static["blocks"], static["slots"])
 
         stream = torch.cuda.Stream(dev)
@@ -357,4 +379,5 @@ class StreamingSession:
             k.copy_(ks)
             v.copy_(vs)
         del k_saved
-        return {**static, "graph": graph, "logits": logits}
+        self._graphs[(kind, n)] = {**static, "graph": graph, "logits": logits}
+        return self._graphs[(kind, n)]

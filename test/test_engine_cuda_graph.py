@@ -1,0 +1,61 @@
+"""The streaming session's CUDA graphs (the decode step and the frame chunk, SessionConfig.cuda_graph) give the
+logits the session computes without them, frame after frame, in both cache modes, on float and int4 weights.
+Needs a CUDA device (the lent GPU runs it); skipped elsewhere."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gemma4_agent.engine import SessionConfig, StreamingSession
+from gemma4_agent.engine.bench import SyntheticPrompts
+from gemma4_agent.model import ModelConfig, build_model
+from gemma4_agent.quant.int4 import quantize_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
+
+
+class Replay:
+    """Picks given tokens, so both sessions see the same history whatever their near-ties."""
+
+    def __init__(self, tokens):
+        self.tokens, self.i = list(tokens), 0
+
+    def reset(self):
+        self.i = 0
+
+    def select(self, logits):
+        return self.tokens[self.i]
+
+    def accept(self, token):
+        self.i += 1
+
+    def forced(self):
+        return []
+
+    def done(self):
+        return self.i >= len(self.tokens)
+
+
+@pytest.mark.parametrize("scheme", [None, "q4_0"])
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_graphed_session_equals_the_eager_one(mode, scheme):
+    model = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.float32)
+    if scheme:
+        quantize_model(model, scheme, progress=False)
+    cfg = dict(mode=mode, image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600, window_frames=2)
+    eager = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=False))
+    graphed = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=True))
+    for s in (eager, graphed):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # window mode: evictions from the third frame on, the frame chunk at new positions
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = eager.step(frame, keep_logits=True)
+        b = graphed.step(frame, Replay(a.tokens), keep_logits=True)
+        assert b.tokens == a.tokens and len(b.logits_log) == len(a.logits_log) == 4
+        for la, lb in zip(a.logits_log, b.logits_log):
+            assert ((lb - la).norm() / la.norm()).item() < 1e-5
+    frame_len = 70 + 2 + 4  # <|image> patches <image|> + the suffix
+    assert set(graphed._graphs) == {("h", frame_len), ("ids", 1)} and not eager._graphs
