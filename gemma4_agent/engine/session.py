@@ -105,6 +105,9 @@ class StreamingSession:
         self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
         self.frame_index = 0
         self._graphs: dict[tuple[str, int], dict] = {}  # ("ids", 1): the decode step; ("h", n): a frame chunk
+        # Frame chunks are graphed on the torch model, where that is tested on a GPU; the compiled engines
+        # (engines/: TensorRT's prefill context) document and were checked for the decode step's capture only.
+        self._graph_frames = isinstance(model, torch.nn.Module)
         # one compiled function for every chunk length; dynamo specialises per length (a frame chunk and
         # the one-token step are the lengths that repeat)
         self._compiled = None
@@ -149,7 +152,7 @@ class StreamingSession:
                                 "image_embeds": None if image_embeds is None else image_embeds.cpu(),
                                 "frame": self.frame_index, "evicted_at": None})
         self.next_pos += n
-        if graph and self._graphs_on():
+        if graph and self._graph_frames and self._graphs_on():
             return self._replay(("h", n), {"h": h, "pos": positions, "blocks": blocks, "slots": slots})
         return self._forward(h, positions, blocks, slots)
 
