@@ -68,3 +68,45 @@ def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         assert rel < (1e-5 if fp32 and kernel == "gemv" else 1e-2), (scheme, out, inp, m, kernel, rel)
+
+
+DISPATCH = textwrap.dedent("""
+    import json, torch, triton
+    from torch import nn
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    # one configuration per autotuned kernel (the interpreter cannot time them); the timing that picks between the
+    # GEMM and dequantize + cuBLAS for 17-512 rows replaced by given times, recorded per call
+    T._gemv_kernel.configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=1)]
+    T._gemm_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
+    timed = []
+    def fake_do_bench(fn, **kwargs):
+        timed.append(fn.func.__name__)
+        return TIMES[fn.func.__name__]
+    T.triton.testing.do_bench = fake_do_bench
+
+    torch.manual_seed(0)
+    mod = Int4Linear.from_float(nn.Linear(256, 48, bias=False), "q4_0")
+    ref_w = mod.dequantize(torch.float32)
+    rows = []
+    for m, TIMES in ((1, None), (3, None), (20, {"_gemm": 2.0, "_dequant_matmul": 1.0}), (30, None),
+                     (40, {"_gemm": 1.0, "_dequant_matmul": 3.0}), (600, None)):
+        timed.clear()
+        x = torch.randn(m, 256)
+        y = T._launch(x, mod.qweight, mod.scales, None, 32)
+        ref = x @ ref_w.t()
+        rows.append([m, sorted(timed), float((y - ref).norm() / ref.norm())])
+    rows.append(sorted(T._LONG_CHUNK_PICKS.items()))
+    print(json.dumps(rows))
+""")
+
+
+def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
+    *runs, picks = run_in_triton_interpreter(DISPATCH)
+    assert [r[0] for r in runs] == [1, 3, 20, 30, 40, 600]
+    for m, timed, rel in runs:
+        assert rel < 1e-5, (m, rel)  # float32 activations: every path exact up to summation order
+        # both paths timed once per (shape, rows rounded up to a power of two): 30 rows reuses 20's pick
+        assert timed == (["_dequant_matmul", "_gemm"] if m in (20, 40) else []), (m, timed)
+    assert picks == [[[48, 256, 32, False], "dequant"], [[48, 256, 64, False], "gemm"]]

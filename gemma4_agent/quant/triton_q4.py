@@ -7,13 +7,17 @@ Chosen by the number of rows of x:
              once from memory, which is the whole cost at batch 1, if the arithmetic per weight keeps up.
     gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
              dequantized in registers, on the tensor cores (tl.dot).
-    dequant  (longer chunks: a frame's prefill)  the weight dequantized once into a transient bf16 buffer,
+    dequant  (rows > MEASURED_MAX_ROWS: long chunks)  the weight dequantized once into a transient bf16 buffer,
              then cuBLAS: compute-bound work goes to the best matmul there is.
+In between (a frame's prefill at 70-280 image tokens) the faster of gemm and dequant at that shape, timed on
+this GPU on first use: the dequantization writes 4x the int4 bytes whatever the row count, which the GEMM saves
+and pays back in slower arithmetic as rows grow (H200, 286 rows: the GEMM 1.3-2.4x slower).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
 CUDA-graph capture records the launched kernels (autotuning happens on the first, uncaptured call).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -24,7 +28,8 @@ try:
 except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm / dequantize
     triton = None
 
-GEMM_MAX_ROWS = 64  # above: dequantize + cuBLAS
+GEMM_MAX_ROWS = 16  # up to here: the GEMM
+MEASURED_MAX_ROWS = 512  # up to here: the faster of the GEMM and dequantize + cuBLAS, timed; above: the latter
 
 
 def available() -> bool:
@@ -189,6 +194,31 @@ if triton is not None:
                  mask=(rm < M)[:, None] & n_ok[None, :])
 
 
+def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    m, k = x.shape
+    n = qweight.shape[0]
+    bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, k // 2, k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
+
+
+def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    # dequantize once into a transient buffer (the caching allocator hands the same block back every frame) and
+    # let cuBLAS do the arithmetic
+    k = x.shape[1]
+    n = qweight.shape[0]
+    w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
+    _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=has_zeros,
+                          BLOCK_N=8, BLOCK_B=256, num_warps=4)
+    torch.matmul(x, w.t(), out=y)
+
+
+# (N, K, rows rounded up to a power of two, zero-points?) -> "gemm" | "dequant", timed in this process (as
+# Triton's autotuner keeps its picks per kernel and key)
+_LONG_CHUNK_PICKS: dict[tuple, str] = {}
+
+
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group: int) -> torch.Tensor:
     m, k = x.shape
@@ -198,23 +228,28 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         return y
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
+    has_zeros = zeros is not None
     if m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
-                           HAS_ZEROS=zeros is not None)
-    elif m <= GEMM_MAX_ROWS:
-        bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, k // 2, k // group, bucket, GROUP=group,
-                           HAS_ZEROS=zeros is not None)
+                           HAS_ZEROS=has_zeros)
+        return y
+    paths = {"gemm": _gemm, "dequant": _dequant_matmul}
+    if m <= GEMM_MAX_ROWS:
+        name = "gemm"
+    elif m > MEASURED_MAX_ROWS:
+        name = "dequant"
     else:
-        # long chunks (a frame's prefill): dequantize once into a transient buffer (the caching allocator hands
-        # the same block back every frame) and let cuBLAS do the arithmetic
-        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
-        _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=zeros is not None,
-                              BLOCK_N=8, BLOCK_B=256, num_warps=4)
-        torch.matmul(x, w.t(), out=y)
+        key = (n, k, 1 << (m - 1).bit_length(), has_zeros)
+        if key not in _LONG_CHUNK_PICKS:  # first use of this shape: time both, L2 flushed before every run
+            times = {}
+            for path_name, path in paths.items():
+                run = functools.partial(path, x, qweight, s, z, y, group, has_zeros)
+                run()  # the GEMM's own autotuning happens here, outside the timing
+                times[path_name] = triton.testing.do_bench(run, warmup=5, rep=20)
+            _LONG_CHUNK_PICKS[key] = min(times, key=times.get)
+        name = _LONG_CHUNK_PICKS[key]
+    paths[name](x, qweight, s, z, y, group, has_zeros)
     return y
 
 
