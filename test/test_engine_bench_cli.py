@@ -26,6 +26,7 @@ def test_bench_cli_reports_latency_percentiles(tmp_path, cache, extra):
     for key in ("first_decile_p50_ms", "last_decile_p50_ms", "prefill_ms_p50", "decode_ms_per_token_p50"):
         assert report[key] > 0, key
     assert report["prefill_ms_p50"] < p["p50"]  # a frame is its prefill plus its decode steps
+    assert report["warmup_s"] * 1e3 > p["p50"]  # the warm-up frames (3 by default) take longer than one frame
 
 
 def test_bench_cli_refuses_a_missing_config(tmp_path):

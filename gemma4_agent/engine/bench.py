@@ -166,8 +166,10 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     session.set_prefix("bench")
     frame = frame_for(image_tokens, side)
     selector = FixedLength(decode_tokens)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # the first frame compiles, autotunes and captures: the wait before a first action
         session.step(frame, selector)
+    warmup_s = time.perf_counter() - t0
     mem_before = torch.cuda.memory_allocated(device) if device == "cuda" else None
     results = [session.step(frame, selector) for _ in tqdm(range(frames), desc=f"bench {cache}", leave=False)]
     report = {
@@ -179,6 +181,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         "prefill_ms_p50": float(np.median([r.timings_ms["prefill"] for r in results])),
         "preprocess_ms_p50": float(np.median([r.timings_ms["preprocess"] for r in results])),
         "decode_ms_per_token_p50": float(np.median([r.timings_ms["decode"] / max(1, r.decode_steps) for r in results])),
+        "warmup_s": warmup_s,
     }
     decile = max(1, frames // 10)
     report["first_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[:decile]]))
