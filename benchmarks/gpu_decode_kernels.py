@@ -3,8 +3,8 @@
 1. the int4 GEMV at each decoder shape (q/k/v joined, o, gate/up joined, down, the LM head), autotuned as
    the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs
    over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
-2. a frame's prefill matmuls (286 and 76 rows: 280 and 70 image tokens): dequantize + cuBLAS against the tl.dot
-   GEMM on the int4 weights (the engine times both on first use and takes the faster).
+2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
+   GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
 3. one decode step's attention per layer type: the Triton kernels against the matmul form.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
@@ -77,9 +77,11 @@ def bench_gemv(ceilings: dict) -> list:
     return rows
 
 
-def bench_prefill(ceilings: dict, row_counts=(286, 76)) -> list:
-    """A frame's prefill matmuls (280 and 70 image tokens + 6): dequantize + cuBLAS against the tl.dot GEMM on the
-    int4 weights (int4_matmul times both on first use at these row counts and takes the faster)."""
+def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
+    """Chunk matmuls: a frame's prefill (280 and 70 image tokens + 6 rows), where int4_matmul times dequantize +
+    cuBLAS against the tl.dot GEMM on first use and takes the faster, and jump-forward chunks (4-8 rows), which
+    take the GEMM; against them, one GEMV per row (the GEMM dequantizes with ~12-20 instructions per weight, the
+    GEMV with ~5: at a few rows, rows of GEMVs may be cheaper)."""
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -94,6 +96,11 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76)) -> list:
             row["dequant_cublas_us"] = graph_ms(lambda: triton_q4._dequant_matmul(*args), 1) * 1e3
             row["int4_gemm_us"] = graph_ms(lambda: triton_q4._gemm(*args), 1) * 1e3
             row["int4_gemm_config"] = str(triton_q4._gemm_kernel.best_config)
+            if m <= 16:
+                gemv = lambda: [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32)  # noqa: E731
+                                for i in range(m)]
+                gemv()  # autotunes
+                row["int4_gemv_per_row_us"] = graph_ms(gemv, 1) * 1e3
             w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             print(json.dumps(row), flush=True)
