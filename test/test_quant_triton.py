@@ -97,7 +97,7 @@ DISPATCH = textwrap.dedent("""
         y = T._launch(x, mod.qweight, mod.scales, None, 32)
         ref = x @ ref_w.t()
         rows.append([m, sorted(timed), float((y - ref).norm() / ref.norm())])
-    rows.append(sorted(T._LONG_CHUNK_PICKS.items()))
+    rows.append(sorted(T._LONG_CHUNK.picks.items()))
     print(json.dumps(rows))
 """)
 

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from ..fastest import FastestOf
+
 try:
     import triton
     import triton.language as tl
@@ -214,9 +216,8 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     torch.matmul(x, w.t(), out=y)
 
 
-# (N, K, rows rounded up to a power of two, zero-points?) -> "gemm" | "dequant", timed in this process (as
-# Triton's autotuner keeps its picks per kernel and key)
-_LONG_CHUNK_PICKS: dict[tuple, str] = {}
+# (N, K, rows rounded up to a power of two, zero-points?) -> "gemm" | "dequant", timed in this process
+_LONG_CHUNK = FastestOf()
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -240,15 +241,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     elif m > MEASURED_MAX_ROWS:
         name = "dequant"
     else:
-        key = (n, k, 1 << (m - 1).bit_length(), has_zeros)
-        if key not in _LONG_CHUNK_PICKS:  # first use of this shape: time both, L2 flushed before every run
-            times = {}
-            for path_name, path in paths.items():
-                run = functools.partial(path, x, qweight, s, z, y, group, has_zeros)
-                run()  # the GEMM's own autotuning happens here, outside the timing
-                times[path_name] = triton.testing.do_bench(run, warmup=5, rep=20)
-            _LONG_CHUNK_PICKS[key] = min(times, key=times.get)
-        name = _LONG_CHUNK_PICKS[key]
+        name = _LONG_CHUNK((n, k, 1 << (m - 1).bit_length(), has_zeros),
+                           {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()})
     paths[name](x, qweight, s, z, y, group, has_zeros)
     return y
 

@@ -1,0 +1,28 @@
+"""Which of several interchangeable CUDA implementations is fastest on the GPU at hand, for a given shape.
+
+Timed once per key on first use, with L2 flushed before every run (`triton.testing.do_bench`), and remembered
+for the process, as Triton's autotuner remembers a kernel's best configuration per key. Used where the winner
+depends on the shape and the GPU and was measured to change between them (int4 chunk matmuls, attention over
+the cache): the choice can only be as slow as the faster candidate, on any GPU.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+
+class FastestOf:
+    def __init__(self) -> None:
+        self.picks: dict[Hashable, str] = {}
+
+    def __call__(self, key: Hashable, candidates: dict[str, Callable[[], object]]) -> str:
+        """The name of the fastest candidate (name -> zero-argument call) for `key`. The first use of a key runs
+        each candidate once untimed (its kernels compile and autotune then), then times it."""
+        if key not in self.picks:
+            import triton.testing
+
+            times = {}
+            for name, run in candidates.items():
+                run()
+                times[name] = triton.testing.do_bench(run, warmup=5, rep=20)
+            self.picks[key] = min(times, key=times.get)
+        return self.picks[key]
