@@ -5,7 +5,8 @@
    over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
-3. one decode step's attention per layer type: the Triton kernels against the matmul form.
+3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
+   chunk (the kernels against PyTorch's SDPA).
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
@@ -110,33 +111,38 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
 
 
 def bench_attention(slots: int = 982) -> list:
-    """One decode step's attention per layer type at the 12B's shapes over a bench-sized cache: the Triton
-    kernels against the matmul form (what cuBLAS runs), accuracy and time."""
-    from gemma4_agent.model.network import attention_mask, sdpa
+    """Attention over a bench-sized cache at the 12B's shapes, per layer type: one decode step (the Triton kernels
+    against the matmul form, what cuBLAS runs) and a frame's 286-row prefill chunk (the kernels against PyTorch's
+    fused SDPA, the two the custom op chooses between); accuracy and time."""
+    from gemma4_agent.model import triton_attention as A
+    from gemma4_agent.model.network import attention_mask
 
     rows = []
     for name, kv_heads, heads, dim in (("sliding", 8, 16, 256), ("full", 1, 16, 512)):
-        q = torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16) / dim ** 0.5
-        v = torch.randn(1, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
-        k_pos = torch.arange(slots, device="cuda")
-        k_pos[slots // 2:] = -(1 << 62)  # half the slots empty, as in a ring not yet full
-        mask = attention_mask(torch.tensor([slots], device="cuda"), k_pos, torch.full((1, 1), -1, device="cuda"),
-                              torch.full((1, slots), -1, device="cuda"), 1024 if name == "sliding" else None)
-        fused = sdpa(q, k, v, mask)
-        groups = heads // kv_heads
-        qg = q.reshape(1, kv_heads, groups, dim)
-        mg = mask.repeat(1, 1, groups, 1)
-
-        def matmul():
-            scores = torch.matmul(qg, k.transpose(-1, -2)).float().masked_fill(~mg, float("-inf"))
-            return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
-        ref = matmul().reshape(fused.shape)
-        rel = float((fused.float() - ref.float()).norm() / ref.float().norm())
-        row = {"layer": name, "slots": slots, "rel_err": rel,
-               "triton_us": graph_ms(lambda: sdpa(q, k, v, mask), 1) * 1e3, "matmul_us": graph_ms(matmul, 1) * 1e3}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for seq in (1, 286):
+            groups = heads // kv_heads
+            q = torch.randn(kv_heads, groups * seq, dim, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16) / dim ** 0.5
+            v = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+            k_pos = torch.arange(slots, device="cuda")
+            k_pos[slots // 2:] = -(1 << 62)  # half the slots empty, as in a ring not yet full
+            q_pos = torch.arange(slots // 2 - seq, slots // 2, device="cuda")  # the chunk's own rows are cached last
+            mask = attention_mask(q_pos, k_pos, torch.full((1, seq), -1, device="cuda"),
+                                  torch.full((1, slots), -1, device="cuda"), 1024 if name == "sliding" else None)
+            mask = mask[0, 0].repeat(groups, 1).contiguous()
+            other, other_name = (A._sdpa, "sdpa") if seq > 1 else (None, "matmul")
+            if other is None:
+                def other(q, k, v, mask):
+                    scores = torch.matmul(q, k.transpose(-1, -2)).float().masked_fill(~mask, float("-inf"))
+                    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+            fused = A._launch(q, k, v, mask)
+            ref = other(q, k, v, mask)
+            row = {"layer": name, "seq": seq, "query_rows": groups * seq, "slots": slots,
+                   "rel_err": float((fused.float() - ref.float()).norm() / ref.float().norm()),
+                   "triton_us": graph_ms(lambda: A._launch(q, k, v, mask), 1) * 1e3,
+                   f"{other_name}_us": graph_ms(lambda: other(q, k, v, mask), 1) * 1e3}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 

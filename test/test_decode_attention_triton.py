@@ -1,7 +1,9 @@
-"""The CUDA decode-attention kernels (gemma4_agent/model/triton_attention.py) run here in Triton's CPU
+"""The CUDA cache-attention kernels (gemma4_agent/model/triton_attention.py) run here in Triton's CPU
 interpreter, against network.sdpa's matmul form of the same arithmetic: grouped query rows, masked slots
-(including splits where nothing is allowed), a slot count that is not a multiple of the tiles.
-(The lent GPU runs them compiled: benchmarks/gpu_decode_kernels.py checks them at the 12B's shapes.)"""
+(including splits where nothing is allowed), a slot count that is not a multiple of the tiles, prefill-sized
+chunks cut into row blocks (the last one partial), and the custom op's choice between these kernels and
+PyTorch's SDPA for long chunks. (The lent GPU runs them compiled: benchmarks/gpu_decode_kernels.py checks
+them at the 12B's shapes, test_engine_cuda_graph.py through the session.)"""
 import textwrap
 
 import pytest
@@ -22,7 +24,9 @@ SCRIPT = textwrap.dedent('''
     rows = []
     # (kv heads, query rows, head dim, slots, programs): 2 rows = a sliding layer's two query heads per KV
     # head; 16 = a full layer's; few programs: one split per head; many: splits of one tile
-    for h, r, d, s, programs in ((2, 2, 64, 100, 128), (1, 16, 128, 70, 128), (2, 3, 32, 200, 2)):
+    # 150 rows at dim 128: two 128-row blocks, the second partial
+    for h, r, d, s, programs in ((2, 2, 64, 100, 128), (1, 16, 128, 70, 128), (2, 3, 32, 200, 2),
+                                 (2, 150, 128, 100, 8), (1, 70, 64, 90, 4)):
         q = torch.randn(h, r, d, generator=g)
         k = torch.randn(h, s, d, generator=g)
         v = torch.randn(h, s, d, generator=g)
@@ -42,6 +46,45 @@ SCRIPT = textwrap.dedent('''
 
 def test_decode_attention_kernels_match_the_matmul_form_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 6
+    assert len(rows) == 10
     for *case, rel in rows:
         assert rel < 1e-5, (case, rel)  # float32 throughout: equal up to summation order
+
+
+DISPATCH = textwrap.dedent('''
+    import json, torch, triton
+    from gemma4_agent.model import triton_attention as A
+
+    # the timing that picks between the kernels and SDPA for long chunks replaced by given times
+    TIMES = {}
+    timed = []
+    def fake_do_bench(fn, **kwargs):
+        timed.append(fn.func.__name__)
+        return TIMES[fn.func.__name__]
+    triton.testing.do_bench = fake_do_bench
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for r, times in ((8, {}), (40, {"_launch": 1.0, "_sdpa": 2.0}), (40, {}), (70, {"_launch": 3.0, "_sdpa": 2.0})):
+        TIMES.clear(); TIMES.update(times); timed.clear()
+        q = torch.randn(2, r, 32, generator=g)
+        k = torch.randn(2, 50, 32, generator=g)
+        v = torch.randn(2, 50, 32, generator=g)
+        mask = torch.rand(r, 50, generator=g) > 0.3
+        mask[:, 0] = True
+        y = torch.ops.gemma4_agent.cache_attention(q, k, v, mask)
+        scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        ref = torch.matmul(torch.softmax(scores, dim=-1), v)
+        out.append([r, sorted(timed), float((y - ref).norm() / ref.norm())])
+    out.append(sorted(A._PREFILL.picks.items()))
+    print(json.dumps(out))
+''')
+
+
+def test_cache_attention_takes_the_faster_of_kernels_and_sdpa_for_long_chunks():
+    *runs, picks = run_in_triton_interpreter(DISPATCH)
+    for r, timed, rel in runs:
+        assert rel < 1e-5, (r, rel)
+    # decode-sized: the kernels, untimed; 40 rows timed once (the second call reuses the pick); 70 rows timed
+    assert [t for _, t, _ in runs] == [[], ["_launch", "_sdpa"], [], ["_launch", "_sdpa"]]
+    assert picks == [[[2, 40, 50, 32], "triton"], [[2, 70, 50, 32], "sdpa"]]

@@ -113,15 +113,20 @@ def test_gemm_configurations_compile_without_spilling():
             assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
 
 
-@pytest.mark.parametrize("dim, rows", [(256, 16), (512, 16), (512, 32)])  # sliding, full, jump-forward rows
-def test_decode_attention_kernels_compile(dim, rows):
+@pytest.mark.parametrize("dim, block", sorted({(d, A.block_shape(r, d)) for d in (32, 64, 128, 256, 512)
+                                                for r in (2, 16, 32, 300, 5000)}))
+def test_cache_attention_kernels_compile_without_spilling(dim, block):
+    # every block shape _launch picks: decode steps (2-32 query rows) and prefill chunks (row blocks), at head
+    # dims from the tiny models' to the 12B's sliding (256) and full (512) layers
+    rows, warps = block
     split = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "acc_ptr": "*fp32",
-             "ml_ptr": "*fp32", "R": "i32", "S": "i32", "SPLITS": "i32", "sq_h": "i32", "sq_r": "i32", "sk_h": "i32",
-             "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr", "BLOCK_R": "constexpr",
-             "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr"}
-    ptx = compile_ptx(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": 32, "SPLIT_LEN": 64},
-                      ("sq_h", "sq_r", "sk_h", "sk_s", "sv_h", "sv_s"))
-    assert re.search(r"mma", ptx), "scores and p v should run on the tensor cores"
-    merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R": "i32", "SPLITS": "i32", "so_h": "i32",
-             "so_r": "i32", "D": "constexpr", "BLOCK_R": "constexpr", "BLOCK_SPLITS": "constexpr"}
-    compile_ptx(A._merge_kernel, merge, {"D": dim, "BLOCK_R": rows, "BLOCK_SPLITS": 32}, ("so_h", "so_r"))
+             "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "sq_h": "i32", "sq_r": "i32",
+             "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr",
+             "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr"}
+    kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": 32, "SPLIT_LEN": 64},
+                            ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s", "sv_h", "sv_s"), warps)
+    assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
+    assert stack_bytes(kernel) == 0
+    merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
+             "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr"}
+    compile_ptx(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": 32}, ("so_h", "so_r"))

@@ -130,13 +130,14 @@ def sdpa(q, k, v, mask):
     if groups > 1:
         q = q.reshape(batch, k.shape[1], groups * seq, dim)
         mask = mask.repeat(1, 1, groups, 1)
+    if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available():
+        # Triton's split-K flash attention over the masked cache (fp32 stays below: tl.dot would use tf32);
+        # for long chunks it or PyTorch's fused SDPA, whichever is faster at the shape (triton_attention.py)
+        return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
+            batch, heads, seq, v.shape[-1])
     if q.shape[2] <= 32:
         # Decode-sized queries: two small matmuls beat a fused kernel's fixed cost over a masked cache
         # (measured on H200: 61 us per layer for cuDNN flash at one query). Softmax in float32.
-        if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available():
-            # one fused kernel pair instead of cuBLAS's batched GEMMs (fp32 stays on cuBLAS: tl.dot would use tf32)
-            return torch.ops.gemma4_agent.decode_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
-                batch, heads, seq, v.shape[-1])
         scores = torch.matmul(q, k.transpose(-1, -2)).float().masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     else:

@@ -1,18 +1,27 @@
-"""Decode-sized attention on CUDA (Triton): a few query rows against a whole, masked KV cache.
+"""Attention over the masked KV cache on CUDA (Triton): query rows against a whole cache with an arbitrary mask.
 
-cuBLAS runs q k^T and p v for one decode step as batched GEMMs with 2-16 rows, ~18 us per sliding layer
-of the 12B on H200 for ~8 MB of cache (measured, benchmarks/gpu_decode_kernels.py): most of a step's
-non-GEMV time. This is split-K flash decoding: the cache's slots are cut into splits, each program
-takes one (KV head, split), computes scores on the tensor cores, a masked online softmax and its share of
-p v in float32; a second kernel merges the splits. Same arithmetic as network.sdpa's decode branch, with
+Decode steps: cuBLAS runs q k^T and p v for one step as batched GEMMs with 2-16 rows, ~30 us per layer of the
+12B on H200 (measured, benchmarks/gpu_decode_kernels.py); these kernels take ~11 us. A frame's prefill: cuDNN's
+fused attention with the arbitrary (image-block, window, ring) mask took 82 us per sliding layer and the
+memory-efficient kernel 129 us per full layer (profile of 2026-11-29); there the two are timed against each
+other on first use per shape (fastest.FastestOf) and the faster runs.
+
+Split-K flash attention: the cache's slots are cut into splits and the query rows into blocks; each program
+takes one (KV head, split, row block), computes scores on the tensor cores, a masked online softmax and its
+share of p v in float32; a second kernel merges the splits. Same arithmetic as network.sdpa's matmul form, with
 scores kept in float32 instead of rounded to the activation dtype.
 
-Exposed as the custom op `gemma4_agent::decode_attention` so torch.compile keeps it as one opaque call and
-CUDA-graph capture records its two kernels.
+Exposed as the custom op `gemma4_agent::cache_attention` so torch.compile keeps it as one opaque call and
+CUDA-graph capture records its kernels.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
+
+from ..fastest import FastestOf
 
 try:
     import triton
@@ -20,7 +29,8 @@ try:
 except ImportError:
     triton = None
 
-MAX_ROWS = 32  # query rows (query heads per KV head x tokens) one program holds
+DECODE_ROWS = 32  # up to here (query heads per KV head x tokens) always these kernels; above, the faster
+_PREFILL = FastestOf()  # (KV heads, rows, slots, dim) -> "triton" | "sdpa"
 
 
 def available() -> bool:
@@ -30,12 +40,12 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, S, SPLITS,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS,
                       sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr):
         h = tl.program_id(0)
         split = tl.program_id(1)
-        r = tl.arange(0, BLOCK_R)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, D)
         r_ok = r < R
         q = tl.load(q_ptr + h * sq_h + r[:, None] * sq_r + d[None, :], mask=r_ok[:, None], other=0)
@@ -58,21 +68,21 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        base = (h * SPLITS + split) * BLOCK_R
+        base = (h * SPLITS + split) * R_PAD
         tl.store(acc_ptr + (base + r[:, None]) * D + d[None, :], acc)
         tl.store(ml_ptr + (base + r) * 2, m_i)
         tl.store(ml_ptr + (base + r) * 2 + 1, l_i)
 
     @triton.jit
-    def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R, SPLITS, so_h, so_r,
-                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R_PAD, SPLITS, so_h, so_r,
+                      D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
         # one (KV head, row): the splits' partial sums rescaled to the common maximum
         h = tl.program_id(0)
         r = tl.program_id(1)
         sp = tl.arange(0, BLOCK_SPLITS)
         sp_ok = sp < SPLITS
         d = tl.arange(0, D)
-        rows = (h * SPLITS + sp) * BLOCK_R + r
+        rows = (h * SPLITS + sp) * R_PAD + r
         m = tl.load(ml_ptr + rows * 2, mask=sp_ok, other=float("-inf"))
         lsum = tl.load(ml_ptr + rows * 2 + 1, mask=sp_ok, other=0)
         m_max = tl.max(m, axis=0)
@@ -82,34 +92,54 @@ if triton is not None:
         tl.store(o_ptr + h * so_h + r * so_r + d, out.to(o_ptr.dtype.element_ty))
 
 
+def block_shape(rows: int, dim: int) -> tuple[int, int]:
+    """Query rows per program and warps. A block's float32 accumulator (rows x dim) stays in registers: at most
+    16K values, and 8 warps past 32 rows or 8K values (fewer spilled on sm_90: test_kernels_compile.py)."""
+    block_r = max(16, min(triton.next_power_of_2(rows), 16384 // dim, 128))
+    return block_r, 4 if block_r <= 32 and block_r * dim <= 8192 else 8
+
+
 def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     """q [H, R, D], k/v [H, S, D] (last dim contiguous), mask [R, S] bool -> [H, R, D] in q's dtype."""
     h, rows, dim = q.shape
     slots = k.shape[1]
-    block_r = max(16, triton.next_power_of_2(rows))
+    block_r, warps = block_shape(rows, dim)
+    row_blocks = triton.cdiv(rows, block_r)
+    r_pad = row_blocks * block_r
     # enough splits to give every SM work, each a whole number of BLOCK_S tiles
-    per_split = max(block_s, triton.next_power_of_2(triton.cdiv(slots * h, programs)))
+    per_split = max(block_s, triton.next_power_of_2(triton.cdiv(slots * h * row_blocks, programs)))
     splits = triton.cdiv(slots, per_split)
-    acc = torch.empty(h, splits, block_r, dim, device=q.device, dtype=torch.float32)
-    ml = torch.empty(h, splits, block_r, 2, device=q.device, dtype=torch.float32)
+    acc = torch.empty(h, splits, r_pad, dim, device=q.device, dtype=torch.float32)
+    ml = torch.empty(h, splits, r_pad, 2, device=q.device, dtype=torch.float32)
     mask8 = mask.view(torch.uint8)
-    _split_kernel[(h, splits)](q, k, v, mask8, acc, ml, rows, slots, splits,
-                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                               mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s, SPLIT_LEN=per_split,
-                               num_warps=4)
+    _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits,
+                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                           v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
+                                           SPLIT_LEN=per_split, num_warps=warps)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
-    _merge_kernel[(h, rows)](acc, ml, out, rows, splits, out.stride(0), out.stride(1), D=dim, BLOCK_R=block_r,
+    _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
                              BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
-@torch.library.custom_op("gemma4_agent::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D] (R <= MAX_ROWS), k/v [H, S, D],
-    mask [R, S] bool (True = attend), shared by every head."""
-    return _launch(q.contiguous(), k, v, mask.contiguous())
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], scale=1.0)[0]
 
 
-@decode_attention.register_fake
+@torch.library.custom_op("gemma4_agent::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R, S] bool
+    (True = attend), shared by every head. Up to DECODE_ROWS rows on these kernels; more (a frame's prefill) on
+    these kernels or PyTorch's fused SDPA, whichever was faster at this shape on first use."""
+    q, mask = q.contiguous(), mask.contiguous()
+    if q.shape[1] <= DECODE_ROWS:
+        return _launch(q, k, v, mask)
+    paths = {"triton": _launch, "sdpa": _sdpa}
+    name = _PREFILL((k.shape[0], q.shape[1], k.shape[1], q.shape[2]),
+                    {p: functools.partial(f, q, k, v, mask) for p, f in paths.items()})
+    return paths[name](q, k, v, mask)
+
+
+@cache_attention.register_fake
 def _(q, k, v, mask):
     return torch.empty_like(q)
