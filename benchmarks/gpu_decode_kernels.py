@@ -98,8 +98,9 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
             row["int4_gemm_us"] = graph_ms(lambda: triton_q4._gemm(*args), 1) * 1e3
             row["int4_gemm_config"] = str(triton_q4._gemm_kernel.best_config)
             if m <= 16:
-                gemv = lambda: [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32)  # noqa: E731
-                                for i in range(m)]
+                def gemv():
+                    return [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32)
+                            for i in range(m)]
                 gemv()  # autotunes
                 row["int4_gemv_per_row_us"] = graph_ms(gemv, 1) * 1e3
             w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)

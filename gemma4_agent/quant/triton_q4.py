@@ -18,6 +18,7 @@ Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it 
 CUDA-graph capture records the launched kernels (autotuning happens on the first, uncaptured call).
 """
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -39,6 +40,10 @@ def available() -> bool:
 
 
 if triton is not None:
+    # autotuning picks kept on disk across processes (Triton >= 3.4): a restarted node does not time every
+    # configuration again
+    _AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters \
+        else {}
 
     def _gemv_configs():
         # At one row the work is streaming bytes while keeping the arithmetic per weight small enough to keep
@@ -116,7 +121,7 @@ if triton is not None:
         return part * s
 
     @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
-                     do_bench=_bench_from_hbm)
+                     do_bench=_bench_from_hbm, **_AUTOTUNE_CACHE)
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
                      HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -162,7 +167,7 @@ if triton is not None:
                 for bm, bn, bk, w in ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8),
                                       (16, 64, 128, 4), (16, 128, 64, 8), (16, 128, 128, 8))]
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph)
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph, **_AUTOTUNE_CACHE)
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_BYTES, K_GROUPS, M_BUCKET,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
