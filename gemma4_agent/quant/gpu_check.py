@@ -4,7 +4,7 @@
     python -m gemma4_agent.quant.gpu_check --reduced --device cpu     # small shapes, CPU (what the tests run)
 
 1. kernel accuracy: Int4Linear on its kernel (Triton on the portable layout on CUDA, tinygemm without Triton)
-   vs the dequantized-weight float32 matmul, q4_0 and awq-g128, batch 1, 3, 16, 286 -> relative error
+   vs the dequantized-weight float32 matmul, q4_0 and awq-g128, batch 1, 3, 16, 76, 286 -> relative error
    (acceptance: < 1e-2).
 2. weight bytes: random weights of ONE sliding and ONE full decoder layer quantized on the device (q4_0),
    as the kernel keeps them, measured with torch.cuda.memory_allocated;
@@ -93,7 +93,8 @@ def _float_layer(shape, full, device) -> list[nn.Linear]:
 
 @torch.no_grad()
 def check_accuracy(device, reduced: bool) -> list[dict]:
-    """Every kernel path (batch 1 and 3: the GEMV; 16 and 286: the tiled GEMM) at the 12B's linear shapes."""
+    """Every kernel path at the 12B's linear shapes: batch 1 the GEMV, 3 and 16 the tl.dot GEMM, 76 and 286 (a
+    frame's prefill at 70 and 280 image tokens) the faster of that GEMM and dequantize + cuBLAS, as timed."""
     rows = []
     shapes = [(512, 256), (256, 1024)] if reduced else [(4096, 3840), (3840, 15360), (3840, 8192)]
     for scheme in ("q4_0", "awq-g128"):
@@ -102,7 +103,7 @@ def check_accuracy(device, reduced: bool) -> list[dict]:
             lin = nn.Linear(inp, out, bias=False, device=device)
             mod = Int4Linear.from_float(lin, scheme)
             w = mod.dequantize(torch.float32)
-            for m in (1, 3, 16, 286):
+            for m in (1, 3, 16, 76, 286):
                 x = torch.randn(m, inp, device=device)
                 ref = x @ w.t()
                 with int4_backend("kernel"):
