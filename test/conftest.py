@@ -105,6 +105,29 @@ def tiny_tokenizer(vocab_size: int = 300):
     return tok
 
 
+class Replay:
+    """A next-token selector that picks given tokens (the engine's selector protocol): two sessions compared
+    with it see the same history whatever their near-ties."""
+
+    def __init__(self, tokens):
+        self.tokens, self.i = list(tokens), 0
+
+    def reset(self):
+        self.i = 0
+
+    def select(self, logits):
+        return self.tokens[self.i]
+
+    def accept(self, token):
+        self.i += 1
+
+    def forced(self):
+        return []
+
+    def done(self):
+        return self.i >= len(self.tokens)
+
+
 def run_in_triton_interpreter(script: str) -> list:
     """Run `script` in a fresh Python with TRITON_INTERPRET=1 (kernels on the CPU, the same source the GPU
     compiles; the flag is read at import, hence the subprocess) and return the JSON list it prints last."""

@@ -10,31 +10,9 @@ from gemma4_agent.model import load_model
 from gemma4_agent.model.tokenizer import PromptBuilder
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import BOI, EOI, IMAGE, tiny_tokenizer
+from conftest import BOI, EOI, IMAGE, Replay, tiny_tokenizer
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
-
-
-class Replay:
-    """A next-token selector that picks given tokens (the engine's selector protocol)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.i = list(tokens), 0
-
-    def reset(self):
-        self.i = 0
-
-    def select(self, logits):
-        return self.tokens[self.i]
-
-    def accept(self, token):
-        self.i += 1
-
-    def forced(self):
-        return []
-
-    def done(self):
-        return self.i >= len(self.tokens)
 
 
 def test_compiled_int4_session_equals_eager_without_graph_breaks(tiny_checkpoints):

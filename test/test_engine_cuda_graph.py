@@ -12,30 +12,10 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
+from conftest import Replay
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
-
-
-class Replay:
-    """Picks given tokens, so both sessions see the same history whatever their near-ties."""
-
-    def __init__(self, tokens):
-        self.tokens, self.i = list(tokens), 0
-
-    def reset(self):
-        self.i = 0
-
-    def select(self, logits):
-        return self.tokens[self.i]
-
-    def accept(self, token):
-        self.i += 1
-
-    def forced(self):
-        return []
-
-    def done(self):
-        return self.i >= len(self.tokens)
 
 
 @pytest.mark.parametrize("scheme", [None, "q4_0"])
