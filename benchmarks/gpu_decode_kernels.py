@@ -11,9 +11,13 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention engine]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention engine] [--baseline OLD.py]
+
+`--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
+(`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
 """
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -51,21 +55,37 @@ def int4_copies(out, inp, count):
     return mods
 
 
-def bench_gemv(ceilings: dict) -> list:
+def load_baseline(path: str):
+    """A previous version of triton_q4.py as a module of its own; its custom op renamed so that both register."""
+    src = Path(path).read_text().replace("gemma4_agent::", "gemma4_agent_baseline::")
+    src = src.replace("from ..fastest import", "from gemma4_agent.fastest import")
+    copy = Path(tempfile.mkdtemp()) / "triton_q4_baseline.py"  # a file: Triton reads its kernels' source
+    copy.write_text(src)
+    spec = importlib.util.spec_from_file_location("triton_q4_baseline", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_gemv(ceilings: dict, baseline=None) -> list:
     rows = []
     bw = ceilings["copy_bandwidth_gbs"] * 1e9
+    kernels = {"int4_gemv": triton_q4} | ({"baseline_gemv": baseline} if baseline else {})
     for name, out, inp in SHAPES + [HEAD]:
         nbytes = out * inp // 2 + out * inp // 32 * 2
         copies = max(1, min(16, (400 << 20) // nbytes))  # > L2 in all, so weights come from HBM
         mods = int4_copies(out, inp, copies)
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
-        row = {"shape": name, "out": out, "in": inp, "int4_bytes": nbytes, "ideal_us": nbytes / bw * 1e6}
-        y = torch.ops.gemma4_agent.int4_matmul(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
-        row["config"] = str(triton_q4._gemv_kernel.best_config)
         ref = x.float() @ mods[0].dequantize(torch.float32).t()
-        row["rel_err"] = float((y.float() - ref).norm() / ref.norm())  # the compiled kernel's arithmetic
-        row["int4_gemv_us"] = graph_ms(lambda: [torch.ops.gemma4_agent.int4_matmul(x, m.qweight, m.scales, None, 32)
-                                                for m in mods], len(mods)) * 1e3
+        row = {"shape": name, "out": out, "in": inp, "int4_bytes": nbytes, "ideal_us": nbytes / bw * 1e6}
+        for label, module in kernels.items():
+            y = module._launch(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
+            row[label + "_config"] = str(module._gemv_kernel.best_config)
+            row[label + "_rel_err"] = float((y.float() - ref).norm() / ref.norm())  # the compiled kernel's arithmetic
+        for _ in range(2):  # alternated, twice: each kernel's time the mean of its two
+            for label, module in kernels.items():
+                us = graph_ms(lambda: [module._launch(x, m.qweight, m.scales, None, 32) for m in mods], len(mods)) * 1e3
+                row[label + "_us"] = row.get(label + "_us", 0.0) + us / 2
         del mods
         dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
                  for _ in range(max(1, min(8, (400 << 20) // (out * inp * 2))))]
@@ -193,13 +213,14 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["gemv", "prefill", "engine"])
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--image-tokens", type=int, default=280)
+    parser.add_argument("--baseline", help="a previous triton_q4.py whose GEMV is timed beside the current one")
     args = parser.parse_args()
     out = Path(args.out)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": measure_ceilings("cuda")}
     print(json.dumps(report), flush=True)
     for part in args.parts:
         if part == "gemv":
-            report["gemv"] = bench_gemv(report["ceilings"])
+            report["gemv"] = bench_gemv(report["ceilings"], load_baseline(args.baseline) if args.baseline else None)
         elif part == "prefill":
             report["prefill"] = bench_prefill(report["ceilings"])
         elif part == "attention":

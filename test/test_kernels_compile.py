@@ -83,12 +83,14 @@ def test_gemv_spends_few_instructions_per_weight():
     # At one row the GEMV is bound by the SM's instruction issue before HBM: at full bandwidth an H200 SM must
     # retire ~32 weights a cycle, 4 warp-instructions a cycle, so ~4 instructions a weight is the budget. The
     # whole kernel's static count (one block of K: the loop body plus its prologue and epilogue) per weight of
-    # a thread's block; it was 9.5 (2026-11-29) before the nibble-to-float rework.
+    # a thread's block, averaged over three configurations the autotuner picks at the 12B's shapes: 9.5 before
+    # the nibble-to-float rework (2026-11-29), 5.25 with an AND + FADD per weight, 4.5 with one AND-OR (LOP3).
+    per_weight = []
     for bn, bk, w in ((8, 4096, 4), (16, 1024, 2), (32, 1024, 4)):
         kernel = compile_kernel(T._gemv_kernel.fn, GEMV_SIG, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_N": bn,
                                                               "BLOCK_K": bk}, ("N", "K", "K_WORDS"), w)
-        per_weight = sass_instructions(kernel) / (bn * bk / (32 * w))
-        assert per_weight < 6.0, (bn, bk, w, per_weight)
+        per_weight.append(sass_instructions(kernel) / (bn * bk / (32 * w)))
+    assert sum(per_weight) / len(per_weight) < 4.75, per_weight
 
 
 def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import triton_q4
 from .int4 import Int4Embedding, Int4Linear, int4_backend, to_device_kernel
 
 # Gemma 4 12B (gemma4_agent/model/presets/gemma4-12b.json): 48 layers, 5 sliding : 1 full
@@ -93,8 +94,9 @@ def _float_layer(shape, full, device) -> list[nn.Linear]:
 
 @torch.no_grad()
 def check_accuracy(device, reduced: bool) -> list[dict]:
-    """Every kernel path at the 12B's linear shapes: batch 1 the GEMV, 3 and 16 the tl.dot GEMM, 76 and 286 (a
-    frame's prefill at 70 and 280 image tokens) the faster of that GEMM and dequantize + cuBLAS, as timed."""
+    """The int4 linear at the 12B's shapes as the model runs it ("auto": batch 1 the GEMV; 3 and 16, jump-forward
+    chunks, and 76 and 286, a frame's prefill at 70 and 280 image tokens, the path timed fastest) and, on CUDA with
+    Triton, every path that batch can take, each run by name."""
     rows = []
     shapes = [(512, 256), (256, 1024)] if reduced else [(4096, 3840), (3840, 15360), (3840, 8192)]
     for scheme in ("q4_0", "awq-g128"):
@@ -107,9 +109,15 @@ def check_accuracy(device, reduced: bool) -> list[dict]:
                 x = torch.randn(m, inp, device=device)
                 ref = x @ w.t()
                 with int4_backend("kernel"):
-                    y = mod(x.to(torch.bfloat16)).float()
-                rel = float((y - ref).norm() / ref.norm())
-                rows.append({"scheme": scheme, "shape": f"{out}x{inp}", "batch": m, "rel_err": rel, "ok": rel < 1e-2})
+                    outputs = {"auto": mod(x.to(torch.bfloat16)).float()}
+                if device.type == "cuda" and triton_q4.available():
+                    for path in triton_q4.paths_for(m):
+                        outputs[path] = triton_q4._launch(x.to(torch.bfloat16), mod.qweight, mod.scales, mod.zeros,
+                                                          mod.group_size, path).float()
+                for path, y in outputs.items():
+                    rel = float((y - ref).norm() / ref.norm())
+                    rows.append({"scheme": scheme, "shape": f"{out}x{inp}", "batch": m, "path": path, "rel_err": rel,
+                                 "ok": rel < 1e-2})
     return rows
 
 
@@ -252,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": "reduced" if args.reduced else "gemma4-12b"}
     result["accuracy"] = check_accuracy(device, args.reduced)
-    print("| scheme | shape | batch | rel. error vs dequant fp32 | < 1e-2 |\n|---|---|---:|---:|---|")
+    print("| scheme | shape | batch | path | rel. error vs dequant fp32 | < 1e-2 |\n|---|---|---:|---|---:|---|")
     for r in result["accuracy"]:
-        print(f"| {r['scheme']} | {r['shape']} | {r['batch']} | {r['rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |")
+        print(f"| {r['scheme']} | {r['shape']} | {r['batch']} | {r['path']} | {r['rel_err']:.2e} | "
+              f"{'yes' if r['ok'] else 'NO'} |")
     b = check_bytes(device, shape)
     result["bytes"] = b
     print(f"\n| weights ({b['scheme']}, {result['shape']}) | GB |\n|---|---:|")

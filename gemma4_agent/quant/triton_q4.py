@@ -5,13 +5,15 @@ plus the portable copy until it is released).
 Chosen by the number of rows of x:
     gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K; weights stream
              once from memory, which is the whole cost at batch 1, if the arithmetic per weight keeps up.
-    gemm     (rows <= GEMM_MAX_ROWS: short chunks, e.g. jump-forward tokens)  x tiles times weight tiles
-             dequantized in registers, on the tensor cores (tl.dot).
-    dequant  (rows > MEASURED_MAX_ROWS: long chunks)  the weight dequantized once into a transient bf16 buffer,
-             then cuBLAS: compute-bound work goes to the best matmul there is.
-In between (a frame's prefill at 70-280 image tokens) the faster of gemm and dequant at that shape, timed on
-this GPU on first use: the dequantization writes 4x the int4 bytes whatever the row count, which the GEMM saves
-and pays back in slower arithmetic as rows grow (H200, 286 rows: the GEMM 1.3-2.4x slower).
+    gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot).
+    dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
+             best matmul there is.
+    rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
+Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
+this GPU on first use: rows, gemm and dequant at 2-16 rows (jump-forward chunks), gemm and dequant at 17-512 (a
+frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which
+the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200: at 286 rows the
+GEMM 1.3-2.4x slower, at 76 rows 1.6x faster on gate/up, at 4 rows one GEMV per row 1.3x faster on down).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
@@ -31,8 +33,8 @@ try:
 except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm / dequantize
     triton = None
 
-GEMM_MAX_ROWS = 16  # up to here: the GEMM
-MEASURED_MAX_ROWS = 512  # up to here: the faster of the GEMM and dequantize + cuBLAS, timed; above: the latter
+ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
+MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequantize + cuBLAS
 
 
 def available() -> bool:
@@ -87,35 +89,49 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
         # Rows of packed words [BLOCK_N, BLOCK_K / 8] (word c holds elements 8c..8c+7, element 8c+i in bits
-        # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled, per group: [BLOCK_N, groups]. Bound by instructions per weight, so:
-        # - a nibble becomes a float with one AND and one FADD, no int->float conversion (quarter rate): each
-        #   half-word is copied once under the bits of 2^23 (0x4B000000), and masking one nibble out of the copy
-        #   leaves the float 2^23 + q * 16^j (j its place in the half-word); subtracting 2^23 + 8 * 16^j gives
-        #   (q - 8) * 16^j exactly, and x comes pre-divided by 16^j (exact, a power of two);
-        # - an FMA per weight into a [BLOCK_N, words] accumulator, summed over a group's words only at the end;
-        # - the zero-point leaves the inner sum: sum((q - z) x) = sum(q x) - z sum(x).
-        # (9.5 SASS instructions per weight before, sm_90: a 3-D nibble layout, shifts and sign extensions.)
+        # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled, per group: [BLOCK_N, groups]. Bound by instructions per weight
+        # (the SM issues ~4 a weight at full HBM speed), so a weight costs one LOP3 and one FMA:
+        # - (copy & nibble mask) | magic reads as the float v = 1 + q * 2^(p - 23): the nibble q at bit p of the
+        #   mantissa, under the exponent bits of 1.0 (`magic`, held in a register: with two immediates ptxas emits
+        #   two instructions). No int->float conversion (quarter rate), no subtraction;
+        # - x comes pre-multiplied by 2^(23 - p) (exact, a power of two), so v * x' = x' + q * x, and the x' terms
+        #   (and the zero-point, 8 for q4_0) leave the sum once per group of columns, shared by every row:
+        #   sum((q - z) x) = sum(v x') - sum(x') - z sum(x);
+        # - an FMA per weight into a [BLOCK_N, words] accumulator, summed over a group's words only at the end.
+        # The price is rounding: the accumulator carries the x' terms, 2^(23 - p) times the nibble's share; with
+        # p >= 11 (three shifted copies a word) that is ~1e-4 relative to the result, 20x under the bf16 rounding of
+        # the output (two copies would leave p = 7 and ~1e-3). SASS on sm_90: 9.5 instructions a weight with a 3-D
+        # nibble layout and int->float conversions; 4.9-5.8 with an AND and an FADD of a 2^23 magic-number copy
+        # (2026-11-29); 4.1-4.9 now (test_kernels_compile.py).
         W: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BLOCK_K // GROUP
         kx = k0 + 8 * tl.arange(0, W)
         w = words.to(tl.uint32, bitcast=True)
-        halves = ((w & 0xFFFF) | 0x4B000000, (w >> 16) | 0x4B000000)
         acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        xoff = tl.zeros((W,), dtype=tl.float32)  # sum(x') + z sum(x) where z is the constant 8
         xsum = tl.zeros((W,), dtype=tl.float32)
+        copy = w  # (defined before the unrolled loop that assigns it)
         for i in tl.static_range(8):
+            # nibbles 3c..3c+2 read from the c-th copy, shifted left by 11 - 12 c: at bit p = 4 i + 11 - 12 c, 11 to
+            # 19 (made when first needed, so that one copy of the words is live at a time)
+            if i == 0:
+                copy = w << 11
+            elif i % 3 == 0:
+                copy = w >> (4 * i - 11)
             xi = tl.load(x_ptr + kx + i, mask=kx + i < K, other=0).to(tl.float32)
+            xs = xi * (1.0 * (1 << (12 - 4 * i + 12 * (i // 3))))  # 2^(23 - p)
+            q = ((copy & (0xF << (4 * i + 11 - 12 * (i // 3)))) | magic).to(tl.float32, bitcast=True)
+            acc += q * xs[None, :]
             if HAS_ZEROS:
+                xoff += xs
                 xsum += xi
-            q = (halves[i // 4] & (0x7F000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
-            if HAS_ZEROS:
-                q -= 8388608.0
-            else:
-                q -= 8388608.0 + 8.0 * (1 << (4 * (i % 4)))
-            acc += q * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
+            else:  # one FMA: (2^(23 - p) + 8) x, exact
+                xoff += xi * (1.0 * (1 << (12 - 4 * i + 12 * (i // 3))) + 8.0)
         part = tl.sum(tl.reshape(acc, (BLOCK_N, G, GROUP // 8)), axis=2)
+        part -= tl.sum(tl.reshape(xoff, (G, GROUP // 8)), axis=1)[None, :]
         if HAS_ZEROS:
             part -= z * tl.sum(tl.reshape(xsum, (G, GROUP // 8)), axis=1)[None, :]
         return part * s
@@ -134,12 +150,14 @@ if triton is not None:
         row_ok = rows < N
         # per group until the end: one reduction across threads per program, not one per block of K
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _dot_words
+        magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
         for k0 in range(0, K, BLOCK_K):
             wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
                             mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
             s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
-            acc += _dot_words(words, x_ptr, k0, K, s, z, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
+            acc += _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
@@ -221,12 +239,36 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     torch.matmul(x, w.t(), out=y)
 
 
-# (N, K, rows rounded up to a power of two, zero-points?) -> "gemm" | "dequant", timed in this process
-_LONG_CHUNK = FastestOf()
+def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    n, k = qweight.shape[0], x.shape[1]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
+                       HAS_ZEROS=has_zeros)
+
+
+def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    for i in range(x.shape[0]):
+        _gemv(x[i:i + 1], qweight, s, z, y[i:i + 1], group, has_zeros)
+
+
+# (N, K, rows rounded up to a power of two, zero-points?) -> the fastest path's name, timed in this process
+_CHUNK = FastestOf()
+
+
+def paths_for(rows: int) -> dict:
+    """The interchangeable ways to multiply `rows` rows (name -> function), the untimed default first."""
+    if rows == 1:
+        return {"gemv": _gemv}
+    if rows <= ROWS_MAX_ROWS:
+        return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
+    if rows <= MEASURED_MAX_ROWS:
+        return {"gemm": _gemm, "dequant": _dequant_matmul}
+    return {"dequant": _dequant_matmul}
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-            group: int) -> torch.Tensor:
+            group: int, path: Optional[str] = None) -> torch.Tensor:
+    """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -235,19 +277,11 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    if m == 1:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
-                           HAS_ZEROS=has_zeros)
-        return y
-    paths = {"gemm": _gemm, "dequant": _dequant_matmul}
-    if m <= GEMM_MAX_ROWS:
-        name = "gemm"
-    elif m > MEASURED_MAX_ROWS:
-        name = "dequant"
-    else:
-        name = _LONG_CHUNK((n, k, 1 << (m - 1).bit_length(), has_zeros),
-                           {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()})
+    paths = paths_for(m)
+    name = path or next(iter(paths))
+    if path is None and len(paths) > 1:
+        name = _CHUNK((n, k, 1 << (m - 1).bit_length(), has_zeros),
+                      {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()})
     paths[name](x, qweight, s, z, y, group, has_zeros)
     return y
 
