@@ -65,6 +65,16 @@ def sass_instructions(kernel) -> int:
     return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass))
 
 
+def loop_opcodes(kernel) -> list:
+    """Opcodes of the kernel's longest loop (a backward branch and what it jumps over), in SASS."""
+    lines = [(int(a, 16), op, rest) for a, op, rest in re.findall(
+        r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", _cuobjdump(kernel, "-sass"))]
+    loops = [(int(m.group(1), 16), addr) for addr, op, rest in lines if op.startswith("BRA")
+             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < addr]
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    return [op.split(".")[0] for addr, op, _ in lines if start <= addr <= end]
+
+
 @pytest.mark.parametrize("has_zeros", [False, True])
 def test_every_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
     sig = dict(GEMV_SIG, z_ptr="*u8" if has_zeros else "*fp16")
@@ -104,15 +114,31 @@ def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():
 
 
 def test_gemm_configurations_compile_without_spilling():
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "K_BYTES": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
+           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
            "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     for c in T._gemm_configs():
         for group, has_zeros in ((32, False), (128, True)):  # blocks of whole groups, and blocks inside a group
             s = dict(sig, z_ptr="*u8" if has_zeros else "*fp16")
             kernel = compile_kernel(T._gemm_kernel.fn, s, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
-                                    ("N", "K", "K_BYTES"), c.num_warps)
+                                    ("N", "K", "K_WORDS"), c.num_warps)
             assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
+
+
+def test_gemm_dequantizes_without_int_to_float_conversions():
+    # The GEMM's loop dequantizes a weight tile per block of K; an I2F (quarter rate) per weight made it 7.3-8.9
+    # instructions a weight plus the I2F; the GEMV's LOP3 + FMA form leaves 4.8-7.2 (2026-11-29).
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
+           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    per_weight = []
+    for c in T._gemm_configs():
+        kernel = compile_kernel(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, **c.kwargs},
+                                ("N", "K", "K_WORDS"), c.num_warps)
+        ops = loop_opcodes(kernel)
+        assert "I2F" not in ops, c
+        per_weight.append(len(ops) / (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps)))
+    assert sum(per_weight) / len(per_weight) < 6.5, per_weight
 
 
 @pytest.mark.parametrize("dim, block", sorted({(d, A.block_shape(r, d)) for d in (32, 64, 128, 256, 512)

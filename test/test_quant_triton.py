@@ -38,7 +38,8 @@ SCRIPT = textwrap.dedent("""
             y = x @ w.t()
         else:
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            T._gemm_kernel.fn[grid](x, mod.qweight, s, z, y, m, n, k, k // 2, k // mod.group_size, 1, **common)
+            T._gemm_kernel.fn[grid](x, mod.qweight.view(torch.int32), s, z, y, m, n, k, k // 8, k // mod.group_size, 1,
+                                    **common)
         return y
 
     torch.manual_seed(0)

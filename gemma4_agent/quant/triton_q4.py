@@ -88,24 +88,41 @@ if triton is not None:
             z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
         return s, z
 
+    # A nibble q becomes a float without an int->float conversion (quarter rate on the SM): (copy & mask) | magic,
+    # one LOP3, reads as v = 1 + q * 2^(p - 23), the nibble at bit p of the mantissa under the exponent bits of 1.0.
+    # `magic` (0x3F800000) is passed in a register: with two immediates ptxas emits two instructions. Element i of a
+    # word (bits 4i..4i+3) is read from a copy shifted to put it at p = 4 i + 11 - 12 (i // 3), in 11..19 (three
+    # copies a word): high enough that the 1 in v costs little rounding where v is summed (see _dot_words).
+    @triton.jit
+    def _nibble(w, magic, i: tl.constexpr):
+        if i < 3:
+            copy = w << 11
+        elif i < 6:
+            copy = w >> 1
+        else:
+            copy = w >> 13
+        return ((copy & (0xF << (4 * i + 11 - 12 * (i // 3)))) | magic).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _unit(i: tl.constexpr):
+        # 2^(23 - p) for element i: q = (v - 1) * _unit(i), exactly
+        return 1.0 * (1 << (12 - 4 * i + 12 * (i // 3)))
+
     @triton.jit
     def _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
         # Rows of packed words [BLOCK_N, BLOCK_K / 8] (word c holds elements 8c..8c+7, element 8c+i in bits
         # 4i..4i+3) times x[k0:k0+BLOCK_K], scaled, per group: [BLOCK_N, groups]. Bound by instructions per weight
-        # (the SM issues ~4 a weight at full HBM speed), so a weight costs one LOP3 and one FMA:
-        # - (copy & nibble mask) | magic reads as the float v = 1 + q * 2^(p - 23): the nibble q at bit p of the
-        #   mantissa, under the exponent bits of 1.0 (`magic`, held in a register: with two immediates ptxas emits
-        #   two instructions). No int->float conversion (quarter rate), no subtraction;
+        # (the SM issues ~4 a weight at full HBM speed), so a weight costs one LOP3 (_nibble) and one FMA:
         # - x comes pre-multiplied by 2^(23 - p) (exact, a power of two), so v * x' = x' + q * x, and the x' terms
         #   (and the zero-point, 8 for q4_0) leave the sum once per group of columns, shared by every row:
         #   sum((q - z) x) = sum(v x') - sum(x') - z sum(x);
         # - an FMA per weight into a [BLOCK_N, words] accumulator, summed over a group's words only at the end.
         # The price is rounding: the accumulator carries the x' terms, 2^(23 - p) times the nibble's share; with
-        # p >= 11 (three shifted copies a word) that is ~1e-4 relative to the result, 20x under the bf16 rounding of
-        # the output (two copies would leave p = 7 and ~1e-3). SASS on sm_90: 9.5 instructions a weight with a 3-D
-        # nibble layout and int->float conversions; 4.9-5.8 with an AND and an FADD of a 2^23 magic-number copy
-        # (2026-11-29); 4.1-4.9 now (test_kernels_compile.py).
+        # p >= 11 that is ~1e-4 relative to the result, 20x under the bf16 rounding of the output (two copies a word
+        # would leave p = 7 and ~1e-3). SASS on sm_90: 9.5 instructions a weight with a 3-D nibble layout and
+        # int->float conversions; 4.9-5.8 with an AND and an FADD of a 2^23 magic-number copy (2026-11-29); 4.1-4.9
+        # now (test_kernels_compile.py).
         W: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BLOCK_K // GROUP
         kx = k0 + 8 * tl.arange(0, W)
@@ -113,23 +130,15 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         xoff = tl.zeros((W,), dtype=tl.float32)  # sum(x') + z sum(x) where z is the constant 8
         xsum = tl.zeros((W,), dtype=tl.float32)
-        copy = w  # (defined before the unrolled loop that assigns it)
         for i in tl.static_range(8):
-            # nibbles 3c..3c+2 read from the c-th copy, shifted left by 11 - 12 c: at bit p = 4 i + 11 - 12 c, 11 to
-            # 19 (made when first needed, so that one copy of the words is live at a time)
-            if i == 0:
-                copy = w << 11
-            elif i % 3 == 0:
-                copy = w >> (4 * i - 11)
             xi = tl.load(x_ptr + kx + i, mask=kx + i < K, other=0).to(tl.float32)
-            xs = xi * (1.0 * (1 << (12 - 4 * i + 12 * (i // 3))))  # 2^(23 - p)
-            q = ((copy & (0xF << (4 * i + 11 - 12 * (i // 3)))) | magic).to(tl.float32, bitcast=True)
-            acc += q * xs[None, :]
+            xs = xi * _unit(i)
+            acc += _nibble(w, magic, i) * xs[None, :]
             if HAS_ZEROS:
                 xoff += xs
                 xsum += xi
             else:  # one FMA: (2^(23 - p) + 8) x, exact
-                xoff += xi * (1.0 * (1 << (12 - 4 * i + 12 * (i // 3))) + 8.0)
+                xoff += xi * (_unit(i) + 8.0)
         part = tl.sum(tl.reshape(acc, (BLOCK_N, G, GROUP // 8)), axis=2)
         part -= tl.sum(tl.reshape(xoff, (G, GROUP // 8)), axis=1)[None, :]
         if HAS_ZEROS:
@@ -185,11 +194,29 @@ if triton is not None:
                 for bm, bn, bk, w in ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8),
                                       (16, 64, 128, 4), (16, 128, 64, 8), (16, 128, 128, 8))]
 
+    @triton.jit
+    def _weights_bf16(words, s, z, magic, i: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP: tl.constexpr, dtype: tl.constexpr):
+        # element i of every word, dequantized: (q - z) s = v * S - C with S = s 2^(23 - p), C = S + z s, per group
+        # and broadcast over its words; one FMA, exact in float32 (the rounding to x's dtype is the dequant
+        # kernel's)
+        S = s * _unit(i)
+        C = S + z * s
+        if BLOCK_K > GROUP:
+            G: tl.constexpr = BLOCK_K // GROUP
+            S = tl.reshape(tl.broadcast_to(S[:, :, None], (BLOCK_N, G, GROUP // 8)), (BLOCK_N, BLOCK_K // 8))
+            C = tl.reshape(tl.broadcast_to(C[:, :, None], (BLOCK_N, G, GROUP // 8)), (BLOCK_N, BLOCK_K // 8))
+        return tl.fma(_nibble(words, magic, i), S, -C).to(dtype)
+
     @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph, **_AUTOTUNE_CACHE)
     @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_BYTES, K_GROUPS, M_BUCKET,
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # x tiles times weight tiles dequantized in registers, on the tensor cores. The dequantization is the
+        # GEMV's (one LOP3 and one FMA a weight, no int->float conversion: 4.8-7.2 SASS instructions a weight in the
+        # loop, and 7.3-8.9 plus a quarter-rate I2F before, sm_90), one tile per element place i of the words;
+        # joined back in element order in registers, so x is loaded as it lies.
         # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2.
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
@@ -197,24 +224,28 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        half = tl.arange(0, BLOCK_K // 2)
         rk = tl.arange(0, BLOCK_K)
+        # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _nibble
+        magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
+        G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups in a block, or one inside a group
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & ((k0 + rk) < K)[None, :],
                         other=0)
-            p = tl.load(qw_ptr + rn[:, None] * K_BYTES + (k0 // 2 + half)[None, :],
-                        mask=n_ok[:, None] & ((k0 // 2 + half) < K_BYTES)[None, :], other=0)
-            q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
-            if BLOCK_K >= GROUP:  # whole groups in the block: [BLOCK_N, groups] scales, broadcast over each group
-                G: tl.constexpr = BLOCK_K // GROUP
-                sc, zp = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
-                w = tl.reshape((tl.reshape(q, (BLOCK_N, G, GROUP)) - zp[:, :, None]) * sc[:, :, None],
-                               (BLOCK_N, BLOCK_K))
-            else:  # the block lies inside one group: one scale per row
-                sc, zp = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, 1)
-                w = (q - zp) * sc
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rn[:, None] * K_WORDS + wc[None, :], mask=n_ok[:, None] & (wc < K_WORDS)[None, :],
+                            other=0).to(tl.uint32, bitcast=True)
+            s, z = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+            # joined so that element 8c + i lands at column 8c + i: the innermost join pairs places 4 apart
+            w = tl.join(tl.join(tl.join(_weights_bf16(words, s, z, magic, 0, BLOCK_N, BLOCK_K, GROUP, x.dtype),
+                                        _weights_bf16(words, s, z, magic, 4, BLOCK_N, BLOCK_K, GROUP, x.dtype)),
+                                tl.join(_weights_bf16(words, s, z, magic, 2, BLOCK_N, BLOCK_K, GROUP, x.dtype),
+                                        _weights_bf16(words, s, z, magic, 6, BLOCK_N, BLOCK_K, GROUP, x.dtype))),
+                        tl.join(tl.join(_weights_bf16(words, s, z, magic, 1, BLOCK_N, BLOCK_K, GROUP, x.dtype),
+                                        _weights_bf16(words, s, z, magic, 5, BLOCK_N, BLOCK_K, GROUP, x.dtype)),
+                                tl.join(_weights_bf16(words, s, z, magic, 3, BLOCK_N, BLOCK_K, GROUP, x.dtype),
+                                        _weights_bf16(words, s, z, magic, 7, BLOCK_N, BLOCK_K, GROUP, x.dtype))))
+            acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & n_ok[None, :])
 
@@ -224,7 +255,8 @@ def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n = qweight.shape[0]
     bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_kernel[grid](x, qweight, s, z, y, m, n, k, k // 2, k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
+    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, m, n, k, k // 8, k // group, bucket, GROUP=group,
+                       HAS_ZEROS=has_zeros)
 
 
 def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
