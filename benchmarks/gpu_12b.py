@@ -3,6 +3,10 @@ per-frame latency at 70 and 280 image tokens with 12 decoded tokens, prefix cach
 from the copy bandwidth and matmul rate measured in the same run, and the no-allocation check.
 
     python benchmarks/gpu_12b.py --out OUT_DIR [--compile | --compiled-only] [--image-tokens 280 70] [--frames N]
+        [--triton-gemv on|off|both]
+
+`--triton-gemv both` times each compiled row without, then with, the Triton GEMV candidate (engine/gemv.py) in
+one process: an A/B on the same machine state.
 """
 import argparse
 import json
@@ -23,6 +27,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled, prefix-cached runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
+    parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
+                        help="the decode step's bf16 GEMVs may take Triton where it times faster than cuBLAS")
     args = parser.parse_args()
     out = Path(args.out)
     ceilings = measure_ceilings("cuda")
@@ -31,17 +37,24 @@ def main() -> int:
     # per decoded token every weight is read once, except the embedding table, of which only the
     # LM-head use (the whole table) counts: the gather of one row is negligible
     rows = []
-    variants = [] if args.compiled_only else [(t, c, False) for t in args.image_tokens for c in ("prefix", "none")]
-    if args.compile or args.compiled_only:
-        variants += [(t, "prefix", True) for t in args.image_tokens]
-    for tokens, cache, compiled in variants:
+    # "off" before "on": routing the layers through the Triton candidate changes the shared model for good
+    gemv = {"on": [True], "off": [False], "both": [False, True]}[args.triton_gemv]
+    variants = []
+    for g in gemv:
+        if not args.compiled_only:
+            variants += [(t, c, False, g) for t in args.image_tokens for c in ("prefix", "none")]
+        if args.compile or args.compiled_only:
+            variants += [(t, "prefix", True, g) for t in args.image_tokens]
+    for tokens, cache, compiled, triton_gemv in variants:
         frames = args.frames if cache == "prefix" else max(5, args.frames // 3)
         r = run_bench("gemma4-12b", "cuda", frames, tokens, 12, cache, 600, "bfloat16", warmup=3, model=model,
-                      compile=compiled)
+                      compile=compiled, triton_gemv=triton_gemv)
+        r["triton_gemv"] = triton_gemv
         r["floor_ms"] = floor_ms(model, tokens + 6 + (600 if cache == "none" else 0), 12, ceilings, wbytes)
         r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
         rows.append(r)
-        print(json.dumps({k: r[k] for k in ("cache", "compile", "image_tokens", "per_frame_ms", "prefill_ms_p50",
+        print(json.dumps({k: r[k] for k in ("cache", "compile", "triton_gemv", "image_tokens", "per_frame_ms",
+                                            "prefill_ms_p50",
                                             "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
                                             "no_hot_path_allocation")}), flush=True)
         # written after every run: a run cut off by a time limit keeps what finished

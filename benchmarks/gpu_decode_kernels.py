@@ -1,8 +1,8 @@
 """Where a decode step's time goes at the 12B's widths, in pieces small enough to iterate on:
 
 1. the int4 GEMV at each decoder shape (q/k/v joined, o, gate/up joined, down, the LM head), autotuned as
-   the engine autotunes it, against cuBLAS's bf16 GEMV and against bytes / copy bandwidth. Each timing runs
-   over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
+   the engine autotunes it, against bytes / copy bandwidth; the bf16 GEMV of cuBLAS and of engine/gemv.py. Each
+   timing runs over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemma4_agent.engine import gemv  # noqa: E402
 from gemma4_agent.engine.bench import measure_ceilings, run_bench  # noqa: E402
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 from gemma4_agent.quant import triton_q4  # noqa: E402
@@ -90,6 +91,8 @@ def bench_gemv(ceilings: dict, baseline=None) -> list:
         dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
                  for _ in range(max(1, min(8, (400 << 20) // (out * inp * 2))))]
         row["bf16_cublas_us"] = graph_ms(lambda: [torch.nn.functional.linear(x, w) for w in dense], len(dense)) * 1e3
+        gemv._launch(x, dense[0], "triton")  # autotunes
+        row["bf16_triton_us"] = graph_ms(lambda: [gemv._launch(x, w, "triton") for w in dense], len(dense)) * 1e3
         row["bf16_ideal_us"] = out * inp * 2 / bw * 1e6
         del dense
         torch.cuda.empty_cache()

@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from gemma4_agent.engine import gemv as B  # noqa: E402
 from gemma4_agent.model import triton_attention as A  # noqa: E402
 from gemma4_agent.quant import triton_q4 as T  # noqa: E402
 
@@ -101,6 +102,19 @@ def test_gemv_spends_few_instructions_per_weight():
                                                               "BLOCK_K": bk}, ("N", "K", "K_WORDS"), w)
         per_weight.append(sass_instructions(kernel) / (bn * bk / (32 * w)))
     assert sum(per_weight) / len(per_weight) < 4.75, per_weight
+
+
+def test_every_bf16_gemv_configuration_compiles_with_16_byte_loads_and_no_spills():
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "BLOCK_N": "constexpr",
+           "BLOCK_K": "constexpr"}
+    configs = B._configs()
+    assert len(configs) >= 15
+    for c in configs:
+        kernel = compile_kernel(B._gemv_kernel.fn, sig, dict(c.kwargs), ("N", "K"), c.num_warps)
+        weights_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
+        # every weight in a 16-byte load (8 values); x, shared by the rows, may come in smaller ones
+        assert loads(kernel.asm["ptx"])["ld.global.v4.b32"] >= weights_per_thread // 8, c
+        assert stack_bytes(kernel) == 0, c
 
 
 def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():

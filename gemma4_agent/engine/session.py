@@ -27,6 +27,7 @@ from ..model.preprocess import preprocess_frame
 from ..model.tokenizer import PromptBuilder
 from ..quant.int4 import to_device_kernel
 from .fusion import join_projections, joined_modules
+from .gemv import use_triton_gemv
 from .kv_cache import CacheFull, StaticKVCache
 
 
@@ -42,6 +43,7 @@ class SessionConfig(BaseModel):
     compile: bool = False  # torch.compile the decoder (fuses the element-wise work); on CUDA the decode step is
     # then graph-captured as compiled
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
+    triton_gemv: bool = True  # CUDA: bf16 decode-step GEMVs by Triton where timed faster than cuBLAS (engine/gemv.py)
 
 
 @dataclass
@@ -93,6 +95,8 @@ class StreamingSession:
         self.max_chunk = self.config.image_tokens + 64
         if self.device.type == "cuda" and self.config.join_projections:
             join_projections(model)
+        if self.device.type == "cuda" and self.config.triton_gemv:
+            use_triton_gemv(model)
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
                                    device=self.device, dtype=self.dtype)
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}

@@ -1,0 +1,114 @@
+"""A Triton GEMV for the bf16/fp16 linear layers of the decode step, where it beats cuBLAS.
+
+At one row a linear layer is a read of its weight. cuBLAS's GEMV reaches ~1.04x of that read on the 12B's wide
+matrices (gate/up) but 1.2-1.85x on the 3840-row outputs (o, down; H200, BENCHMARKS.md "INT4 on the GPU"), where
+its few, long programs leave HBM idle during ramp and tail. This kernel gives each program BLOCK_N rows over the whole
+of K (autotuned per shape with L2 flushed, as the int4 GEMV), so thousands of short programs keep loads in flight.
+
+Neither wins everywhere, so `gemma4_agent::linear` times both once per weight shape on first use and keeps the
+faster (`fastest.py`), on this GPU; rows > 1 (prefill chunks) stay with cuBLAS. `use_triton_gemv(model)` makes the
+decoder's plain linear layers (and the joined projections) call it: the streaming session does this on CUDA. The
+modules keep their class's state (weights, names), so checkpoints and exports are unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fastest import FastestOf
+from ..quant import triton_q4
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: cuBLAS (or the CPU matmul) everywhere
+    triton = None
+
+
+if triton is not None:
+    def _configs():
+        # 16-byte loads (8 values); 64-128 values a thread per block: enough loads in flight without spilling
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+                if 64 <= bn * bk // (32 * w) <= 128]
+
+    def _prune(configs, named_args, **kwargs):
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] // 2 < named_args["K"]]  # no block wider than K needs
+        return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": 256}, num_warps=1)]
+
+    @triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune},
+                     do_bench=triton_q4._bench_from_hbm, **triton_q4._AUTOTUNE_CACHE)
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced across threads once, at the end
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
+    n, k = weight.shape
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k)
+
+
+def _cublas(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
+    torch.mm(x, weight.t(), out=y)
+
+
+# (N, K, dtype) -> "cublas" | "triton", timed in this process
+_ONE_ROW = FastestOf()
+_PATHS = {"cublas": _cublas, "triton": _triton_gemv}
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T with Triton available: one row by the path named, or by the faster one timed on
+    first use; more rows by cuBLAS."""
+    if x.shape[0] != 1:
+        return F.linear(x, weight)
+    y = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
+    if path is None:
+        path = _ONE_ROW((*weight.shape, str(weight.dtype)),
+                        {p: (lambda f=f: f(x, weight, y)) for p, f in _PATHS.items()})
+    _PATHS[path](x, weight, y)
+    return y
+
+
+@torch.library.custom_op("gemma4_agent::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T without bias: at one row on CUDA the faster of cuBLAS and the Triton GEMV."""
+    if not (x.is_cuda and triton is not None):
+        return F.linear(x, weight)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    return _launch(flat, weight.contiguous()).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear (no bias) through gemma4_agent::linear; set on existing modules by use_triton_gemv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def use_triton_gemv(model: nn.Module) -> int:
+    """Route the decoder's bias-free bf16/fp16 linear layers and joined projections through gemma4_agent::linear
+    (their class swapped in place: weights, names and state_dict unchanged); returns how many. Int4 layers and the
+    vision tower are left as they are."""
+    from .fusion import joined_modules
+
+    count = 0
+    for mod in [*model.layers.modules(), *joined_modules(model)]:
+        if type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype in (torch.bfloat16, torch.float16):
+            mod.__class__ = GemvLinear
+            count += 1
+    return count
