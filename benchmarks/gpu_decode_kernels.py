@@ -135,9 +135,10 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
 
 
 def bench_attention(slots: int = 982) -> list:
-    """Attention over a bench-sized cache at the 12B's shapes, per layer type: one decode step (the Triton kernels
-    against the matmul form, what cuBLAS runs) and a frame's 286-row prefill chunk (the kernels against PyTorch's
-    fused SDPA, the two the custom op chooses between); accuracy and time."""
+    """Attention over a bench-sized cache at the 12B's shapes, per layer type: one decode step (the Triton kernels,
+    at each split of the cache the custom op chooses between, against the matmul form, what cuBLAS runs) and a
+    frame's 286-row prefill chunk (the kernels against PyTorch's fused SDPA, the two it chooses between); accuracy
+    and time."""
     from gemma4_agent.model import triton_attention as A
     from gemma4_agent.model.network import attention_mask
 
@@ -165,6 +166,9 @@ def bench_attention(slots: int = 982) -> list:
                    "rel_err": float((fused.float() - ref.float()).norm() / ref.float().norm()),
                    "triton_us": graph_ms(lambda: A._launch(q, k, v, mask), 1) * 1e3,
                    f"{other_name}_us": graph_ms(lambda: other(q, k, v, mask), 1) * 1e3}
+            if seq == 1:  # each way of splitting the cache the decode step chooses between
+                for split, kw in A.SPLITS.items():
+                    row[f"triton_{split}_us"] = graph_ms(lambda: A._launch(q, k, v, mask, **kw), 1) * 1e3
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows

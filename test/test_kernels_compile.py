@@ -165,10 +165,15 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
              "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "sq_h": "i32", "sq_r": "i32",
              "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr",
              "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr"}
-    kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": 32, "SPLIT_LEN": 64},
-                            ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s", "sv_h", "sv_s"), warps)
-    assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
-    assert stack_bytes(kernel) == 0
+    for block_s in sorted({32} | {c["block_s"] for c in A.SPLITS.values()}):  # prefill's and every decode split
+        kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": block_s,
+                                                         "SPLIT_LEN": 64}, ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s",
+                                                                            "sv_h", "sv_s"), warps)
+        assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
+        assert stack_bytes(kernel) == 0, block_s
     merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
              "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr"}
-    compile_ptx(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": 32}, ("so_h", "so_r"))
+    for splits in (32, 64):  # up to 62 splits of a 982-slot cache at 16 slots each
+        kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits}, ("so_h", "so_r"),
+                                A.merge_warps(splits, dim))
+        assert stack_bytes(kernel) == 0, splits

@@ -31,6 +31,11 @@ except ImportError:
 
 DECODE_ROWS = 32  # up to here (query heads per KV head x tokens) always these kernels; above, the faster
 _PREFILL = FastestOf()  # (KV heads, rows, slots, dim) -> "triton" | "sdpa"
+# Decode steps: how finely to split the cache. Few programs read long splits one tile after another (latency);
+# many leave more partial results to merge. (KV heads, rows, slots, dim) -> a key of SPLITS, timed on first use.
+SPLITS = {"128x32": dict(programs=128, block_s=32), "256x32": dict(programs=256, block_s=32),
+          "512x16": dict(programs=512, block_s=16)}
+_DECODE = FastestOf()
 
 
 def available() -> bool:
@@ -99,6 +104,11 @@ def block_shape(rows: int, dim: int) -> tuple[int, int]:
     return block_r, 4 if block_r <= 32 and block_r * dim <= 8192 else 8
 
 
+def merge_warps(block_splits: int, dim: int) -> int:
+    """Warps for merging: the splits' partial sums (block_splits x dim floats) in registers without spilling."""
+    return 8 if block_splits * dim > 16384 else 4
+
+
 def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     """q [H, R, D], k/v [H, S, D] (last dim contiguous), mask [R, S] bool -> [H, R, D] in q's dtype."""
     h, rows, dim = q.shape
@@ -117,8 +127,9 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
                                            v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
                                            SPLIT_LEN=per_split, num_warps=warps)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
+    block_splits = max(2, triton.next_power_of_2(splits))
     _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
-                             BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                             BLOCK_SPLITS=block_splits, num_warps=merge_warps(block_splits, dim))
     return out
 
 
@@ -129,14 +140,16 @@ def _sdpa(q, k, v, mask):
 @torch.library.custom_op("gemma4_agent::cache_attention", mutates_args=())
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R, S] bool
-    (True = attend), shared by every head. Up to DECODE_ROWS rows on these kernels; more (a frame's prefill) on
-    these kernels or PyTorch's fused SDPA, whichever was faster at this shape on first use."""
+    (True = attend), shared by every head. Up to DECODE_ROWS rows on these kernels, split as finely as was
+    fastest at this shape on first use; more (a frame's prefill) on these kernels or PyTorch's fused SDPA,
+    whichever was faster."""
     q, mask = q.contiguous(), mask.contiguous()
+    shape = (k.shape[0], q.shape[1], k.shape[1], q.shape[2])
     if q.shape[1] <= DECODE_ROWS:
-        return _launch(q, k, v, mask)
+        split = _DECODE(shape, {n: functools.partial(_launch, q, k, v, mask, **c) for n, c in SPLITS.items()})
+        return _launch(q, k, v, mask, **SPLITS[split])
     paths = {"triton": _launch, "sdpa": _sdpa}
-    name = _PREFILL((k.shape[0], q.shape[1], k.shape[1], q.shape[2]),
-                    {p: functools.partial(f, q, k, v, mask) for p, f in paths.items()})
+    name = _PREFILL(shape, {p: functools.partial(f, q, k, v, mask) for p, f in paths.items()})
     return paths[name](q, k, v, mask)
 
 
