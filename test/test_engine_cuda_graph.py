@@ -39,3 +39,29 @@ def test_graphed_session_equals_the_eager_one(mode, scheme):
             assert ((lb - la).norm() / la.norm()).item() < 1e-5
     frame_len = graphed.encode_frame(frame)[0].shape[0] + 2 + 4  # <|image> patches <image|> + the suffix
     assert set(graphed._graphs) == {("h", frame_len), ("ids", 1)} and not eager._graphs
+
+
+def test_bf16_session_with_the_triton_gemv_equals_the_one_without():
+    # engine/gemv.py on the GPU: the bf16 layers routed through gemma4_agent::linear (Triton or cuBLAS per shape,
+    # as timed) give the logits of plain cuBLAS, graphed, up to bf16 summation order
+    from gemma4_agent.engine import gemv
+
+    torch.manual_seed(0)
+    base = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    routed = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.bfloat16)
+    cfg = dict(image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600)
+    plain = StreamingSession(base, SyntheticPrompts(base.config, 40), SessionConfig(**cfg, triton_gemv=False))
+    tried = StreamingSession(routed, SyntheticPrompts(routed.config, 40), SessionConfig(**cfg, triton_gemv=True))
+    assert any(isinstance(m, gemv.GemvLinear) for m in routed.modules())
+    assert not any(isinstance(m, gemv.GemvLinear) for m in base.modules())
+    for s in (plain, tried):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = plain.step(frame, keep_logits=True)
+        b = tried.step(frame, Replay(a.tokens), keep_logits=True)
+        for la, lb in zip(a.logits_log, b.logits_log):
+            assert ((lb.float() - la.float()).norm() / la.float().norm()).item() < 2e-2
+    assert gemv._ONE_ROW.picks  # the decode step's shapes were timed

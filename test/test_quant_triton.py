@@ -131,3 +131,23 @@ def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
         expected = {3: ["_dequant_matmul", "_gemm", "_gemv_rows"], 5: ["_dequant_matmul", "_gemm", "_gemv_rows"],
                     20: ["_dequant_matmul", "_gemm"], 40: ["_dequant_matmul", "_gemm"]}.get(m, [])
         assert timed == expected, (m, timed)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled kernels need a CUDA device")
+def test_every_int4_path_on_the_gpu_matches_the_dequantized_matmul():
+    import torch
+    from torch import nn
+
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    for scheme in ("q4_0", "awq-g128"):
+        mod = Int4Linear.from_float(nn.Linear(512, 200, bias=False), scheme).cuda()
+        ref_w = mod.dequantize(torch.float32)
+        for m in (1, 3, 16, 40):
+            x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
+            ref = x.float() @ ref_w.t()
+            for path in T.paths_for(m):
+                y = T._launch(x, mod.qweight, mod.scales, mod.zeros, mod.group_size, path).float()
+                assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (scheme, m, path)
