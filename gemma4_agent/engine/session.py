@@ -112,19 +112,33 @@ class StreamingSession:
         # Frame chunks are graphed on the torch model, where that is tested on a GPU; the compiled engines
         # (engines/: TensorRT's prefill context) document and were checked for the decode step's capture only.
         self._graph_frames = isinstance(model, torch.nn.Module)
-        # one compiled function for every chunk length; dynamo specialises per length (a frame chunk and
-        # the one-token step are the lengths that repeat)
-        self._compiled = None
+        # Two compiled functions: one specialised per length, for the lengths that repeat (the frame chunk, the
+        # one-token step, and what the warm-up saw: jump-forward runs), and one for any length, compiled once, for
+        # the rest (the prefix; a jump-forward length first seen mid-stream, which would otherwise stop the robot
+        # for a recompile, ~10 s for the demo engine on CPU, minutes at the 12B, and past dynamo's cache limit run
+        # eager). Specialised code may be faster; the any-length code serves only what the warm-up did not show.
+        self._compiled = self._compiled_any = None
+        self._static_lengths: set[int] = set()  # the chunk lengths the warm-up ran
+        self._warming = False
         if self.config.compile:
             for mod in (model, *joined_modules(model)):
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
             self._compiled = torch.compile(self._layers_and_head, dynamic=False)
+            self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True)
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, h: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict,
+                 repeats: bool = True) -> torch.Tensor:
+        """`repeats`: a length seen every frame (compiled for that length), not one that varies."""
         self.cache.place(slots, positions, blocks)
-        return (self._compiled or self._layers_and_head)(h, positions, blocks)
+        if self._compiled is None:
+            return self._layers_and_head(h, positions, blocks)
+        return (self._compiled if repeats else self._compiled_any)(h, positions, blocks)
+
+    def _layers_and_head_any_length(self, h, positions, blocks):
+        # its own code object, so that dynamo keeps its (dynamic) graph apart from the per-length ones
+        return self._layers_and_head(h, positions, blocks)
 
     def _layers_and_head(self, h, positions, blocks):
         masks = {t: attention_mask(positions, self.cache.slot_pos[t], blocks[None], self.cache.slot_block[t][None], w)
@@ -158,7 +172,11 @@ class StreamingSession:
         self.next_pos += n
         if graph and self._graph_frames and self._graphs_on():
             return self._replay(("h", n), {"h": h, "pos": positions, "blocks": blocks, "slots": slots})
-        return self._forward(h, positions, blocks, slots)
+        if self._warming:
+            self._static_lengths.add(n)
+        # the prefix repeats every frame where nothing is cached (the peers' way, timed as such by the bench)
+        repeats = graph or n == 1 or n in self._static_lengths or (prefix and self.config.mode == "none")
+        return self._forward(h, positions, blocks, slots, repeats=repeats)
 
     def _check_room(self, n: int) -> None:
         for t, r in self.cache.ring_size.items():
@@ -186,7 +204,15 @@ class StreamingSession:
     def warm_up(self, selector=None) -> None:
         """One throw-away frame (640x480, black), so that what the first real frame would compile, autotune
         and graph-capture happens now; then the cache holds the prefix alone again, as if it never came."""
-        self.step(np.zeros((480, 640, 3), np.uint8), selector)
+        self._warming = True  # the chunk lengths this frame runs are compiled specialised (see __init__)
+        try:
+            self.step(np.zeros((480, 640, 3), np.uint8), selector)
+        finally:
+            self._warming = False
+        if self._compiled_any is not None:  # and a short run of a length it did not see, by the any-length code
+            self.cache.rewind()
+            self.next_pos = self.prefix_len
+            self._chunk(self.prefix_ids[:1] * min(n for n in range(2, 64) if n not in self._static_lengths))
         if self.config.mode != "none":
             self._load_prefix(self.prefix_ids)
         self.frame_index = 0
