@@ -26,3 +26,7 @@ class FastestOf:
                 times[name] = triton.testing.do_bench(run, warmup=5, rep=20)
             self.picks[key] = min(times, key=times.get)
         return self.picks[key]
+
+    def run(self, key: Hashable, candidates: dict[str, Callable[[], object]]) -> object:
+        """Call the fastest candidate for `key` (timed on first use) and return what it returns."""
+        return candidates[self(key, candidates)]()

@@ -12,6 +12,8 @@ modules keep their class's state (weights, names), so checkpoints and exports ar
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,10 +74,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> t
     if x.shape[0] != 1:
         return F.linear(x, weight)
     y = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
-    if path is None:
-        path = _ONE_ROW((*weight.shape, str(weight.dtype)),
-                        {p: (lambda f=f: f(x, weight, y)) for p, f in _PATHS.items()})
-    _PATHS[path](x, weight, y)
+    calls = {p: functools.partial(f, x, weight, y) for p, f in _PATHS.items()}
+    if path:
+        calls[path]()
+    else:
+        _ONE_ROW.run((*weight.shape, str(weight.dtype)), calls)
     return y
 
 

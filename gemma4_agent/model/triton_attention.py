@@ -146,11 +146,9 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     q, mask = q.contiguous(), mask.contiguous()
     shape = (k.shape[0], q.shape[1], k.shape[1], q.shape[2])
     if q.shape[1] <= DECODE_ROWS:
-        split = _DECODE(shape, {n: functools.partial(_launch, q, k, v, mask, **c) for n, c in SPLITS.items()})
-        return _launch(q, k, v, mask, **SPLITS[split])
-    paths = {"triton": _launch, "sdpa": _sdpa}
-    name = _PREFILL(shape, {p: functools.partial(f, q, k, v, mask) for p, f in paths.items()})
-    return paths[name](q, k, v, mask)
+        return _DECODE.run(shape, {n: functools.partial(_launch, q, k, v, mask, **c) for n, c in SPLITS.items()})
+    return _PREFILL.run(shape, {p: functools.partial(f, q, k, v, mask) for p, f in {"triton": _launch,
+                                                                                   "sdpa": _sdpa}.items()})
 
 
 @cache_attention.register_fake

@@ -310,12 +310,11 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    paths = paths_for(m)
-    name = path or next(iter(paths))
-    if path is None and len(paths) > 1:
-        name = _CHUNK((n, k, 1 << (m - 1).bit_length(), has_zeros),
-                      {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()})
-    paths[name](x, qweight, s, z, y, group, has_zeros)
+    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m).items()}
+    if path or len(calls) == 1:
+        calls[path or next(iter(calls))]()
+    else:
+        _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls)
     return y
 
 
