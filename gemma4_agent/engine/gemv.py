@@ -33,18 +33,11 @@ if triton is not None:
         # 16-byte loads (8 values); 64-128 values a thread per block: enough loads in flight without spilling
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                 for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
-                if 64 <= bn * bk // (32 * w) <= 128 and (bn, bk, w) != (16, 256, 1)]  # that one spills (see tests)
+                if 64 <= bn * bk // (32 * w) <= 128]
 
     def _prune(configs, named_args, **kwargs):
         ok = [c for c in configs if c.kwargs["BLOCK_K"] // 2 < named_args["K"]]  # no block wider than K needs
         return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": 256}, num_warps=1)]
-
-    @triton.jit
-    def _load_block(x_ptr, w_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
-        # weights [BLOCK_N, BLOCK_K] and x of columns k0..; masked off past K (no memory traffic)
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
-        return w, tl.load(x_ptr + cols, mask=cols < K, other=0)
 
     @triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune},
                      do_bench=triton_q4._bench_from_hbm, **triton_q4._AUTOTUNE_CACHE)
@@ -52,15 +45,12 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        # reduced across threads once, at the end; within a thread's 8 values (one 16-byte load) every block, so
-        # that the next block's loads fit in registers beside it
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        # the next block's loads issued before this block's arithmetic (as the int4 GEMV, triton_q4._gemv_kernel)
-        w, x = _load_block(x_ptr, w_ptr, rows, row_ok, 0, K, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced across threads once, at the end
         for k0 in range(0, K, BLOCK_K):
-            w_nxt, x_nxt = _load_block(x_ptr, w_ptr, rows, row_ok, k0 + BLOCK_K, K, BLOCK_K)
-            acc += tl.sum(tl.reshape(w.to(tl.float32) * x.to(tl.float32)[None, :], (BLOCK_N, BLOCK_K // 8, 8)), axis=2)
-            w, x = w_nxt, x_nxt
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -52,10 +52,9 @@ if triton is not None:
         # At one row the work is streaming bytes while keeping the arithmetic per weight small enough to keep
         # up (the SM issues ~4 instructions per weight at full HBM speed). 128-256 weights per thread per block:
         # enough 16-byte loads in flight per SM without running out of registers.
-        # (4, 2048, 1 warp) spills registers once the next block is loaded ahead (test_kernels_compile.py).
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                 for bn in (4, 8, 16, 32, 64) for bk in (256, 512, 1024, 2048, 4096) for w in (1, 2, 4, 8)
-                if 128 <= bn * bk // (32 * w) <= 256 and (bn, bk, w) != (4, 2048, 1)]
+                if 128 <= bn * bk // (32 * w) <= 256]
 
     def _prune_gemv(configs, named_args, **kwargs):
         # whole groups per block; no block wider than K rounded up to a power of two (K may be small: tiny models)
@@ -147,16 +146,6 @@ if triton is not None:
             part -= z * tl.sum(tl.reshape(xsum, (G, GROUP // 8)), axis=1)[None, :]
         return part * s
 
-    @triton.jit
-    def _load_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-        # the packed words [BLOCK_N, BLOCK_K / 8] of columns k0.. and their groups' scales and zero-points
-        wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :], mask=row_ok[:, None] & (wc < K_WORDS)[None, :],
-                        other=0)
-        s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, BLOCK_K // GROUP)
-        return words, s, z
-
     @triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
                      do_bench=_bench_from_hbm, **_AUTOTUNE_CACHE)
     @triton.jit
@@ -173,21 +162,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _dot_words
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
-        # The loads of block k0 + BLOCK_K are issued before block k0's arithmetic: Triton pipelines only loads
-        # that feed tl.dot, and without this each block waits a whole HBM round trip with nothing else in flight
-        # (a 3840-wide row is 2-4 blocks: the short shapes ran at 2-3x their read time, H200).
-        # One load site (the loop starts a block early and skips the arithmetic there): the code stays one block's
-        # worth, as before.
-        words = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.int32)
-        s = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        z = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for k0 in range(-BLOCK_K, K, BLOCK_K):
-            # past the last block the loads are masked off: no memory traffic
-            nxt, s_nxt, z_nxt = _load_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0 + BLOCK_K, K_WORDS, K_GROUPS,
-                                            HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
-            if k0 >= 0:
-                acc += _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
-            words, s, z = nxt, s_nxt, z_nxt
+        for k0 in range(0, K, BLOCK_K):
+            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
+                            mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
+            s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+            acc += _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
