@@ -139,6 +139,23 @@ def test_gemm_configurations_compile_without_spilling():
             assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
 
 
+def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():
+    # SWAP puts the dequantized weight tile first in the MMA: on sm_90 a 16-row chunk then runs wgmma (64 weight rows
+    # by 16) with the weights as register operands, where the plain form falls back to Ampere's mma.sync
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
+           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+           "SWAP": "constexpr"}
+    mmas = {}
+    for swap in (False, True):
+        ptx = compile_ptx(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_M": 16, "BLOCK_N": 128,
+                                                   "BLOCK_K": 64, "SWAP": swap}, ("N", "K", "K_WORDS"))
+        mmas[swap] = (len(re.findall(r"mma\.sync", ptx)),
+                      len(re.findall(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", ptx)))  # A given as registers
+    assert mmas[False][0] > 0 and mmas[False][1] == 0, mmas
+    assert mmas[True][0] == 0 and mmas[True][1] > 0, mmas
+
+
 def test_gemm_dequantizes_without_int_to_float_conversions():
     # The GEMM's loop dequantizes a weight tile per block of K; an I2F (quarter rate) per weight made it 7.3-8.9
     # instructions a weight plus the I2F; the GEMV's LOP3 + FMA form leaves 4.8-7.2 (2026-11-29).

@@ -58,6 +58,10 @@ SCRIPT = textwrap.dedent("""
                                         (3, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)),
                                         (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
                                         (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)),
+                                        # the weight tile as the MMA's first operand, the result stored transposed
+                                        (3, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SWAP=True)),
+                                        (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128,
+                                                                         SWAP=True)),
                                         (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 ref = x.to(dtype).float() @ ref_w.t()
@@ -70,10 +74,11 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 32
+    assert len(rows) == 40
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
-        assert rel < (GEMV_FP32_TOL if fp32 and kernel == "gemv" else 1e-2), (scheme, out, inp, m, kernel, rel)
+        tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
+        assert rel < tol, (scheme, out, inp, m, kernel, rel)
 
 
 DISPATCH = textwrap.dedent("""

@@ -190,10 +190,17 @@ if triton is not None:
                  mask=row_ok[:, None] & (kk < K)[None, :])
 
     def _gemm_configs():
-        # none spills registers on sm_90 (tested ahead of time: test_kernels_compile.py lists them)
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-                for bm, bn, bk, w in ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8),
-                                      (16, 64, 128, 4), (16, 128, 64, 8), (16, 128, 128, 8))]
+        # none spills registers on sm_90 (tested ahead of time: test_kernels_compile.py lists them). SWAP makes the
+        # weight tile the MMA's first operand (y^T = W x^T): on sm_90 wgmma then reads it from the registers it was
+        # dequantized in (no round trip through shared memory), and its 64-row minimum falls on the weights, so
+        # chunks of under 64 rows get wgmma instead of Ampere's mma.sync (seen in the PTX, tested). Which is faster
+        # per shape and row count is the autotuner's timing, on the GPU.
+        plain = ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8), (16, 64, 128, 4),
+                 (16, 128, 64, 8), (16, 128, 128, 8))
+        swapped = ((16, 64, 128, 4), (16, 128, 64, 4), (16, 128, 128, 4), (32, 128, 64, 4), (32, 128, 128, 8),
+                   (64, 128, 64, 4), (128, 128, 64, 8))
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w, num_stages=3)
+                for swap, shapes in ((False, plain), (True, swapped)) for bm, bn, bk, w in shapes]
 
     @triton.jit
     def _weights_bf16(words, s, z, magic, i: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -213,12 +220,13 @@ if triton is not None:
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
         # x tiles times weight tiles dequantized in registers, on the tensor cores. The dequantization is the
         # GEMV's (one LOP3 and one FMA a weight, no int->float conversion: 4.8-7.2 SASS instructions a weight in the
         # loop, and 7.3-8.9 plus a quarter-rate I2F before, sm_90), one tile per element place i of the words;
         # joined back in element order in registers, so x is loaded as it lies.
         # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2.
+        # SWAP: the same product as y^T = W x^T, the weight tile first (see _gemm_configs), stored transposed.
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
@@ -229,7 +237,7 @@ if triton is not None:
         # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _nibble
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
         G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups in a block, or one inside a group
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & ((k0 + rk) < K)[None, :],
                         other=0)
@@ -246,9 +254,16 @@ if triton is not None:
                                         _weights_bf16(words, s, z, magic, 5, BLOCK_N, BLOCK_K, GROUP, x.dtype)),
                                 tl.join(_weights_bf16(words, s, z, magic, 3, BLOCK_N, BLOCK_K, GROUP, x.dtype),
                                         _weights_bf16(words, s, z, magic, 7, BLOCK_N, BLOCK_K, GROUP, x.dtype))))
-            acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm < M)[:, None] & n_ok[None, :])
+            if SWAP:
+                acc = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
+        if SWAP:
+            tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rm < M)[None, :] & n_ok[:, None])
+        else:
+            tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rm < M)[:, None] & n_ok[None, :])
 
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
