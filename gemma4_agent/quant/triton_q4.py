@@ -12,9 +12,8 @@ Chosen by the number of rows of x:
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: rows, gemm and dequant at 2-16 rows (jump-forward chunks), gemm and dequant at 17-512 (a
 frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which
-the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, the GEMM before its
-dequantization was the GEMV's: 1.3-2.4x slower at 286 rows, 1.6x faster on gate/up at 76, slower on down and
-q/k/v at 4-16 rows than dequantize + cuBLAS).
+the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, BENCHMARKS.md: the
+GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
