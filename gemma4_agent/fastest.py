@@ -27,6 +27,9 @@ class FastestOf:
             self.picks[key] = min(times, key=times.get)
         return self.picks[key]
 
-    def run(self, key: Hashable, candidates: dict[str, Callable[[], object]]) -> object:
-        """Call the fastest candidate for `key` (timed on first use) and return what it returns."""
-        return candidates[self(key, candidates)]()
+    def run(self, key: Hashable, candidates: dict[str, Callable[[], object]], name: str | None = None) -> object:
+        """Call the fastest candidate for `key` (timed on first use; a lone candidate is not timed), or the one
+        `name`d, and return what it returns."""
+        if name is None and len(candidates) == 1:
+            name = next(iter(candidates))
+        return candidates[name or self(key, candidates)]()

@@ -357,22 +357,22 @@ class StreamingSession:
         return self.device.type == "cuda" and self.config.cuda_graph and self.record is None
 
     def _graph_step(self, token: int) -> torch.Tensor:
-        g = self._graphs.get(("ids", 1)) or self._capture("ids", 1)
-        g["ids"].fill_(token)
-        g["pos"].fill_(self.next_pos)
-        slots = self.cache.ring_slots(1)
-        for t, s in slots.items():
-            g["slots"][t].copy_(s)
+        logits = self._replay(("ids", 1), {"ids": token, "pos": self.next_pos, "slots": self.cache.ring_slots(1)})
         self.next_pos += 1
-        g["graph"].replay()
-        return g["logits"]
+        return logits
 
     def _replay(self, key: tuple[str, int], inputs: dict) -> torch.Tensor:
+        """Replay the graph of `key` (captured on first use) on `inputs`: tensors copied into its static ones,
+        plain numbers filled in; "slots" per layer type."""
         g = self._graphs.get(key) or self._capture(*key)
-        for name in ("h", "pos", "blocks"):
-            g[name].copy_(inputs[name].view_as(g[name]))
-        for t, s in inputs["slots"].items():
-            g["slots"][t].copy_(s)
+        for name, value in inputs.items():
+            if name == "slots":
+                for t, s in value.items():
+                    g["slots"][t].copy_(s)
+            elif isinstance(value, torch.Tensor):
+                g[name].copy_(value.view_as(g[name]))
+            else:
+                g[name].fill_(value)
         g["graph"].replay()
         return g["logits"]
 

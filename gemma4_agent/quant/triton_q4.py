@@ -258,11 +258,9 @@ if triton is not None:
             else:
                 acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
         if SWAP:
-            tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rm < M)[None, :] & n_ok[:, None])
-        else:
-            tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rm < M)[:, None] & n_ok[None, :])
+            acc = tl.trans(acc)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & n_ok[None, :])
 
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
@@ -325,10 +323,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m).items()}
-    if path or len(calls) == 1:
-        calls[path or next(iter(calls))]()
-    else:
-        _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls)
+    _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls, path)
     return y
 
 
