@@ -71,7 +71,10 @@ def load_baseline(path: str):
 def bench_gemv(ceilings: dict, baseline=None) -> list:
     rows = []
     bw = ceilings["copy_bandwidth_gbs"] * 1e9
-    kernels = {"int4_gemv": triton_q4} | ({"baseline_gemv": baseline} if baseline else {})
+    # each GEMV by name: the float one, the int8-x one (dp4a), and a previous float one
+    kernels = {"int4_gemv": (triton_q4, "gemv", "_gemv_kernel"), "int4_gemv_q8": (triton_q4, "gemv_q8", "_gemv_q8_kernel")}
+    if baseline:
+        kernels["baseline_gemv"] = (baseline, "gemv", "_gemv_kernel")
     for name, out, inp in SHAPES + [HEAD]:
         nbytes = out * inp // 2 + out * inp // 32 * 2
         copies = max(1, min(16, (400 << 20) // nbytes))  # > L2 in all, so weights come from HBM
@@ -79,13 +82,14 @@ def bench_gemv(ceilings: dict, baseline=None) -> list:
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ mods[0].dequantize(torch.float32).t()
         row = {"shape": name, "out": out, "in": inp, "int4_bytes": nbytes, "ideal_us": nbytes / bw * 1e6}
-        for label, module in kernels.items():
-            y = module._launch(x, mods[0].qweight, mods[0].scales, None, 32)  # autotunes
-            row[label + "_config"] = str(module._gemv_kernel.best_config)
+        for label, (module, path, kernel) in kernels.items():
+            y = module._launch(x, mods[0].qweight, mods[0].scales, None, 32, path)  # autotunes
+            row[label + "_config"] = str(getattr(module, kernel).best_config)
             row[label + "_rel_err"] = float((y.float() - ref).norm() / ref.norm())  # the compiled kernel's arithmetic
         for _ in range(2):  # alternated, twice: each kernel's time the mean of its two
-            for label, module in kernels.items():
-                us = graph_ms(lambda: [module._launch(x, m.qweight, m.scales, None, 32) for m in mods], len(mods)) * 1e3
+            for label, (module, path, _) in kernels.items():
+                us = graph_ms(lambda: [module._launch(x, m.qweight, m.scales, None, 32, path) for m in mods],
+                              len(mods)) * 1e3
                 row[label + "_us"] = row.get(label + "_us", 0.0) + us / 2
         del mods
         dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)

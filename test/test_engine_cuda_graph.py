@@ -65,3 +65,25 @@ def test_bf16_session_with_the_triton_gemv_equals_the_one_without():
         for la, lb in zip(a.logits_log, b.logits_log):
             assert ((lb.float() - la.float()).norm() / la.float().norm()).item() < 2e-2
     assert gemv._ONE_ROW.picks  # the decode step's shapes were timed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90")
+def test_compiled_kernels_launched_early_compute_what_they_compute_launched_late():
+    # Inductor's kernels launched while the one before drains (compiled_pdl) must still read what it wrote: the
+    # same compiled arithmetic either way, so the logits are equal; a missing wait would read stale activations.
+    # (Our own kernels always launch early on sm_90: the graphed session above equals the eager one exactly.)
+    model = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.float32)
+    quantize_model(model, "q4_0", progress=False)
+    cfg = dict(image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600, compile=True)
+    late = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, compiled_pdl=False))
+    early = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, compiled_pdl=True))
+    for s in (late, early):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = late.step(frame, keep_logits=True)
+        b = early.step(frame, Replay(a.tokens), keep_logits=True)
+        errors = [((lb - la).norm() / la.norm()).item() for la, lb in zip(a.logits_log, b.logits_log)]
+        assert max(errors) < 1e-5, errors

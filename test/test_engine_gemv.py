@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
             w = torch.randn(n, k).to(dtype)
             x = torch.randn(1, k).to(dtype)
             y = torch.empty(1, n, dtype=dtype)
-            G._gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, w, y, n, k, **cfg)
+            G._gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, w, y, n, k, PDL=False, **cfg)
             ref = x.float() @ w.float().t()
             rows.append([n, k, str(dtype), float((y.float() - ref).norm() / ref.norm())])
 

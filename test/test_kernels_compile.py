@@ -57,7 +57,7 @@ def loads(ptx: str) -> Counter:
 
 GEMV_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "N": "i32",
             "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "GROUP": "constexpr", "HAS_ZEROS": "constexpr",
-            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr"}
 
 
 def sass_instructions(kernel) -> int:
@@ -83,8 +83,9 @@ def test_every_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spil
     configs = [c for c in T._gemv_configs() if c.kwargs["BLOCK_K"] % group == 0]
     assert len(configs) >= 20
     for c in configs:
-        kernel = compile_kernel(T._gemv_kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
-                                ("N", "K", "K_WORDS"), c.num_warps)
+        kernel = compile_kernel(T._gemv_kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "PDL": True,
+                                                           **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
+        assert "griddepcontrol.wait" in kernel.asm["ptx"], c  # launched early on sm_90, it must wait (pdl.py)
         n = loads(kernel.asm["ptx"])
         assert n["ld.global.v4.b32"] > 0 and n["ld.global.v2.b32"] == 0 and n["ld.global.b32"] == 0, (c, n)
         assert stack_bytes(kernel) == 0, c
@@ -99,18 +100,48 @@ def test_gemv_spends_few_instructions_per_weight():
     per_weight = []
     for bn, bk, w in ((8, 4096, 4), (16, 1024, 2), (32, 1024, 4)):
         kernel = compile_kernel(T._gemv_kernel.fn, GEMV_SIG, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_N": bn,
-                                                              "BLOCK_K": bk}, ("N", "K", "K_WORDS"), w)
+                                                              "BLOCK_K": bk, "PDL": True}, ("N", "K", "K_WORDS"), w)
         per_weight.append(sass_instructions(kernel) / (bn * bk / (32 * w)))
     assert sum(per_weight) / len(per_weight) < 4.75, per_weight
 
 
+@pytest.mark.parametrize("has_zeros", [False, True])
+def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
+    sig = dict(GEMV_SIG, z_ptr="*u8" if has_zeros else "*fp16", ASM="constexpr")
+    group = 128 if has_zeros else 32
+    configs = [c for c in T._gemv_q8_configs() if c.kwargs["BLOCK_K"] % group == 0]
+    assert len(configs) >= 20
+    for c in configs:
+        kernel = compile_kernel(T._gemv_q8_kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "ASM": True,
+                                                            "PDL": True, **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
+        words_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (8 * 32 * c.num_warps)
+        # every weight word in a 16-byte load (x, a few values a thread, may come in smaller ones)
+        assert loads(kernel.asm["ptx"])["ld.global.v4.b32"] >= words_per_thread // 4, c
+        assert stack_bytes(kernel) == 0, c
+
+
+def test_int8_x_gemv_multiplies_four_weights_an_instruction():
+    # dp4a: eight weights of a word in two IDP instructions; with x's quantization (shared by the rows) the loop
+    # spends ~1.5-2 instructions a weight where the float GEMV spends ~3.5 (sm_90, 2026-11-29)
+    sig = dict(GEMV_SIG, ASM="constexpr")
+    per_weight = []
+    for bn, bk, w in ((16, 1024, 4), (32, 1024, 4), (64, 512, 4)):
+        kernel = compile_kernel(T._gemv_q8_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "ASM": True,
+                                                            "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}, ("N", "K", "K_WORDS"), w)
+        ops = loop_opcodes(kernel)
+        weights = bn * bk / (32 * w)
+        assert ops.count("IDP") == weights / 4, (bn, bk, w)
+        per_weight.append(len(ops) / weights)
+    assert sum(per_weight) / len(per_weight) < 2.0, per_weight
+
+
 def test_every_bf16_gemv_configuration_compiles_with_16_byte_loads_and_no_spills():
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "BLOCK_N": "constexpr",
-           "BLOCK_K": "constexpr"}
+           "BLOCK_K": "constexpr", "PDL": "constexpr"}
     configs = B._configs()
     assert len(configs) >= 15
     for c in configs:
-        kernel = compile_kernel(B._gemv_kernel.fn, sig, dict(c.kwargs), ("N", "K"), c.num_warps)
+        kernel = compile_kernel(B._gemv_kernel.fn, sig, dict(c.kwargs, PDL=True), ("N", "K"), c.num_warps)
         weights_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
         # every weight in a 16-byte load (8 values); x, shared by the rows, may come in smaller ones
         assert loads(kernel.asm["ptx"])["ld.global.v4.b32"] >= weights_per_thread // 8, c
@@ -181,16 +212,17 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
     split = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "acc_ptr": "*fp32",
              "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "sq_h": "i32", "sq_r": "i32",
              "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr",
-             "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr"}
+             "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr", "PDL": "constexpr"}
     for block_s in sorted({32} | {c["block_s"] for c in A.SPLITS.values()}):  # prefill's and every decode split
         kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": block_s,
-                                                         "SPLIT_LEN": 64}, ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s",
+                                                         "SPLIT_LEN": 64, "PDL": True}, ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s",
                                                                             "sv_h", "sv_s"), warps)
         assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
         assert stack_bytes(kernel) == 0, block_s
     merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
-             "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr"}
+             "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr",
+             "PDL": "constexpr"}
     for splits in (32, 64):  # up to 62 splits of a 982-slot cache at 16 slots each
-        kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits}, ("so_h", "so_r"),
+        kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits, "PDL": True}, ("so_h", "so_r"),
                                 A.merge_warps(splits, dim))
         assert stack_bytes(kernel) == 0, splits

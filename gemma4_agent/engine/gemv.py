@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fastest import FastestOf
+from ..pdl import pdl
 from ..quant import triton_q4
 
 try:
@@ -42,7 +43,9 @@ if triton is not None:
     @triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune},
                      do_bench=triton_q4._bench_from_hbm, **triton_q4._AUTOTUNE_CACHE)
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
+            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced across threads once, at the end
@@ -56,7 +59,9 @@ if triton is not None:
 
 def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
     n, k = weight.shape
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k)
+    p = pdl(x)
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k, PDL=p,
+                                                                  **({"launch_pdl": True} if p else {}))
 
 
 def _cublas(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastest import FastestOf
+from ..pdl import pdl
 
 try:
     import triton
@@ -47,7 +48,10 @@ if triton is not None:
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS,
                       sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
-                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr):
+                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                      PDL: tl.constexpr):
+        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -80,8 +84,10 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R_PAD, SPLITS, so_h, so_r,
-                      D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+                      D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
         # one (KV head, row): the splits' partial sums rescaled to the common maximum
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         r = tl.program_id(1)
         sp = tl.arange(0, BLOCK_SPLITS)
@@ -122,14 +128,16 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     acc = torch.empty(h, splits, r_pad, dim, device=q.device, dtype=torch.float32)
     ml = torch.empty(h, splits, r_pad, 2, device=q.device, dtype=torch.float32)
     mask8 = mask.view(torch.uint8)
+    p = pdl(q)
+    launch = {"launch_pdl": True} if p else {}
     _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits,
                                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                            v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
-                                           SPLIT_LEN=per_split, num_warps=warps)
+                                           SPLIT_LEN=per_split, PDL=p, num_warps=warps, **launch)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
     block_splits = max(2, triton.next_power_of_2(splits))
     _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
-                             BLOCK_SPLITS=block_splits, num_warps=merge_warps(block_splits, dim))
+                             BLOCK_SPLITS=block_splits, PDL=p, num_warps=merge_warps(block_splits, dim), **launch)
     return out
 
 

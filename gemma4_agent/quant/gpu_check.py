@@ -111,7 +111,7 @@ def check_accuracy(device, reduced: bool) -> list[dict]:
                 with int4_backend("kernel"):
                     outputs = {"auto": mod(x.to(torch.bfloat16)).float()}
                 if device.type == "cuda" and triton_q4.available():
-                    for path in triton_q4.paths_for(m):
+                    for path in triton_q4.paths_for(m, mod.group_size):
                         outputs[path] = triton_q4._launch(x.to(torch.bfloat16), mod.qweight, mod.scales, mod.zeros,
                                                           mod.group_size, path).float()
                 for path, y in outputs.items():

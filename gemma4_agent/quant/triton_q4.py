@@ -5,13 +5,16 @@ plus the portable copy until it is released).
 Chosen by the number of rows of x:
     gemv     (one row: the decode step)  each program reduces BLOCK_N weight rows over all of K; weights stream
              once from memory, which is the whole cost at batch 1, if the arithmetic per weight keeps up.
+    gemv_q8  the same with x rounded to int8 per 32 values in the kernel and integer dot products (dp4a): 1.5-2
+             instructions a weight in the loop instead of ~3.5, 1.07-1.45x faster at the 12B's shapes (H200); x's
+             rounding costs ~0.5% of the output. Timed against gemv per shape on first use.
     gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot).
     dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
              best matmul there is.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
-this GPU on first use: rows, gemm and dequant at 2-16 rows (jump-forward chunks), gemm and dequant at 17-512 (a
-frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which
+this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
+gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which
 the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, BENCHMARKS.md: the
 GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
+from ..pdl import pdl
 
 try:
     import triton
@@ -149,11 +153,13 @@ if triton is not None:
                      do_bench=_bench_from_hbm, **_AUTOTUNE_CACHE)
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # one row of x times BLOCK_N weight rows per program. The row lengths come as arguments (K_WORDS = K / 8,
         # K_GROUPS = K / GROUP) so that Triton's divisibility specialisation sees them: 16-byte loads need a row
         # of words to start 16-byte aligned, which K's own divisibility by 16 does not show once divided by 8
         # (measured in the PTX: 8-byte loads).
+        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
+            tl.extra.cuda.gdc_wait()
         G: tl.constexpr = BLOCK_K // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -167,6 +173,81 @@ if triton is not None:
                             mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
             s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
             acc += _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    # The GEMV with x in int8: x is quantized per 32 values (scale amax / 127) in the kernel, and eight weights
+    # meet eight x values in two integer dot products (dp4a: four byte products and a sum, one instruction): the
+    # loop spends 1.5-2 instructions a weight (SASS, sm_90) where the float form spends ~3.5 (a LOP3 and an FMA a
+    # weight and their share of the rest), which kept the SM busier than HBM. The price is x's rounding to 8 bits
+    # per group of 32: ~0.5% of the output (the scheme of llama.cpp's Q4_0 x Q8_1 on CUDA).
+
+    def _gemv_q8_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (8, 16, 32, 64) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+                if 4 <= bn * bk // (8 * 32 * w) <= 16]
+
+    @triton.jit
+    def _dp4a(a, b, c, ASM: tl.constexpr):
+        # c + the sum over the four bytes of a times those of b, as signed 8-bit integers
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:  # the interpreter (no PTX): the same sum, byte by byte
+            for k in tl.static_range(4):
+                c += ((a << (24 - 8 * k)) >> 24) * ((b << (24 - 8 * k)) >> 24)
+            return c
+
+    @triton.jit
+    def _quantize_x(x_ptr, k0, K, BLOCK_K: tl.constexpr, XG: tl.constexpr):
+        # x[k0:k0+BLOCK_K] in int8 per group of XG: the bytes of elements (8c, 8c+2, 8c+4, 8c+6) of word c in `even`,
+        # (8c+1, ..., 8c+7) in `odd` (the places the masked nibbles of a weight word take), the group's scale and
+        # the sum of its int8 values (for the zero-point)
+        W: tl.constexpr = BLOCK_K // 8
+        J: tl.constexpr = BLOCK_K // XG
+        kx = k0 + tl.arange(0, BLOCK_K)
+        x = tl.reshape(tl.load(x_ptr + kx, mask=kx < K, other=0).to(tl.float32), (J, XG))
+        amax = tl.max(tl.abs(x), axis=1)
+        inv = 127.0 / tl.maximum(amax, 1e-30)  # an all-zero group stays zero
+        q = tl.floor(x * inv[:, None] + 0.5).to(tl.int32)
+        qsum = tl.sum(q, axis=1)
+        even, odd = tl.split(tl.reshape(q, (W, 4, 2)))
+        place = 8 * tl.arange(0, 4)
+        even = tl.sum((even & 0xFF) << place[None, :], axis=1)
+        odd = tl.sum((odd & 0xFF) << place[None, :], axis=1)
+        return even, odd, amax / 127.0, qsum
+
+    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
+                     do_bench=_bench_from_hbm, **_AUTOTUNE_CACHE)
+    @triton.jit
+    def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
+                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+                        PDL: tl.constexpr):
+        # one row of x times BLOCK_N weight rows per program, as _gemv_kernel; x's groups (XG) divide GROUP
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        XG: tl.constexpr = 32
+        W: tl.constexpr = BLOCK_K // 8
+        J: tl.constexpr = BLOCK_K // XG
+        G: tl.constexpr = BLOCK_K // GROUP
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, J), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, XG)
+            wc = k0 // 8 + tl.arange(0, W)
+            words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
+                            mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
+            # nibbles 0, 2, 4, 6 of a word as bytes, and 1, 3, 5, 7: unsigned 0..15, so signed bytes as well
+            d = _dp4a(words & 0x0F0F0F0F, tl.broadcast_to(even[None, :], (BLOCK_N, W)),
+                      tl.zeros((BLOCK_N, W), dtype=tl.int32), ASM)
+            d = _dp4a((words >> 4) & 0x0F0F0F0F, tl.broadcast_to(odd[None, :], (BLOCK_N, W)), d, ASM)
+            dot = tl.sum(tl.reshape(d, (BLOCK_N, J, XG // 8)), axis=2)  # sum(q x) per x group, exact
+            s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+            if GROUP > XG:  # each weight group's scale and zero-point over its x groups
+                s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
+                z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
+            # sum((q - z) x) = sum(q x) - z sum(x), in x's int8 units, then scaled
+            acc += (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
@@ -287,8 +368,18 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
 def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    p = pdl(x)
     _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
-                       HAS_ZEROS=has_zeros)
+                       HAS_ZEROS=has_zeros, PDL=p, **({"launch_pdl": True} if p else {}))
+
+
+def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    n, k = qweight.shape[0], x.shape[1]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
+    p = pdl(x)
+    _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
+                          HAS_ZEROS=has_zeros, ASM=x.is_cuda, PDL=p, **({"launch_pdl": True} if p else {}))
 
 
 def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
@@ -300,10 +391,10 @@ def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
 _CHUNK = FastestOf()
 
 
-def paths_for(rows: int) -> dict:
+def paths_for(rows: int, group: int = 32) -> dict:
     """The interchangeable ways to multiply `rows` rows (name -> function), the untimed default first."""
     if rows == 1:
-        return {"gemv": _gemv}
+        return {"gemv": _gemv, "gemv_q8": _gemv_q8} if group % 32 == 0 else {"gemv": _gemv}
     if rows <= ROWS_MAX_ROWS:
         return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
     if rows <= MEASURED_MAX_ROWS:
@@ -322,7 +413,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m).items()}
+    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
     _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls, path)
     return y
 
