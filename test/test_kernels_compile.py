@@ -105,9 +105,15 @@ def test_gemv_spends_few_instructions_per_weight():
     assert sum(per_weight) / len(per_weight) < 4.75, per_weight
 
 
+Q8_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+          "count_ptr": "*i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "GROUP": "constexpr",
+          "HAS_ZEROS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT": "constexpr",
+          "ASM": "constexpr", "PDL": "constexpr"}
+
+
 @pytest.mark.parametrize("has_zeros", [False, True])
 def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
-    sig = dict(GEMV_SIG, z_ptr="*u8" if has_zeros else "*fp16", ASM="constexpr")
+    sig = dict(Q8_SIG, z_ptr="*u8" if has_zeros else "*fp16")
     group = 128 if has_zeros else 32
     configs = [c for c in T._gemv_q8_configs() if c.kwargs["BLOCK_K"] % group == 0]
     assert len(configs) >= 20
@@ -116,18 +122,21 @@ def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_
                                                             "PDL": True, **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
         words_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (8 * 32 * c.num_warps)
         # every weight word in a 16-byte load (x, a few values a thread, may come in smaller ones)
-        assert loads(kernel.asm["ptx"])["ld.global.v4.b32"] >= words_per_thread // 4, c
+        ptx = kernel.asm["ptx"]
+        assert loads(ptx)["ld.global.v4.b32"] >= words_per_thread // 4, c
         assert stack_bytes(kernel) == 0, c
+        if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
+            assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
 
 
 def test_int8_x_gemv_multiplies_four_weights_an_instruction():
     # dp4a: eight weights of a word in two IDP instructions; with x's quantization (shared by the rows) the loop
     # spends ~1.5-2 instructions a weight where the float GEMV spends ~3.5 (sm_90, 2026-11-29)
-    sig = dict(GEMV_SIG, ASM="constexpr")
     per_weight = []
     for bn, bk, w in ((16, 1024, 4), (32, 1024, 4), (64, 512, 4)):
-        kernel = compile_kernel(T._gemv_q8_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "ASM": True,
-                                                            "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}, ("N", "K", "K_WORDS"), w)
+        kernel = compile_kernel(T._gemv_q8_kernel.fn, Q8_SIG, {"GROUP": 32, "HAS_ZEROS": False, "ASM": True,
+                                                               "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1, "PDL": True},
+                                ("N", "K", "K_WORDS"), w)
         ops = loop_opcodes(kernel)
         weights = bn * bk / (32 * w)
         assert ops.count("IDP") == weights / 4, (bn, bk, w)

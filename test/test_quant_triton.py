@@ -27,11 +27,17 @@ SCRIPT = textwrap.dedent("""
         s = mod.scales.view(torch.float16)
         z = mod.zeros if mod.zeros is not None else s
         common = dict(GROUP=mod.group_size, HAS_ZEROS=mod.zeros is not None, **cfg)
-        if gemv in ("gemv", "gemv_q8"):  # autotuning needs a GPU: the interpreter runs one configuration directly
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-            kernel, extra = (T._gemv_kernel, {"PDL": False}) if gemv == "gemv" else (T._gemv_q8_kernel, {"ASM": False, "PDL": False})
-            kernel.fn[grid](x, mod.qweight.view(torch.int32), s, z, y, n, k, k // 8, k // mod.group_size, **common,
-                            **extra)
+        if gemv == "gemv":  # autotuning needs a GPU: the interpreter runs one configuration directly
+            T._gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, mod.qweight.view(torch.int32), s, z, y, n, k,
+                                                                 k // 8, k // mod.group_size, PDL=False, **common)
+        elif gemv == "gemv_q8":
+            split = cfg.get("SPLIT", 1)
+            part = torch.full((split, n), float("nan"))
+            counts = torch.zeros(triton.cdiv(n, cfg["BLOCK_N"]), dtype=torch.int32)
+            T._gemv_q8_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+                x, mod.qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // mod.group_size,
+                ASM=False, PDL=False, **dict(common, SPLIT=split))
+            assert not counts.any()  # the last split of each row block left its count at zero for the next call
         elif gemv == "dequant":
             w = torch.empty(n, k, dtype=x.dtype)
             T._dequant_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k // 2, cfg["BLOCK_B"]))](
@@ -67,6 +73,10 @@ SCRIPT = textwrap.dedent("""
                                         (1, "gemv_q8", torch.bfloat16, dict(BLOCK_N=8, BLOCK_K=256)),
                                         (1, "gemv_q8", torch.float32, dict(BLOCK_N=16, BLOCK_K=128)),
                                         (1, "gemv_q8", torch.float32, dict(BLOCK_N=4, BLOCK_K=512)),
+                                        # K in splits summed by the last to arrive; with K = 256 the third of
+                                        # three splits is empty
+                                        (1, "gemv_q8", torch.float32, dict(BLOCK_N=8, BLOCK_K=128, SPLIT=2)),
+                                        (1, "gemv_q8", torch.float32, dict(BLOCK_N=16, BLOCK_K=128, SPLIT=3)),
                                         (3, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)),
                                         (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
                                         (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)),
@@ -87,7 +97,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 52
+    assert len(rows) == 60
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
@@ -103,7 +113,7 @@ DISPATCH = textwrap.dedent("""
     # one configuration per autotuned kernel (the interpreter cannot time them); the timing that picks the path for
     # 2-512 rows replaced by given times, recorded per call
     T._gemv_kernel.configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=1)]
-    T._gemv_q8_kernel.configs = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128}, num_warps=1)]
+    T._gemv_q8_kernel.configs = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT": 2}, num_warps=1)]
     T._gemm_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
     timed = []
     def fake_do_bench(fn, **kwargs):
@@ -171,3 +181,37 @@ def test_every_int4_path_on_the_gpu_matches_the_dequantized_matmul():
             for path in T.paths_for(m, mod.group_size):
                 y = T._launch(x, mod.qweight, mod.scales, mod.zeros, mod.group_size, path).float()
                 assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (scheme, m, path)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled kernels need a CUDA device")
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_int8_x_gemv_on_the_gpu_in_splits_of_k(split):
+    # compiled: dp4a in PTX, and with splits the partials published across SMs (atomics, L2) and summed by the
+    # last to arrive; twice in a row, as graph replays run it, so a count left non-zero would show
+    import torch
+    import triton
+    from torch import nn
+
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    n, k = 3840, 4096
+    mod = Int4Linear.from_float(nn.Linear(k, n, bias=False), "q4_0").cuda()
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    g = x.float().reshape(-1, 32)
+    amax = g.abs().amax(1, keepdim=True)
+    xq = (torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5) * amax / 127).reshape(1, k)
+    ref = xq @ mod.dequantize(torch.float32).t()
+    part = torch.empty(split, n, device="cuda")
+    counts = torch.zeros(triton.cdiv(n, 16), device="cuda", dtype=torch.int32)
+    pdl = T.pdl(x)
+    for _ in range(2):
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        T._gemv_q8_kernel.fn[(triton.cdiv(n, 16), split)](
+            x, mod.qweight.view(torch.int32), mod.scales.view(torch.float16), mod.scales.view(torch.float16), y,
+            part, counts, n, k, k // 8, k // 32, GROUP=32, HAS_ZEROS=False, BLOCK_N=16, BLOCK_K=1024, SPLIT=split,
+            ASM=True, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+        # the kernel's arithmetic is exact but for float32 summation order and the bf16 output
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
+        assert not counts.any().item()

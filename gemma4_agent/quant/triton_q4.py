@@ -7,7 +7,9 @@ Chosen by the number of rows of x:
              once from memory, which is the whole cost at batch 1, if the arithmetic per weight keeps up.
     gemv_q8  the same with x rounded to int8 per 32 values in the kernel and integer dot products (dp4a): 1.5-2
              instructions a weight in the loop instead of ~3.5, 1.07-1.45x faster at the 12B's shapes (H200); x's
-             rounding costs ~0.5% of the output. Timed against gemv per shape on first use.
+             rounding costs ~0.5% of the output. Its autotuner may also split K over 2-4 programs a row block for
+             the 3840-row outputs, the last to finish summing the partials in order. Timed against gemv per shape
+             on first use.
     gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot).
     dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
              best matmul there is.
@@ -182,9 +184,23 @@ if triton is not None:
     # per group of 32: ~0.5% of the output (the scheme of llama.cpp's Q4_0 x Q8_1 on CUDA).
 
     def _gemv_q8_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                for bn in (8, 16, 32, 64) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
-                if 4 <= bn * bk // (8 * 32 * w) <= 16]
+        # SPLIT > 1: each program takes 1/SPLIT of K and the last to finish sums the partials (in split order, so
+        # the result does not depend on timing). For the 3840-row outputs (o, down), whose 240-480 programs of
+        # whole rows leave SMs idle at the tail.
+        whole = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1}, num_warps=w)
+                 for bn in (8, 16, 32, 64) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+                 if 4 <= bn * bk // (8 * 32 * w) <= 16]
+        split = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=w)
+                 for sp in (2, 4) for bn in (8, 16) for bk in (1024, 2048) for w in (4, 8)
+                 if 4 <= bn * bk // (8 * 32 * w) <= 16]
+        return whole + split
+
+    def _prune_gemv_q8(configs, named_args, **kwargs):
+        # splitting only where whole rows give few programs, and into splits of at least one block each
+        n, k = named_args["N"], named_args["K"]
+        ok = [c for c in _prune_gemv(configs, named_args, **kwargs) if c.kwargs["SPLIT"] == 1
+              or (triton.cdiv(n, c.kwargs["BLOCK_N"]) < 1024 and k >= c.kwargs["SPLIT"] * c.kwargs["BLOCK_K"])]
+        return ok or [triton.Config({"BLOCK_N": 8, "BLOCK_K": max(kwargs["GROUP"], 128), "SPLIT": 1}, num_warps=1)]
 
     @triton.jit
     def _dp4a(a, b, c, ASM: tl.constexpr):
@@ -216,13 +232,16 @@ if triton is not None:
         odd = tl.sum((odd & 0xFF) << place[None, :], axis=1)
         return even, odd, amax / 127.0, qsum
 
-    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv},
-                     do_bench=_bench_from_hbm, **_AUTOTUNE_CACHE)
+    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
+                     prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
+                     **_AUTOTUNE_CACHE)
     @triton.jit
-    def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
-                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-                        PDL: tl.constexpr):
-        # one row of x times BLOCK_N weight rows per program, as _gemv_kernel; x's groups (XG) divide GROUP
+    def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, K_WORDS, K_GROUPS,
+                        GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        # BLOCK_N weight rows times one row of x per program over its split of K (all of it when SPLIT is 1), as
+        # _gemv_kernel; x's groups (XG) divide GROUP. Splits: partials in part_ptr [SPLIT, N] (float32), arrivals
+        # counted per row block in count_ptr (zero between calls: the last arrival resets it)
         if PDL:
             tl.extra.cuda.gdc_wait()
         XG: tl.constexpr = 32
@@ -232,7 +251,9 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, J), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K  # whole blocks a split
+        k_start = tl.program_id(1) * k_len
+        for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
             even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, XG)
             wc = k0 // 8 + tl.arange(0, W)
             words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
@@ -248,7 +269,19 @@ if triton is not None:
                 z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
             # sum((q - z) x) = sum(q x) - z sum(x), in x's int8 units, then scaled
             acc += (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        out = tl.sum(acc, axis=1)
+        if SPLIT == 1:
+            tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        else:
+            tl.store(part_ptr + tl.program_id(1) * N + rows, out, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
+            arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+            if arrived == SPLIT - 1:  # the last split of these rows: the partials, in split order, past L1
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for j in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + j * N + rows, mask=row_ok, other=0, cache_modifier=".cg")
+                tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
+                tl.atomic_xchg(count_ptr + tl.program_id(0), 0)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
@@ -373,13 +406,30 @@ def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
                        HAS_ZEROS=has_zeros, PDL=p, **({"launch_pdl": True} if p else {}))
 
 
+MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
+# Per device: the int8-x GEMV's arrival counts (zero between calls, reset by the kernel itself, so no memset a
+# call), kept for the process as the autotuner keeps its picks; grown outside CUDA-graph capture, at a shape's
+# first (timed) call.
+_SPLIT_COUNTS: dict = {}
+
+
+def _split_counts(device: torch.device, blocks: int) -> torch.Tensor:
+    counts = _SPLIT_COUNTS.get(device)
+    if counts is None or counts.numel() < blocks:
+        counts = _SPLIT_COUNTS[device] = torch.zeros(max(blocks, 4096), device=device, dtype=torch.int32)
+    return counts
+
+
 def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    part = torch.empty(MAX_SPLIT, n, device=x.device, dtype=torch.float32)
+    counts = _split_counts(x.device, triton.cdiv(n, 8))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
     p = pdl(x)
-    _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
-                          HAS_ZEROS=has_zeros, ASM=x.is_cuda, PDL=p, **({"launch_pdl": True} if p else {}))
+    _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // group,
+                          GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, PDL=p,
+                          **({"launch_pdl": True} if p else {}))
 
 
 def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
