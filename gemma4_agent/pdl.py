@@ -15,3 +15,8 @@ def pdl(t: torch.Tensor) -> bool:
     """Whether a kernel working on `t` launches with PDL: CUDA devices of compute capability 9.0 or later (the
     wait instruction does not exist before; the Triton interpreter works on CPU tensors)."""
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr: its wait compiled in and the PDL launch, or neither."""
+    return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}

@@ -205,13 +205,12 @@ def test_int8_x_gemv_on_the_gpu_in_splits_of_k(split):
     ref = xq @ mod.dequantize(torch.float32).t()
     part = torch.empty(split, n, device="cuda")
     counts = torch.zeros(triton.cdiv(n, 16), device="cuda", dtype=torch.int32)
-    pdl = T.pdl(x)
     for _ in range(2):
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         T._gemv_q8_kernel.fn[(triton.cdiv(n, 16), split)](
             x, mod.qweight.view(torch.int32), mod.scales.view(torch.float16), mod.scales.view(torch.float16), y,
             part, counts, n, k, k // 8, k // 32, GROUP=32, HAS_ZEROS=False, BLOCK_N=16, BLOCK_K=1024, SPLIT=split,
-            ASM=True, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+            ASM=True, num_warps=4, **T.pdl_args(x))
         # the kernel's arithmetic is exact but for float32 summation order and the bf16 output
         assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
         assert not counts.any().item()

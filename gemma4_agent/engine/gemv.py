@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fastest import FastestOf
-from ..pdl import pdl
+from ..pdl import pdl_args
 from ..quant import triton_q4
 
 try:
@@ -59,9 +59,7 @@ if triton is not None:
 
 def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
     n, k = weight.shape
-    p = pdl(x)
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k, PDL=p,
-                                                                  **({"launch_pdl": True} if p else {}))
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k, **pdl_args(x))
 
 
 def _cublas(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:

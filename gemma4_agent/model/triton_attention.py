@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastest import FastestOf
-from ..pdl import pdl
+from ..pdl import pdl_args
 
 try:
     import triton
@@ -128,16 +128,15 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     acc = torch.empty(h, splits, r_pad, dim, device=q.device, dtype=torch.float32)
     ml = torch.empty(h, splits, r_pad, 2, device=q.device, dtype=torch.float32)
     mask8 = mask.view(torch.uint8)
-    p = pdl(q)
-    launch = {"launch_pdl": True} if p else {}
+    launch = pdl_args(q)
     _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits,
                                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                            v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
-                                           SPLIT_LEN=per_split, PDL=p, num_warps=warps, **launch)
+                                           SPLIT_LEN=per_split, num_warps=warps, **launch)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
     block_splits = max(2, triton.next_power_of_2(splits))
     _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
-                             BLOCK_SPLITS=block_splits, PDL=p, num_warps=merge_warps(block_splits, dim), **launch)
+                             BLOCK_SPLITS=block_splits, num_warps=merge_warps(block_splits, dim), **launch)
     return out
 
 

@@ -16,8 +16,8 @@ Chosen by the number of rows of x:
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
-gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which
-the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, BENCHMARKS.md: the
+gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
+whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, BENCHMARKS.md: the
 GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
-from ..pdl import pdl
+from ..pdl import pdl_args
 
 try:
     import triton
@@ -401,9 +401,8 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
 def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    p = pdl(x)
     _gemv_kernel[grid](x, qweight.view(torch.int32), s, z, y, n, k, k // 8, k // group, GROUP=group,
-                       HAS_ZEROS=has_zeros, PDL=p, **({"launch_pdl": True} if p else {}))
+                       HAS_ZEROS=has_zeros, **pdl_args(x))
 
 
 MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
@@ -426,10 +425,8 @@ def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     counts = _split_counts(x.device, triton.cdiv(n, 8))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
-    p = pdl(x)
     _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // group,
-                          GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, PDL=p,
-                          **({"launch_pdl": True} if p else {}))
+                          GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, **pdl_args(x))
 
 
 def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
