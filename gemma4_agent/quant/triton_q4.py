@@ -41,6 +41,8 @@ except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm /
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
 MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequantize + cuBLAS
+MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
+SPLIT_MAX_BLOCKS = 1024  # blocks of rows up to which the int8-x GEMV may split K (one arrival count each)
 
 
 def available() -> bool:
@@ -191,7 +193,7 @@ if triton is not None:
                  for bn in (8, 16, 32, 64) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
                  if 4 <= bn * bk // (8 * 32 * w) <= 16]
         split = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=w)
-                 for sp in (2, 4) for bn in (8, 16) for bk in (1024, 2048) for w in (4, 8)
+                 for sp in (2, MAX_SPLIT) for bn in (8, 16) for bk in (1024, 2048) for w in (4, 8)
                  if 4 <= bn * bk // (8 * 32 * w) <= 16]
         return whole + split
 
@@ -199,7 +201,8 @@ if triton is not None:
         # splitting only where whole rows give few programs, and into splits of at least one block each
         n, k = named_args["N"], named_args["K"]
         ok = [c for c in _prune_gemv(configs, named_args, **kwargs) if c.kwargs["SPLIT"] == 1
-              or (triton.cdiv(n, c.kwargs["BLOCK_N"]) < 1024 and k >= c.kwargs["SPLIT"] * c.kwargs["BLOCK_K"])]
+              or (triton.cdiv(n, c.kwargs["BLOCK_N"]) <= SPLIT_MAX_BLOCKS
+                  and k >= c.kwargs["SPLIT"] * c.kwargs["BLOCK_K"])]
         return ok or [triton.Config({"BLOCK_N": 8, "BLOCK_K": max(kwargs["GROUP"], 128), "SPLIT": 1}, num_warps=1)]
 
     @triton.jit
@@ -405,24 +408,22 @@ def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
                        HAS_ZEROS=has_zeros, **pdl_args(x))
 
 
-MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
 # Per device: the int8-x GEMV's arrival counts (zero between calls, reset by the kernel itself, so no memset a
-# call), kept for the process as the autotuner keeps its picks; grown outside CUDA-graph capture, at a shape's
-# first (timed) call.
+# call), kept for the process as the autotuner keeps its picks. One buffer, never replaced: CUDA graphs hold its
+# address.
 _SPLIT_COUNTS: dict = {}
 
 
-def _split_counts(device: torch.device, blocks: int) -> torch.Tensor:
-    counts = _SPLIT_COUNTS.get(device)
-    if counts is None or counts.numel() < blocks:
-        counts = _SPLIT_COUNTS[device] = torch.zeros(max(blocks, 4096), device=device, dtype=torch.int32)
-    return counts
+def _split_counts(device: torch.device) -> torch.Tensor:
+    if device not in _SPLIT_COUNTS:
+        _SPLIT_COUNTS[device] = torch.zeros(SPLIT_MAX_BLOCKS, device=device, dtype=torch.int32)
+    return _SPLIT_COUNTS[device]
 
 
 def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
     part = torch.empty(MAX_SPLIT, n, device=x.device, dtype=torch.float32)
-    counts = _split_counts(x.device, triton.cdiv(n, 8))
+    counts = _split_counts(x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
     _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // group,
