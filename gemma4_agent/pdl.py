@@ -8,13 +8,20 @@ before it: order is kept along the whole stream whatever the neighbours do.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9  # asked once per device, not per launch
 
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether a kernel working on `t` launches with PDL: CUDA devices of compute capability 9.0 or later (the
     wait instruction does not exist before; the Triton interpreter works on CPU tensors)."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return t.is_cuda and _sm90_or_later(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def pdl_args(t: torch.Tensor) -> dict:
