@@ -52,8 +52,8 @@ def main() -> int:
             r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
             r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
             rows.append(r)
-            print(json.dumps({k: r.get(k) for k in ("compile", "compiled_pdl", "image_tokens", "per_frame_ms", "prefill_ms_p50",
-                                                    "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
+            print(json.dumps({k: r.get(k) for k in ("compile", "compiled_pdl", "image_tokens", "per_frame_ms",
+                                                    "prefill_ms_p50", "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
                                                     "no_hot_path_allocation")}), flush=True)
             # written after every run: a run cut off by a time limit keeps what finished
             report = {"ceilings": ceilings, "weights_resident_gb": resident / 1e9, "embedding_int4": args.embedding,

@@ -21,14 +21,7 @@ from gemma4_agent.demo.evaluate import closed_loop, frame_agreement, model_info 
 from gemma4_agent.model.loader import load_model  # noqa: E402
 from gemma4_agent.model.tokenizer import load_tokenizer  # noqa: E402
 from gemma4_agent.quant.int4 import Int4Linear, quantize_model  # noqa: E402
-
-
-def int8_per_32(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the int8-x GEMV rounds it: per group of 32 along the last axis, scale amax / 127."""
-    g = x.float().reshape(*x.shape[:-1], -1, 32)
-    amax = g.abs().amax(-1, keepdim=True)
-    q = torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5)
-    return (q * amax / 127).reshape(x.shape).to(x.dtype)
+from gemma4_agent.quant.triton_q4 import round_x_int8  # noqa: E402
 
 
 def round_decode_inputs(model, counter: dict) -> list:
@@ -39,7 +32,7 @@ def round_decode_inputs(model, counter: dict) -> list:
         if x.dim() < 2 or x.shape[-2] != 1:
             return None
         counter["calls"] = counter.get("calls", 0) + 1
-        return (int8_per_32(x),)
+        return (round_x_int8(x),)
 
     return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, Int4Linear)]
 

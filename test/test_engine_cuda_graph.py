@@ -18,6 +18,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
 
 
+def replayed(reference, other, frames: int) -> list:
+    """Both sessions prefixed alike and stepped over the same random frames, `other` replaying `reference`'s tokens:
+    per frame (reference's result, other's result, the relative logit error of each step)."""
+    for s in (reference, other):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(frames):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = reference.step(frame, keep_logits=True)
+        b = other.step(frame, Replay(a.tokens), keep_logits=True)
+        out.append((a, b, [((lb.float() - la.float()).norm() / la.float().norm()).item()
+                           for la, lb in zip(a.logits_log, b.logits_log)]))
+    return out
+
+
 @pytest.mark.parametrize("scheme", [None, "q4_0"])
 @pytest.mark.parametrize("mode", ["prefix", "window"])
 def test_graphed_session_equals_the_eager_one(mode, scheme):
@@ -27,16 +43,11 @@ def test_graphed_session_equals_the_eager_one(mode, scheme):
     cfg = dict(mode=mode, image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600, window_frames=2)
     eager = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=False))
     graphed = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=True))
-    for s in (eager, graphed):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(5):  # window mode: evictions from the third frame on, the frame chunk at new positions
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = eager.step(frame, keep_logits=True)
-        b = graphed.step(frame, Replay(a.tokens), keep_logits=True)
+    # window mode: evictions from the third frame on, the frame chunk at new positions
+    for a, b, errors in replayed(eager, graphed, 5):
         assert b.tokens == a.tokens and len(b.logits_log) == len(a.logits_log) == 4
-        for la, lb in zip(a.logits_log, b.logits_log):
-            assert ((lb - la).norm() / la.norm()).item() < 1e-5
+        assert max(errors) < 1e-5, errors
+    frame = np.zeros((48, 64, 3), dtype=np.uint8)
     frame_len = graphed.encode_frame(frame)[0].shape[0] + 2 + 4  # <|image> patches <image|> + the suffix
     assert set(graphed._graphs) == {("h", frame_len), ("ids", 1)} and not eager._graphs
 
@@ -55,15 +66,8 @@ def test_bf16_session_with_the_triton_gemv_equals_the_one_without():
     tried = StreamingSession(routed, SyntheticPrompts(routed.config, 40), SessionConfig(**cfg, triton_gemv=True))
     assert any(isinstance(m, gemv.GemvLinear) for m in routed.modules())
     assert not any(isinstance(m, gemv.GemvLinear) for m in base.modules())
-    for s in (plain, tried):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = plain.step(frame, keep_logits=True)
-        b = tried.step(frame, Replay(a.tokens), keep_logits=True)
-        for la, lb in zip(a.logits_log, b.logits_log):
-            assert ((lb.float() - la.float()).norm() / la.float().norm()).item() < 2e-2
+    for _, _, errors in replayed(plain, tried, 3):
+        assert max(errors) < 2e-2, errors
     assert gemv._ONE_ROW.picks  # the decode step's shapes were timed
 
 
@@ -78,12 +82,5 @@ def test_compiled_kernels_launched_early_compute_what_they_compute_launched_late
     cfg = dict(image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600, compile=True)
     late = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, compiled_pdl=False))
     early = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, compiled_pdl=True))
-    for s in (late, early):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(4):
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = late.step(frame, keep_logits=True)
-        b = early.step(frame, Replay(a.tokens), keep_logits=True)
-        errors = [((lb - la).norm() / la.norm()).item() for la, lb in zip(a.logits_log, b.logits_log)]
+    for _, _, errors in replayed(late, early, 4):
         assert max(errors) < 1e-5, errors

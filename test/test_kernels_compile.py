@@ -76,15 +76,21 @@ def loop_opcodes(kernel) -> list:
     return [op.split(".")[0] for addr, op, _ in lines if start <= addr <= end]
 
 
-@pytest.mark.parametrize("has_zeros", [False, True])
-def test_every_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
-    sig = dict(GEMV_SIG, z_ptr="*u8" if has_zeros else "*fp16")
+def every_gemv_configuration(kernel, sig: dict, configs: list, has_zeros: bool, **constexprs):
+    """(config, compiled kernel) for each of an int4 GEMV's configurations that fit the scheme's group (q4_0: 32
+    without zero-points, awq-g128: 128 with), compiled as launched on sm_90 (PDL on)."""
+    sig = dict(sig, z_ptr="*u8" if has_zeros else "*fp16")
     group = 128 if has_zeros else 32
-    configs = [c for c in T._gemv_configs() if c.kwargs["BLOCK_K"] % group == 0]
+    configs = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
     assert len(configs) >= 20
     for c in configs:
-        kernel = compile_kernel(T._gemv_kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "PDL": True,
-                                                           **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
+        yield c, compile_kernel(kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "PDL": True, **constexprs,
+                                                 **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
+
+
+@pytest.mark.parametrize("has_zeros", [False, True])
+def test_every_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
+    for c, kernel in every_gemv_configuration(T._gemv_kernel, GEMV_SIG, T._gemv_configs(), has_zeros):
         assert "griddepcontrol.wait" in kernel.asm["ptx"], c  # launched early on sm_90, it must wait (pdl.py)
         n = loads(kernel.asm["ptx"])
         assert n["ld.global.v4.b32"] > 0 and n["ld.global.v2.b32"] == 0 and n["ld.global.b32"] == 0, (c, n)
@@ -113,13 +119,7 @@ Q8_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16"
 
 @pytest.mark.parametrize("has_zeros", [False, True])
 def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_no_spills(has_zeros):
-    sig = dict(Q8_SIG, z_ptr="*u8" if has_zeros else "*fp16")
-    group = 128 if has_zeros else 32
-    configs = [c for c in T._gemv_q8_configs() if c.kwargs["BLOCK_K"] % group == 0]
-    assert len(configs) >= 20
-    for c in configs:
-        kernel = compile_kernel(T._gemv_q8_kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "ASM": True,
-                                                            "PDL": True, **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
+    for c, kernel in every_gemv_configuration(T._gemv_q8_kernel, Q8_SIG, T._gemv_q8_configs(), has_zeros, ASM=True):
         words_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (8 * 32 * c.num_warps)
         # every weight word in a 16-byte load (x, a few values a thread, may come in smaller ones)
         ptx = kernel.asm["ptx"]

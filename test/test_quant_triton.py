@@ -49,12 +49,6 @@ SCRIPT = textwrap.dedent("""
                                     **common)
         return y
 
-    def int8_per_32(x):
-        # x as the int8 GEMV sees it: rounded to 8 bits per group of 32 (scale amax / 127)
-        g = x.float().reshape(-1, 32)
-        amax = g.abs().amax(1, keepdim=True)
-        return (torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5) * amax / 127).reshape(x.shape)
-
     torch.manual_seed(0)
     rows = []
     for scheme in ("q4_0", "awq-g128"):
@@ -87,7 +81,7 @@ SCRIPT = textwrap.dedent("""
                                         (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 xr = x.to(dtype).float()
-                ref = (int8_per_32(xr) if gemv == "gemv_q8" else xr) @ ref_w.t()
+                ref = (T.round_x_int8(xr) if gemv == "gemv_q8" else xr) @ ref_w.t()
                 y = launch(x.to(dtype).contiguous(), mod, gemv, cfg).float()
                 rows.append([scheme, out, inp, m, gemv, dtype == torch.float32,
                              float((y - ref).norm() / ref.norm())])
@@ -199,10 +193,7 @@ def test_int8_x_gemv_on_the_gpu_in_splits_of_k(split):
     n, k = 3840, 4096
     mod = Int4Linear.from_float(nn.Linear(k, n, bias=False), "q4_0").cuda()
     x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
-    g = x.float().reshape(-1, 32)
-    amax = g.abs().amax(1, keepdim=True)
-    xq = (torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5) * amax / 127).reshape(1, k)
-    ref = xq @ mod.dequantize(torch.float32).t()
+    ref = T.round_x_int8(x.float()) @ mod.dequantize(torch.float32).t()
     part = torch.empty(split, n, device="cuda")
     counts = torch.zeros(triton.cdiv(n, 16), device="cuda", dtype=torch.int32)
     for _ in range(2):

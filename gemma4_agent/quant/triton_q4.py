@@ -408,6 +408,14 @@ def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
                        HAS_ZEROS=has_zeros, **pdl_args(x))
 
 
+def round_x_int8(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-x GEMV sees it, in torch: rounded to int8 per group of 32 along the last axis (scale amax / 127,
+    floor(v + 0.5) as in the kernel). The reference for its tests and the accuracy benchmark."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    return (torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5) * amax / 127).reshape(x.shape).to(x.dtype)
+
+
 # Per device: the int8-x GEMV's arrival counts (zero between calls, reset by the kernel itself, so no memset a
 # call), kept for the process as the autotuner keeps its picks. One buffer, never replaced: CUDA graphs hold its
 # address.
