@@ -25,10 +25,7 @@ def main() -> int:
     parser.add_argument("--embedding", action="store_true", help="quantize the tied embedding / LM head too")
     parser.add_argument("--compiled-only", action="store_true", help="skip the (slow) eager runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
-    parser.add_argument("--compiled-pdl", choices=["off", "on", "both"], default="off",
-                        help="Inductor's programmatic dependent launch for the compiled kernels (both: one row each)")
     args = parser.parse_args()
-    pdl_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compiled_pdl]
     ceilings = measure_ceilings("cuda")
     model = build_model(ModelConfig.preset("gemma4-12b"), device="cuda", dtype=torch.bfloat16)
     quantize_model(model, "q4_0", include_embedding=args.embedding, progress=False)
@@ -39,20 +36,20 @@ def main() -> int:
     print(f"weights resident after packing: {resident / 1e9:.2f} GB", flush=True)
     rows = []
     for compiled in (True,) if args.compiled_only else (False, True):
-        for tokens, pdl in [(t, p) for t in args.image_tokens for p in (pdl_modes if compiled else (False,))]:
-            tag = f"{'compiled' if compiled else 'eager'}_{tokens}{'_pdl' if pdl else ''}"
+        for tokens in args.image_tokens:
+            tag = f"{'compiled' if compiled else 'eager'}_{tokens}"
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3,
-                              model=model, compile=compiled, compiled_pdl=pdl,
+                              model=model, compile=compiled,
                               profile_to=Path(args.out, f"profile_int4_{tag}.txt") if tokens == 280 else None)
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
-                rows.append({"compile": compiled, "compiled_pdl": pdl, "image_tokens": tokens, "error": repr(exc)[:300]})
+                rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
                 continue
             r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
             r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
             rows.append(r)
-            print(json.dumps({k: r.get(k) for k in ("compile", "compiled_pdl", "image_tokens", "per_frame_ms",
+            print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "per_frame_ms",
                                                     "prefill_ms_p50", "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
                                                     "no_hot_path_allocation")}), flush=True)
             # written after every run: a run cut off by a time limit keeps what finished

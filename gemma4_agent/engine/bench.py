@@ -150,7 +150,7 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
-              join_projections: bool = True, triton_gemv: bool = True, compiled_pdl: bool = False) -> dict:
+              join_projections: bool = True, triton_gemv: bool = True) -> dict:
     torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
@@ -162,8 +162,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
                                SessionConfig(mode=cache, image_tokens=image_tokens, max_new_tokens=decode_tokens,
                                              max_prefix=prefix_tokens + 8, max_context=max_context,
                                              window_frames=window_frames, compile=compile,
-                                             join_projections=join_projections, triton_gemv=triton_gemv,
-                                             compiled_pdl=compiled_pdl))
+                                             join_projections=join_projections, triton_gemv=triton_gemv))
     session.set_prefix("bench")
     frame = frame_for(image_tokens, side)
     selector = FixedLength(decode_tokens)
@@ -176,7 +175,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(torch_dtype).replace("torch.", ""),
-        "cache": cache, "compile": compile, "compiled_pdl": compiled_pdl, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
+        "cache": cache, "compile": compile, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
         "prefix_tokens": prefix_tokens,
         "per_frame_ms": percentiles([r.timings_ms["total"] for r in results]),
         "prefill_ms_p50": float(np.median([r.timings_ms["prefill"] for r in results])),

@@ -44,8 +44,6 @@ class SessionConfig(BaseModel):
     # then graph-captured as compiled
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
     triton_gemv: bool = True  # CUDA: bf16 decode-step GEMVs by Triton where timed faster than cuBLAS (engine/gemv.py)
-    compiled_pdl: bool = False  # CUDA sm_90+, with compile: the compiled kernels launch while the one before drains
-    # (Inductor's programmatic dependent launch; our own kernels always do, see pdl.py)
 
 
 @dataclass
@@ -125,9 +123,8 @@ class StreamingSession:
         if self.config.compile:
             for mod in (model, *joined_modules(model)):
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
-            options = {"triton.enable_pdl": True} if self.config.compiled_pdl else None
-            self._compiled = torch.compile(self._layers_and_head, dynamic=False, options=options)
-            self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True, options=options)
+            self._compiled = torch.compile(self._layers_and_head, dynamic=False)
+            self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True)
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
