@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention
+from . import triton_attention, triton_norms
 from .config import FULL, SLIDING, LayerSpec, ModelConfig
 
 
@@ -34,6 +34,18 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             y = y * self.weight.float()
         return y.type_as(x)
+
+
+def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, scale: torch.Tensor | None = None):
+    """A sub-block's output y joins the residual stream h: returns (h + post(y)) [* scale] and pre() of it,
+    the next sub-block's input. On CUDA one kernel (triton_norms.py), rounding where these modules round."""
+    if h.is_cuda and triton_norms.available() and y.dtype == h.dtype \
+            and post.weight is not None and pre.weight is not None:
+        return torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
+    h = h + post(y)
+    if scale is not None:
+        h = h * scale
+    return h, pre(h)
 
 
 def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
@@ -180,10 +192,12 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(text.hidden_size, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx))
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x * self.layer_scalar
+    def forward(self, h, x, cos, sin, mask, next_norm: RMSNorm, cache=None, layer_idx: int = 0):
+        """h: the residual stream; x: input_layernorm(h) (the previous layer computed it with its own residual
+        add). Returns the new residual stream and next_norm of it (the next layer's input norm, or the final one)."""
+        h, x = add_and_norm(h, self.self_attn(x, cos, sin, mask, cache, layer_idx), self.post_attention_layernorm,
+                            self.pre_feedforward_layernorm)
+        return add_and_norm(h, self.mlp(x), self.post_feedforward_layernorm, next_norm, self.layer_scalar)
 
 
 class VisionEmbedder(nn.Module):
@@ -251,10 +265,12 @@ class Gemma4(nn.Module):
         """Run the decoder layers over embeddings h [batch, seq, hidden] at `positions` [seq];
         `masks` maps layer type -> boolean mask (see attention_mask). Returns final-normed hidden states."""
         rope = self.rope(positions, h.dtype)
-        for i, layer in enumerate(self.layers):
+        x = self.layers[0].input_layernorm(h)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             cos, sin = rope[layer.layer_type]
-            h = layer(h, cos, sin, masks[layer.layer_type], cache, i)
-        return self.norm(h)
+            h, x = layer(h, x, cos, sin, masks[layer.layer_type], next_norm, cache, i)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         int4_head = getattr(self.embed_tokens, "matmul", None)  # a quantized tied embedding runs its own kernel

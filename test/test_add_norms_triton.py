@@ -1,0 +1,66 @@
+"""The residual add between two RMSNorms as one Triton kernel (gemma4_agent/model/triton_norms.py), in Triton's CPU
+interpreter and on the GPU, against the layer's own modules (network.add_and_norm's eager form): the 12B's row of
+3840 and a small one, one row (a decode step) and several (a chunk), with and without the layer scalar."""
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import run_in_triton_interpreter  # noqa: E402
+
+CASES = textwrap.dedent('''
+    import torch
+    from gemma4_agent.model.network import RMSNorm
+
+    def cases(device):
+        """(name, dtype, (h, y, post, pre, scale)) with random norm weights and inputs of the layer's magnitudes."""
+        g = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows, n in ((1, 3840), (5, 3840), (3, 64)):
+                for scaled in (False, True):
+                    post, pre = RMSNorm(n), RMSNorm(n, eps=1e-5)
+                    with torch.no_grad():
+                        post.weight.copy_(torch.rand(n, generator=g) * 2)
+                        pre.weight.copy_(torch.rand(n, generator=g) * 2)
+                    post, pre = post.to(device, dtype), pre.to(device, dtype)
+                    h = (torch.randn(rows, n, generator=g) * 20).to(device, dtype)
+                    y = (torch.randn(rows, n, generator=g) * 3).to(device, dtype)
+                    scale = torch.tensor([0.75], dtype=dtype, device=device) if scaled else None
+                    yield f"{dtype} {rows}x{n} scaled={scaled}", dtype, (h, y, post, pre, scale)
+
+    def errors(device):
+        """Per case: relative error of h_new and of x, kernel against the modules."""
+        from gemma4_agent.model import triton_norms  # noqa: F401 (registers the op)
+        out = []
+        for name, dtype, (h, y, post, pre, scale) in cases(device):
+            h_ref = h + post(y)
+            h_ref = h_ref * scale if scale is not None else h_ref
+            x_ref = pre(h_ref)
+            h_new, x = torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
+            out.append([name] + [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in
+                                 ((h_new, h_ref), (x, x_ref))])
+        return out
+''')
+
+# fp32: equal up to summation order and rsqrt's last bit. bf16 on the GPU: the same roundings, so only the odd
+# element whose float value sits at a rounding boundary flips by one bf16 step (~4e-3 of it). The interpreter
+# converts float32 to bf16 by truncation (half the values one step low, ~4e-3 over the row: checked there to 1e-2).
+# A missing weight or norm costs > 1e-1.
+def check(rows, bf16_tolerance):
+    assert len(rows) == 12
+    for name, err_h, err_x in rows:
+        tol = bf16_tolerance if "bfloat16" in name else 1e-6
+        assert err_h < tol and err_x < tol, (name, err_h, err_x)
+
+
+def test_add_norms_kernel_in_the_interpreter():
+    check(run_in_triton_interpreter(CASES + "\nimport json\nprint(json.dumps(errors('cpu')))\n"), 1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_add_norms_kernel_on_the_gpu():
+    scope = {}
+    exec(CASES, scope)
+    check(scope["errors"]("cuda"), 1e-3)
