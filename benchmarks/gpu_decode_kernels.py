@@ -7,11 +7,13 @@
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
+3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
+   same modules, at one row and at a 286-row chunk.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention engine] [--baseline OLD.py]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention norms engine] [--baseline OLD.py]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -178,6 +180,29 @@ def bench_attention(slots: int = 982) -> list:
     return rows
 
 
+def bench_norms() -> list:
+    """add_and_norm at the 12B's width, bf16: the Triton kernel (what the engine runs on CUDA) against torch.compile
+    of the modules' own form (what Inductor made of it before), 96 calls a CUDA graph (a decode step's count)."""
+    from gemma4_agent.model.network import RMSNorm, add_and_norm_modules
+
+    post, pre = (RMSNorm(3840).cuda().to(torch.bfloat16) for _ in range(2))
+    scale = torch.ones(1, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(add_and_norm_modules)
+    rows = []
+    for seq in (1, 286):
+        h = torch.randn(seq, 3840, device="cuda", dtype=torch.bfloat16) * 20
+        y = torch.randn(seq, 3840, device="cuda", dtype=torch.bfloat16)
+        kernel = lambda: torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, 1e-6, 1e-6)  # noqa
+        inductor = lambda: compiled(h, y, post, pre, scale)  # noqa: E731
+        a, b = kernel(), inductor()
+        row = {"rows": seq, "rel_err_x": float((a[1].float() - b[1].float()).norm() / b[1].float().norm())}
+        for name, fn in (("kernel", kernel), ("inductor", inductor)):
+            row[f"{name}_us"] = graph_ms(lambda: [fn() for _ in range(96)], 96) * 1e3
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def six_layer_config() -> ModelConfig:
     d = json.loads(PRESET.read_text())
     d["text_config"]["num_hidden_layers"] = 6
@@ -236,6 +261,8 @@ def main() -> int:
             report["prefill"] = bench_prefill(report["ceilings"])
         elif part == "attention":
             report["attention"] = bench_attention()
+        elif part == "norms":
+            report["norms"] = bench_norms()
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))

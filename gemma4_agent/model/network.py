@@ -42,6 +42,11 @@ def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, 
     if h.is_cuda and triton_norms.available() and y.dtype == h.dtype \
             and post.weight is not None and pre.weight is not None:
         return torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
+    return add_and_norm_modules(h, y, post, pre, scale)
+
+
+def add_and_norm_modules(h, y, post: RMSNorm, pre: RMSNorm, scale=None):
+    """add_and_norm by the modules themselves (CPU, exporters; the kernel's reference)."""
     h = h + post(y)
     if scale is not None:
         h = h * scale
