@@ -454,7 +454,8 @@ def test_watchdog_publishes_zero_when_frames_stop(ros: Harness) -> None:
     # frames stopped: the last valid command (its action report) starts the watchdog's clock
     assert wait_until(lambda: int((ros.diagnostics() or {}).get("watchdog_stops", 0)) >= 1, timeout_s + 3.0)
     last_ok = max(t for t, m in ros.got("action") if json.loads(m.data)["status"] == "ok")
-    zeros = [t for t, twist in ros.got("cmd_vel", since=last_ok) if is_zero(twist)]
+    # the diagnostics topic may deliver the count before cmd_vel delivers the stop itself: wait for it
+    zeros = wait_until(lambda: [t for t, twist in ros.got("cmd_vel", since=last_ok) if is_zero(twist)], 2.0)
     assert zeros, "no zero Twist after frames stopped"
     waited = zeros[0] - last_ok
     # within command_timeout_s + one timer period (+ DDS and scheduling slack on a 2-core machine)
