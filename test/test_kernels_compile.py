@@ -235,3 +235,22 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
         kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits, "PDL": True}, ("so_h", "so_r"),
                                 A.merge_warps(splits, dim))
         assert stack_bytes(kernel) == 0, splits
+
+
+@pytest.mark.parametrize("width", [64, 3840])
+def test_add_norms_kernel_compiles_with_whole_vector_loads_and_no_spills(width):
+    # the 12B's row of 3840 held in registers by one program (its launch's warps), and a tiny model's
+    from gemma4_agent.model import triton_norms as N
+
+    block = triton.next_power_of_2(width)
+    sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "w_post_ptr": "*bf16", "w_pre_ptr": "*bf16", "scale_ptr": "*bf16",
+           "h_out_ptr": "*bf16", "x_ptr": "*bf16", "N": "i32", "eps_post": "fp32", "eps_pre": "fp32",
+           "HAS_SCALE": "constexpr", "BLOCK": "constexpr", "PDL": "constexpr"}
+    for scaled in (False, True):
+        kernel = compile_kernel(N._add_norms_kernel, sig, {"HAS_SCALE": scaled, "BLOCK": block, "PDL": True}, ("N",),
+                                N.warps(block))
+        assert stack_bytes(kernel) == 0, scaled
+        ptx = kernel.asm["ptx"]
+        assert "griddepcontrol.wait" in ptx
+        if width == 3840:  # 16 values a thread: 16-byte loads of h, y and both weights
+            assert loads(ptx)["ld.global.v4.b32"] >= 4, loads(ptx)

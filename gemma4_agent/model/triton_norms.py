@@ -52,6 +52,11 @@ if triton is not None:
         tl.store(x_ptr + row * N + cols, x.to(dtype), mask=ok)
 
 
+def warps(block: int) -> int:
+    """Warps for a row of `block` values: 16 a thread, 1 to 8 warps."""
+    return max(1, min(8, block // 512))
+
+
 def _launch(h, y, w_post, w_pre, scale, eps_post: float, eps_pre: float):
     """h, y [rows, N] contiguous, same dtype; w_post, w_pre [N]; scale [1] or None -> (h_new, x)."""
     rows, n = h.shape
@@ -59,7 +64,7 @@ def _launch(h, y, w_post, w_pre, scale, eps_post: float, eps_pre: float):
     block = triton.next_power_of_2(n)
     _add_norms_kernel[(rows,)](h, y, w_post, w_pre, scale if scale is not None else w_post, h_out, x, n,
                                eps_post, eps_pre, HAS_SCALE=scale is not None, BLOCK=block,
-                               num_warps=max(1, min(8, block // 256)), **pdl_args(h))
+                               num_warps=warps(block), **pdl_args(h))
     return h_out, x
 
 
