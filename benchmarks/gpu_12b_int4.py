@@ -7,6 +7,7 @@ ceilings and floor as benchmarks/gpu_12b.py.
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -26,10 +27,18 @@ def main() -> int:
     parser.add_argument("--compiled-only", action="store_true", help="skip the (slow) eager runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
     args = parser.parse_args()
+    start = time.perf_counter()
+
+    def stamp(what: str) -> None:  # where a run cut off by its time limit got to
+        print(f"[{time.perf_counter() - start:6.1f} s] {what}", flush=True)
+
     ceilings = measure_ceilings("cuda")
+    stamp("ceilings measured")
     model = build_model(ModelConfig.preset("gemma4-12b"), device="cuda", dtype=torch.bfloat16)
+    stamp("12B built (random bf16)")
     quantize_model(model, "q4_0", include_embedding=args.embedding, progress=False)
     to_device_kernel(model, "cuda", release_portable=True)
+    stamp("quantized and packed")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()
@@ -46,6 +55,7 @@ def main() -> int:
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
                 continue
+            stamp(f"{tag}: warm-up frames {', '.join(f'{t:.1f}' for t in r['warmup_frames_s'])} s; timed and profiled")
             r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
             r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
             rows.append(r)
