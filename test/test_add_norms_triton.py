@@ -30,17 +30,15 @@ CASES = textwrap.dedent('''
                     scale = torch.tensor([0.75], dtype=dtype, device=device) if scaled else None
                     yield f"{dtype} {rows}x{n} scaled={scaled}", dtype, (h, y, post, pre, scale)
 
+    @torch.no_grad()
     def errors(device):
         """Per case: relative error of h_new and of x, kernel against the modules."""
-        from gemma4_agent.model import triton_norms  # noqa: F401 (registers the op)
+        from gemma4_agent.model.network import add_and_norm_modules  # (importing network registers the op)
         out = []
         for name, dtype, (h, y, post, pre, scale) in cases(device):
-            h_ref = h + post(y)
-            h_ref = h_ref * scale if scale is not None else h_ref
-            x_ref = pre(h_ref)
-            h_new, x = torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
-            out.append([name] + [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in
-                                 ((h_new, h_ref), (x, x_ref))])
+            refs = add_and_norm_modules(h, y, post, pre, scale)
+            got = torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
+            out.append([name] + [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, refs)])
         return out
 ''')
 
@@ -64,3 +62,15 @@ def test_add_norms_kernel_on_the_gpu():
     scope = {}
     exec(CASES, scope)
     check(scope["errors"]("cuda"), 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_add_and_norm_trains_on_the_gpu():
+    # the kernel has no backward: where gradients are wanted (demo training with --device cuda) the modules run
+    from gemma4_agent.model.network import RMSNorm, add_and_norm
+
+    post, pre = RMSNorm(64).cuda(), RMSNorm(64).cuda()
+    h, y = (torch.randn(3, 64, device="cuda", requires_grad=True) for _ in range(2))
+    h_new, x = add_and_norm(h, y, post, pre)
+    (h_new.sum() + x.square().sum()).backward()
+    assert all(t.grad is not None for t in (h, y, post.weight, pre.weight))

@@ -39,8 +39,9 @@ class RMSNorm(nn.Module):
 def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, scale: torch.Tensor | None = None):
     """A sub-block's output y joins the residual stream h: returns (h + post(y)) [* scale] and pre() of it,
     the next sub-block's input. On CUDA one kernel (triton_norms.py), rounding where these modules round."""
-    if h.is_cuda and triton_norms.available() and y.dtype == h.dtype \
-            and post.weight is not None and pre.weight is not None:
+    weights = (post.weight, pre.weight)
+    if h.is_cuda and triton_norms.available() and y.dtype == h.dtype and all(w is not None for w in weights) \
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, y, *weights))):  # no backward
         return torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
     return add_and_norm_modules(h, y, post, pre, scale)
 

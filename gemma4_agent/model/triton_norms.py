@@ -61,6 +61,8 @@ def _launch(h, y, w_post, w_pre, scale, eps_post: float, eps_pre: float):
     """h, y [rows, N] contiguous, same dtype; w_post, w_pre [N]; scale [1] or None -> (h_new, x)."""
     rows, n = h.shape
     h_out, x = torch.empty_like(h), torch.empty_like(h)
+    if rows == 0:
+        return h_out, x
     block = triton.next_power_of_2(n)
     _add_norms_kernel[(rows,)](h, y, w_post, w_pre, scale if scale is not None else w_post, h_out, x, n,
                                eps_post, eps_pre, HAS_SCALE=scale is not None, BLOCK=block,
