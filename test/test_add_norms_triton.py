@@ -65,12 +65,16 @@ def test_add_norms_kernel_on_the_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_add_and_norm_trains_on_the_gpu():
-    # the kernel has no backward: where gradients are wanted (demo training with --device cuda) the modules run
-    from gemma4_agent.model.network import RMSNorm, add_and_norm
+def test_layers_train_on_the_gpu():
+    # our kernels have no backward: where gradients are wanted (demo training with --device cuda) the modules run;
+    # bf16 at one sequence is where attention would take the Triton kernels
+    from gemma4_agent.model.network import RMSNorm, add_and_norm, sdpa
 
     post, pre = RMSNorm(64).cuda(), RMSNorm(64).cuda()
     h, y = (torch.randn(3, 64, device="cuda", requires_grad=True) for _ in range(2))
     h_new, x = add_and_norm(h, y, post, pre)
     (h_new.sum() + x.square().sum()).backward()
     assert all(t.grad is not None for t in (h, y, post.weight, pre.weight))
+    q, k, v = (torch.randn(1, 4, 5, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    sdpa(q, k, v, torch.ones(1, 1, 5, 5, device="cuda", dtype=torch.bool)).float().sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))

@@ -36,12 +36,18 @@ class RMSNorm(nn.Module):
         return y.type_as(x)
 
 
+def no_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether no gradient is wanted through these: our CUDA kernels (custom ops) have no backward, so training
+    (demo/train.py --device cuda) takes the modules' own form."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, scale: torch.Tensor | None = None):
     """A sub-block's output y joins the residual stream h: returns (h + post(y)) [* scale] and pre() of it,
     the next sub-block's input. On CUDA one kernel (triton_norms.py), rounding where these modules round."""
     weights = (post.weight, pre.weight)
     if h.is_cuda and triton_norms.available() and y.dtype == h.dtype and all(w is not None for w in weights) \
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, y, *weights))):  # no backward
+            and no_gradient(h, y, *weights):
         return torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
     return add_and_norm_modules(h, y, post, pre, scale)
 
@@ -148,7 +154,7 @@ def sdpa(q, k, v, mask):
     if groups > 1:
         q = q.reshape(batch, k.shape[1], groups * seq, dim)
         mask = mask.repeat(1, 1, groups, 1)
-    if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available():
+    if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available() and no_gradient(q, k, v):
         # Triton's split-K flash attention over the masked cache (fp32 stays below: tl.dot would use tf32);
         # for long chunks it or PyTorch's fused SDPA, whichever is faster at the shape (triton_attention.py)
         return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
