@@ -194,7 +194,9 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["no_hot_path_allocation"] = mem_before == report["memory_allocated_after"]
         report["weights_gb"] = weight_bytes(model) / 1e9
     if profile_to is not None:
+        t0 = time.perf_counter()
         write_profile(lambda: session.step(frame, selector), profile_to)
+        report["profile_s"] = time.perf_counter() - t0
     return report
 
 
