@@ -59,7 +59,7 @@ DISPATCH = textwrap.dedent('''
     TIMES = {}
     timed = []
     def fake_do_bench(fn, **kwargs):
-        name = fn.func.__name__ + str(fn.keywords.get("programs", ""))  # decode candidates differ by their split
+        name = fn.func.__name__ + str(fn.keywords.get("programs", ""))  # the kernels differ by their split
         timed.append(name)
         return TIMES[name]
     triton.testing.do_bench = fake_do_bench
@@ -67,8 +67,8 @@ DISPATCH = textwrap.dedent('''
     g = torch.Generator().manual_seed(0)
     out = []
     decode = {"_launch128": 2.0, "_launch256": 1.0, "_launch512": 3.0}
-    for r, times in ((8, decode), (8, {}), (40, {"_launch": 1.0, "_sdpa": 2.0}), (40, {}),
-                     (70, {"_launch": 3.0, "_sdpa": 2.0})):
+    for r, times in ((8, decode), (8, {}), (40, {**decode, "_launch512": 0.5, "_sdpa": 2.0}), (40, {}),
+                     (70, {**decode, "_sdpa": 0.5})):
         TIMES.clear(); TIMES.update(times); timed.clear()
         q = torch.randn(2, r, 32, generator=g)
         k = torch.randn(2, 50, 32, generator=g)
@@ -89,9 +89,9 @@ def test_cache_attention_takes_the_faster_of_kernels_and_sdpa_for_long_chunks():
     *runs, picks, decode_picks = run_in_triton_interpreter(DISPATCH)
     for r, timed, rel in runs:
         assert rel < 1e-5, (r, rel)
-    # decode-sized: the three splits timed once, then the pick reused; 40 rows timed once (the second call reuses
-    # the pick); 70 rows timed
-    assert [t for _, t, _ in runs] == [["_launch128", "_launch256", "_launch512"], [], ["_launch", "_sdpa"], [],
-                                       ["_launch", "_sdpa"]]
-    assert picks == [[[2, 40, 50, 32], "triton"], [[2, 70, 50, 32], "sdpa"]]
+    # decode-sized: the three splits timed once, then the pick reused; 40 rows: the splits and SDPA timed once (the
+    # second call reuses the pick); 70 rows timed
+    splits = ["_launch128", "_launch256", "_launch512"]
+    assert [t for _, t, _ in runs] == [splits, [], splits + ["_sdpa"], [], splits + ["_sdpa"]]
+    assert picks == [[[2, 40, 50, 32], "512x16"], [[2, 70, 50, 32], "sdpa"]]
     assert decode_picks == [[[2, 8, 50, 32], "256x32"]]
