@@ -55,7 +55,8 @@ def main() -> int:
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
                 continue
-            stamp(f"{tag}: warm-up frames {', '.join(f'{t:.1f}' for t in r['warmup_frames_s'])} s; timed; "
+            stamp(f"{tag}: prefix {r['set_prefix_s']:.1f} s, warm-up frames "
+                  f"{', '.join(f'{t:.1f}' for t in r['warmup_frames_s'])} s; timed; "
                   f"profiled in {r.get('profile_s', 0):.1f} s")
             r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
             r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
