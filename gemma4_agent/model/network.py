@@ -48,7 +48,7 @@ def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, 
     weights = (post.weight, pre.weight)
     if h.is_cuda and triton_norms.available() and y.dtype == h.dtype and all(w is not None for w in weights) \
             and no_gradient(h, y, *weights):
-        return torch.ops.gemma4_agent.add_norms(h, y, post.weight, pre.weight, scale, post.eps, pre.eps)
+        return torch.ops.gemma4_agent.add_norms(h, y, *weights, scale, post.eps, pre.eps)
     return add_and_norm_modules(h, y, post, pre, scale)
 
 

@@ -53,7 +53,7 @@ if triton is not None:
 
 
 def warps(block: int) -> int:
-    """Warps for a row of `block` values: 16 a thread, 1 to 8 warps."""
+    """Warps for a row of `block` values: 16 values a thread where 1 to 8 warps allow."""
     return max(1, min(8, block // 512))
 
 
