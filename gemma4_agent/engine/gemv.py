@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fastest import FastestOf
-from ..pdl import pdl_args
+from ..pdl import pdl_args, wait_then_release
 from ..quant import triton_q4
 
 try:
@@ -40,20 +40,28 @@ if triton is not None:
         ok = [c for c in configs if c.kwargs["BLOCK_K"] // 2 < named_args["K"]]  # no block wider than K needs
         return ok or [triton.Config({"BLOCK_N": 1, "BLOCK_K": 256}, num_warps=1)]
 
+    @triton.jit
+    def _weight_block(w_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+
+    @triton.jit
+    def _times_x(w, x_ptr, k0, K, BLOCK_K: tl.constexpr):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        return w.to(tl.float32) * tl.load(x_ptr + cols, mask=cols < K, other=0).to(tl.float32)[None, :]
+
     @triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune},
                      do_bench=triton_q4._bench_from_hbm, **triton_q4._AUTOTUNE_CACHE)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
-            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced across threads once, at the end
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        # the first block of weights is asked for before the wait, while the kernel before still runs (pdl.py)
+        w = _weight_block(w_ptr, rows, row_ok, 0, K, BLOCK_K)
+        wait_then_release(PDL)
+        acc = _times_x(w, x_ptr, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K], reduced across threads once, at the end
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc += _times_x(_weight_block(w_ptr, rows, row_ok, k0, K, BLOCK_K), x_ptr, k0, K, BLOCK_K)
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 

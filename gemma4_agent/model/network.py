@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention, triton_norms
+from . import triton_attention, triton_gelu, triton_norms
 from .config import FULL, SLIDING, LayerSpec, ModelConfig
 
 
@@ -169,6 +169,14 @@ def sdpa(q, k, v, mask):
     return out.reshape(batch, heads, seq, v.shape[-1])
 
 
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up; on CUDA one kernel (triton_gelu.py) that rounds where this eager form rounds."""
+    if gate.is_cuda and triton_gelu.available() and gate.dtype == up.dtype and gate.shape == up.shape \
+            and no_gradient(gate, up):
+        return torch.ops.gemma4_agent.gelu_mul(gate, up)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -178,7 +186,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(self, x, ("gate_proj", "up_proj"))
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(gelu_mul(gate, up))
 
 
 def project(owner: nn.Module, x: torch.Tensor, names: tuple) -> list:

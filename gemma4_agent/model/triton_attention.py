@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastest import FastestOf
-from ..pdl import pdl_args
+from ..pdl import pdl_args, wait_then_release
 
 try:
     import triton
@@ -52,8 +52,7 @@ if triton is not None:
                       sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr,
                       PDL: tl.constexpr):
-        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
-            tl.extra.cuda.gdc_wait()
+        wait_then_release(PDL)  # pdl.py
         h = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,8 +87,7 @@ if triton is not None:
     def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R_PAD, SPLITS, so_h, so_r,
                       D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
         # one (KV head, row): the splits' partial sums rescaled to the common maximum
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        wait_then_release(PDL)  # pdl.py
         h = tl.program_id(0)
         r = tl.program_id(1)
         sp = tl.arange(0, BLOCK_SPLITS)

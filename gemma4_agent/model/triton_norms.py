@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pdl import pdl_args
+from ..pdl import pdl_args, wait_then_release
 
 try:
     import triton
@@ -32,8 +32,7 @@ if triton is not None:
     @triton.jit
     def _add_norms_kernel(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, N, eps_post, eps_pre,
                           HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
-            tl.extra.cuda.gdc_wait()
+        wait_then_release(PDL)  # pdl.py
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
-from ..pdl import pdl_args
+from ..pdl import pdl_args, wait_then_release
 
 try:
     import triton
@@ -95,6 +95,16 @@ if triton is not None:
         else:
             z = tl.zeros((BLOCK_N, G), dtype=tl.float32) + 8.0
         return s, z
+
+    @triton.jit
+    def _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        # the packed words [BLOCK_N, BLOCK_K / 8] of columns k0..k0+BLOCK_K-1 and their groups' scales and zeros
+        wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
+                        mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
+        s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, BLOCK_K // GROUP)
+        return words, s, z
 
     # A nibble q becomes a float without an int->float conversion (quarter rate on the SM): (copy & mask) | magic,
     # one LOP3, reads as v = 1 + q * 2^(p - 23), the nibble at bit p of the mantissa under the exponent bits of 1.0.
@@ -162,20 +172,19 @@ if triton is not None:
         # K_GROUPS = K / GROUP) so that Triton's divisibility specialisation sees them: 16-byte loads need a row
         # of words to start 16-byte aligned, which K's own divisibility by 16 does not show once divided by 8
         # (measured in the PTX: 8-byte loads).
-        if PDL:  # launched while the kernel before drains: wait for it (pdl.py)
-            tl.extra.cuda.gdc_wait()
-        G: tl.constexpr = BLOCK_K // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        # per group until the end: one reduction across threads per program, not one per block of K
-        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        # the first block of weights is asked for before the wait, while the kernel before still runs (pdl.py)
+        words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, 0, K_WORDS, K_GROUPS, HAS_ZEROS, BLOCK_N,
+                                    BLOCK_K, GROUP)
+        wait_then_release(PDL)
         # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _dot_words
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
-        for k0 in range(0, K, BLOCK_K):
-            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
-                            mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
-            s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+        # per group until the end: one reduction across threads per program, not one per block of K
+        acc = _dot_words(words, x_ptr, 0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS,
+                                        BLOCK_N, BLOCK_K, GROUP)
             acc += _dot_words(words, x_ptr, k0, K, s, z, magic, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP)
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -235,6 +244,26 @@ if triton is not None:
         odd = tl.sum((odd & 0xFF) << place[None, :], axis=1)
         return even, odd, amax / 127.0, qsum
 
+    @triton.jit
+    def _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP: tl.constexpr, ASM: tl.constexpr):
+        # one block of weights (_weight_block) times x[k0:k0+BLOCK_K] rounded to int8 per group of XG: [BLOCK_N, J]
+        XG: tl.constexpr = 32
+        W: tl.constexpr = BLOCK_K // 8
+        J: tl.constexpr = BLOCK_K // XG
+        G: tl.constexpr = BLOCK_K // GROUP
+        even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, XG)
+        # nibbles 0, 2, 4, 6 of a word as bytes, and 1, 3, 5, 7: unsigned 0..15, so signed bytes as well
+        d = _dp4a(words & 0x0F0F0F0F, tl.broadcast_to(even[None, :], (BLOCK_N, W)),
+                  tl.zeros((BLOCK_N, W), dtype=tl.int32), ASM)
+        d = _dp4a((words >> 4) & 0x0F0F0F0F, tl.broadcast_to(odd[None, :], (BLOCK_N, W)), d, ASM)
+        dot = tl.sum(tl.reshape(d, (BLOCK_N, J, XG // 8)), axis=2)  # sum(q x) per x group, exact
+        if GROUP > XG:  # each weight group's scale and zero-point over its x groups
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
+        # sum((q - z) x) = sum(q x) - z sum(x), in x's int8 units, then scaled
+        return (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
+
     @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
                      prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
                      **_AUTOTUNE_CACHE)
@@ -245,33 +274,21 @@ if triton is not None:
         # BLOCK_N weight rows times one row of x per program over its split of K (all of it when SPLIT is 1), as
         # _gemv_kernel; x's groups (XG) divide GROUP. Splits: partials in part_ptr [SPLIT, N] (float32), arrivals
         # counted per row block in count_ptr (zero between calls: the last arrival resets it)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        XG: tl.constexpr = 32
-        W: tl.constexpr = BLOCK_K // 8
-        J: tl.constexpr = BLOCK_K // XG
-        G: tl.constexpr = BLOCK_K // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, J), dtype=tl.float32)
         k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K  # whole blocks a split
         k_start = tl.program_id(1) * k_len
-        for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
-            even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, XG)
-            wc = k0 // 8 + tl.arange(0, W)
-            words = tl.load(qw_ptr + rows[:, None] * K_WORDS + wc[None, :],
-                            mask=row_ok[:, None] & (wc < K_WORDS)[None, :], other=0)
-            # nibbles 0, 2, 4, 6 of a word as bytes, and 1, 3, 5, 7: unsigned 0..15, so signed bytes as well
-            d = _dp4a(words & 0x0F0F0F0F, tl.broadcast_to(even[None, :], (BLOCK_N, W)),
-                      tl.zeros((BLOCK_N, W), dtype=tl.int32), ASM)
-            d = _dp4a((words >> 4) & 0x0F0F0F0F, tl.broadcast_to(odd[None, :], (BLOCK_N, W)), d, ASM)
-            dot = tl.sum(tl.reshape(d, (BLOCK_N, J, XG // 8)), axis=2)  # sum(q x) per x group, exact
-            s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
-            if GROUP > XG:  # each weight group's scale and zero-point over its x groups
-                s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
-                z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, GROUP // XG)), (BLOCK_N, J))
-            # sum((q - z) x) = sum(q x) - z sum(x), in x's int8 units, then scaled
-            acc += (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
+        k_end = tl.minimum(k_start + k_len, K)
+        # the first block of weights is asked for before the wait, while the kernel before still runs (pdl.py);
+        # a split past K (possible for some K) loads nothing and adds zero
+        words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k_start, K_WORDS, K_GROUPS, HAS_ZEROS,
+                                    BLOCK_N, BLOCK_K, GROUP)
+        wait_then_release(PDL)
+        acc = _q8_block(words, s, z, x_ptr, k_start, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS,
+                                        BLOCK_N, BLOCK_K, GROUP)
+            acc += _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
         out = tl.sum(acc, axis=1)
         if SPLIT == 1:
             tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
