@@ -61,7 +61,8 @@ def int4_copies(out, inp, count):
 def load_baseline(path: str):
     """A previous version of triton_q4.py as a module of its own; its custom op renamed so that both register."""
     src = Path(path).read_text().replace("gemma4_agent::", "gemma4_agent_baseline::")
-    src = src.replace("from ..fastest import", "from gemma4_agent.fastest import")
+    src = src.replace("from ..fastest import", "from gemma4_agent.fastest import").replace(
+        "from ..pdl import", "from gemma4_agent.pdl import")
     copy = Path(tempfile.mkdtemp()) / "triton_q4_baseline.py"  # a file: Triton reads its kernels' source
     copy.write_text(src)
     spec = importlib.util.spec_from_file_location("triton_q4_baseline", copy)
@@ -73,10 +74,12 @@ def load_baseline(path: str):
 def bench_gemv(ceilings: dict, baseline=None) -> list:
     rows = []
     bw = ceilings["copy_bandwidth_gbs"] * 1e9
-    # each GEMV by name: the float one, the int8-x one (dp4a), and a previous float one
+    # each GEMV by name: the float one, the int8-x one (dp4a), and a previous version's
     kernels = {"int4_gemv": (triton_q4, "gemv", "_gemv_kernel"), "int4_gemv_q8": (triton_q4, "gemv_q8", "_gemv_q8_kernel")}
     if baseline:
         kernels["baseline_gemv"] = (baseline, "gemv", "_gemv_kernel")
+        if hasattr(baseline, "_gemv_q8_kernel"):
+            kernels["baseline_gemv_q8"] = (baseline, "gemv_q8", "_gemv_q8_kernel")
     for name, out, inp in SHAPES + [HEAD]:
         nbytes = out * inp // 2 + out * inp // 32 * 2
         copies = max(1, min(16, (400 << 20) // nbytes))  # > L2 in all, so weights come from HBM
