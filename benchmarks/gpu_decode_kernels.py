@@ -9,11 +9,13 @@
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
    same modules, at one row and at a 286-row chunk.
+3c. how the engine's per-shape choice times the two int4 GEMVs: the host's time to launch one, what
+   triton.testing.do_bench reports (mean, median) and what fastest.kernel_ms reports (twice).
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention norms engine] [--baseline OLD.py]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention norms timing engine] [--baseline OLD.py]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -204,6 +206,34 @@ def bench_norms() -> list:
     return rows
 
 
+def bench_timing() -> list:
+    import triton.testing
+
+    from gemma4_agent import fastest
+
+    rows = []
+    for name, out, inp in SHAPES[:4]:
+        mod = int4_copies(out, inp, 1)[0]
+        x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": name}
+        for path in ("gemv", "gemv_q8"):
+            def run():
+                triton_q4._launch(x, mod.qweight, mod.scales, None, 32, path)
+            run()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                run()
+            row[path + "_host_us"] = (time.perf_counter() - start) / 200 * 1e6
+            torch.cuda.synchronize()
+            row[path + "_do_bench_us"] = [triton.testing.do_bench(run, warmup=5, rep=20, return_mode=m) * 1e3
+                                          for m in ("mean", "median")]
+            row[path + "_kernel_us"] = [fastest.kernel_ms(run) * 1e3 for _ in range(2)]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def six_layer_config() -> ModelConfig:
     d = json.loads(PRESET.read_text())
     d["text_config"]["num_hidden_layers"] = 6
@@ -264,6 +294,8 @@ def main() -> int:
             report["attention"] = bench_attention()
         elif part == "norms":
             report["norms"] = bench_norms()
+        elif part == "timing":
+            report["timing"] = bench_timing()
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
