@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gemma4_agent.model import preprocess_frame
+from gemma4_agent.model.preprocess import frame_patches, scale_patches
 
 pytest.importorskip("torchvision")  # the oracle processor is torchvision-based
 transformers = pytest.importorskip("transformers")
@@ -50,3 +51,17 @@ def test_rejects_bad_frames():
         preprocess_frame(np.zeros((0, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="max_soft_tokens"):
         preprocess_frame(np.zeros((10, 10, 3), np.uint8), 100)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_session_path_scales_on_the_device_to_the_same_values(device):
+    # the streaming session sends uint8 patches and scales them where the model runs: the values preprocess_frame
+    # gives, to the bit, in float32 and after the cast to bf16
+    rgb = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    patches, positions = frame_patches(rgb, 280)
+    ref, ref_positions = preprocess_frame(rgb, 280)
+    assert patches.dtype == torch.uint8 and torch.equal(positions, ref_positions)
+    for dtype in (torch.float32, torch.bfloat16):
+        scaled = scale_patches(patches, device, dtype)
+        assert scaled.device.type == device and scaled.dtype == dtype
+        assert torch.equal(scaled.cpu(), ref.to(dtype))

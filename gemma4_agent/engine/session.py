@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from ..model.config import SLIDING
 from ..model.network import Gemma4, attention_mask
-from ..model.preprocess import preprocess_frame
+from ..model.preprocess import frame_patches, scale_patches
 from ..model.tokenizer import PromptBuilder
 from ..quant.int4 import to_device_kernel
 from .fusion import join_projections, joined_modules
@@ -226,7 +226,8 @@ class StreamingSession:
         self.prefix_len = self.next_pos
 
     def encode_frame(self, rgb) -> tuple[torch.Tensor, torch.Tensor]:
-        return preprocess_frame(rgb, self.config.image_tokens, self.patch_size, self.pooling)
+        """(uint8 patches, positions) on the host; step() scales them on the session's device."""
+        return frame_patches(rgb, self.config.image_tokens, self.patch_size, self.pooling)
 
     @torch.no_grad()
     def step(self, rgb, selector=None, deadline: float | None = None, keep_logits: bool = False) -> StepResult:
@@ -238,7 +239,7 @@ class StreamingSession:
         t0 = time.perf_counter()
         patches, positions = self.encode_frame(rgb)
         t1 = time.perf_counter()
-        image_embeds = self.model.vision(patches.to(self.device, self.dtype), positions.to(self.device))
+        image_embeds = self.model.vision(scale_patches(patches, self.device, self.dtype), positions.to(self.device))
         frame_ids = self.prompts.image(patches.shape[0]) + self.prompts.suffix()
         mode = self.config.mode
         if mode == "none":
