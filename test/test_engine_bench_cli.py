@@ -52,3 +52,17 @@ def test_floor_counts_the_prefill_flops_of_int4_layers_as_of_dense_ones():
     assert not any(p.ndim == 2 for p in model.layers.parameters())
     assert any(isinstance(m, Int4Linear) for m in model.layers.modules())
     assert floor_ms(model, 100, 1, ceilings, 0) == pytest.approx(dense)
+
+
+def test_exclusive_times_split_the_busy_timeline_without_counting_overlap_twice():
+    # PDL: b is scheduled while a runs and waits for it, so b owns only what follows a's end; c starts after an
+    # idle gap (not charged to anyone); d runs entirely beside c and adds no time
+    from gemma4_agent.engine.bench import exclusive_table, exclusive_times
+
+    times = exclusive_times([("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 15.0), ("d", 21.0, 23.0),
+                             ("a", 30.0, 40.0)])
+    assert times == {"a": (20.0, 2), "b": (5.0, 1), "c": (5.0, 1), "d": (0.0, 1)}
+    table = exclusive_table(times, frames=2)
+    assert table.startswith("GPU busy time without overlap: 0.01 ms a frame")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    assert rows[0][:3] == ["| a", "0.010", "66.7%"] and rows[1][:3] == ["| b", "0.003", "16.7%"]
