@@ -128,6 +128,32 @@ class Replay:
         return self.i >= len(self.tokens)
 
 
+class Runs:
+    """A selector that picks given free tokens, each followed by a given forced run, already accepted: the
+    chunking of the action grammar's jump-forward ([(free, [forced, ...]), ...]; the engine feeds each free token
+    and its run as one chunk)."""
+
+    def __init__(self, runs):
+        self.runs, self.i, self._forced = list(runs), 0, []
+
+    def reset(self):
+        self.i, self._forced = 0, []
+
+    def select(self, logits):
+        return self.runs[self.i][0]
+
+    def accept(self, token):
+        self._forced = list(self.runs[self.i][1])
+        self.i += 1
+
+    def forced(self):
+        forced, self._forced = self._forced, []
+        return forced
+
+    def done(self):
+        return self.i >= len(self.runs) and not self._forced
+
+
 def run_in_triton_interpreter(script: str) -> list:
     """Run `script` in a fresh Python with TRITON_INTERPRET=1 (kernels on the CPU, the same source the GPU
     compiles; the flag is read at import, hence the subprocess) and return the JSON list it prints last."""

@@ -12,7 +12,7 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import Replay
+from conftest import Replay, Runs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
@@ -73,3 +73,31 @@ def test_bf16_session_with_the_triton_gemv_equals_the_one_without():
     errors = [e for _, _, frame in replayed(plain, tried, 3) for e in frame]
     assert sorted(errors)[len(errors) // 2] < 1e-2 and max(errors) < 0.1, errors
     assert gemv._ONE_ROW.picks  # the decode step's shapes were timed
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_jump_forward_chunks_replayed_from_graphs_equal_the_eager_session(compiled):
+    # SessionConfig.graph_chunks: chunks of a free token and its forced run replayed from a graph per length; one
+    # length the warm-up ran (3: graphed at its end, from the specialised code where compiled) and one it did not
+    # (5: graphed on first use, from the any-length code)
+    model = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.float32)
+    cfg = dict(image_tokens=70, max_new_tokens=16, max_prefix=48, max_context=600, compile=compiled)
+    eager = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=False))
+    graphed = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, graph_chunks=True))
+    runs = [(5, [7, 9]), (11, []), (13, [2, 4, 6, 8]), (3, [1, 12])]
+    graphed.set_prefix("go")
+    graphed.warm_up(Runs(runs[:2]))  # feeds [5, 7, 9]; the last run is never fed
+    assert ("ids", 3) in graphed._graphs and ("ids", 5) not in graphed._graphs
+    for s in (eager, graphed):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = eager.step(frame, Runs(runs), keep_logits=True)
+        b = graphed.step(frame, Runs(runs), keep_logits=True)
+        assert a.tokens == b.tokens == [5, 7, 9, 11, 13, 2, 4, 6, 8, 3, 1, 12]
+        assert b.decode_steps == 3 and len(a.logits_log) == len(b.logits_log) == 4
+        errors = [((lb.float() - la.float()).norm() / la.float().norm()).item()
+                  for la, lb in zip(a.logits_log, b.logits_log)]
+        assert max(errors) < 1e-5, errors
+    assert {("ids", 1), ("ids", 3), ("ids", 5)} <= set(graphed._graphs) and not eager._graphs

@@ -31,6 +31,9 @@ from .gemv import use_triton_gemv
 from .kv_cache import CacheFull, StaticKVCache
 
 
+GRAPHED_CHUNK_MAX = 16  # the longest jump-forward chunk replayed from a graph (SessionConfig.graph_chunks)
+
+
 class SessionConfig(BaseModel):
     mode: Literal["prefix", "window", "none"] = "prefix"
     image_tokens: Literal[70, 140, 280, 560, 1120] = 280
@@ -44,6 +47,10 @@ class SessionConfig(BaseModel):
     # then graph-captured as compiled
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
     triton_gemv: bool = True  # CUDA: bf16 decode-step GEMVs by Triton where timed faster than cuBLAS (engine/gemv.py)
+    # CUDA: jump-forward chunks (2 to GRAPHED_CHUNK_MAX tokens) replayed from a graph per length, as the decode step
+    # is, instead of launched from Python (~200 int4 calls at ~50-100 us each at the 12B). Off until its GPU test
+    # (test_engine_cuda_graph.py) has run.
+    graph_chunks: bool = False
 
 
 @dataclass
@@ -213,6 +220,10 @@ class StreamingSession:
             self.cache.rewind()
             self.next_pos = self.prefix_len
             self._chunk(self.prefix_ids[:1] * min(n for n in range(2, 64) if n not in self._static_lengths))
+        if self._graphs_on() and self._graph_chunks_on():  # the jump-forward lengths it ran, graphed now
+            for n in sorted(self._static_lengths):
+                if 1 < n <= GRAPHED_CHUNK_MAX and ("ids", n) not in self._graphs:
+                    self._capture("ids", n)
         if self.config.mode != "none":
             self._load_prefix(self.prefix_ids)
         self.frame_index = 0
@@ -313,8 +324,9 @@ class StreamingSession:
         return [dict(seg) for seg in self.record] if self.record is not None else []
 
     def _decode_chunk(self, ids: list[int]) -> torch.Tensor:
-        if len(ids) == 1 and self._graphs_on():
-            return self._graph_step(ids[0])
+        n = len(ids)
+        if self._graphs_on() and (n == 1 or self._graph_chunks_on() and n <= GRAPHED_CHUNK_MAX):
+            return self._graph_ids(ids)
         return self._chunk(ids)
 
     def _make_room(self) -> None:
@@ -357,9 +369,20 @@ class StreamingSession:
     def _graphs_on(self) -> bool:
         return self.device.type == "cuda" and self.config.cuda_graph and self.record is None
 
-    def _graph_step(self, token: int) -> torch.Tensor:
-        logits = self._replay(("ids", 1), {"ids": token, "pos": self.next_pos, "slots": self.cache.ring_slots(1)})
-        self.next_pos += 1
+    def _graph_chunks_on(self) -> bool:
+        # the warm-up runs its chunks eagerly, so that their lengths compile specialised (see __init__)
+        return self.config.graph_chunks and self._graph_frames and not self._warming
+
+    def _graph_ids(self, ids: list[int]) -> torch.Tensor:
+        """The decode step (one token) or a jump-forward chunk, replayed from its length's graph."""
+        n = len(ids)
+        if n == 1:
+            inputs = {"ids": ids[0], "pos": self.next_pos}
+        else:
+            self._check_room(n)
+            inputs = {"ids": torch.tensor(ids).view(1, n), "pos": torch.arange(self.next_pos, self.next_pos + n)}
+        logits = self._replay(("ids", n), {**inputs, "slots": self.cache.ring_slots(n)})
+        self.next_pos += n
         return logits
 
     def _replay(self, key: tuple[str, int], inputs: dict) -> torch.Tensor:
@@ -392,9 +415,12 @@ class StreamingSession:
         saved = {t: (self.cache.slot_pos[t].clone(), self.cache.slot_block[t].clone()) for t in self.cache.capacity}
         k_saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.k, self.cache.v)]
 
+        repeats = kind == "h" or n == 1 or n in self._static_lengths  # a jump-forward length the warm-up did not
+        # run is captured from the any-length code: capturing compiles nothing new
+
         def run():
             h = self.model.embed(static["ids"]) if kind == "ids" else static["h"]
-            return self._forward(h, static["pos"], static["blocks"], static["slots"])
+            return self._forward(h, static["pos"], static["blocks"], static["slots"], repeats=repeats)
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
