@@ -66,3 +66,18 @@ def test_exclusive_times_split_the_busy_timeline_without_counting_overlap_twice(
     assert table.startswith("GPU busy time without overlap: 0.01 ms a frame")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
     assert rows[0][:3] == ["| a", "0.010", "66.7%"] and rows[1][:3] == ["| b", "0.003", "16.7%"]
+
+
+def test_timed_choices_report_what_each_choice_picked():
+    pytest.importorskip("triton")
+    from gemma4_agent.engine.bench import timed_choices
+    from gemma4_agent.quant import triton_q4
+
+    key = (3840, 15360, 1, False)
+    triton_q4._CHUNK.picks[key] = "gemv_q8"
+    try:
+        choices = timed_choices()
+    finally:
+        del triton_q4._CHUNK.picks[key]
+    assert choices["int4_matmul (N, K, rows, zero-points)"]["(3840, 15360, 1, False)"] == "gemv_q8"
+    assert len(choices) == 4 and all(isinstance(v, dict) for v in choices.values())

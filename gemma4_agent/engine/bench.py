@@ -195,11 +195,24 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["memory_allocated_after"] = torch.cuda.memory_allocated(device)
         report["no_hot_path_allocation"] = mem_before == report["memory_allocated_after"]
         report["weights_gb"] = weight_bytes(model) / 1e9
+        report["choices"] = timed_choices()
     if profile_to is not None:
         t0 = time.perf_counter()
         write_profile(lambda: session.step(frame, selector), profile_to)
         report["profile_s"] = time.perf_counter() - t0
     return report
+
+
+def timed_choices() -> dict:
+    """What the engine's per-shape timed choices (fastest.FastestOf) picked in this process: kind -> {shape: pick}."""
+    from ..model import triton_attention
+    from ..quant import triton_q4
+    from . import gemv
+
+    kinds = {"int4_matmul (N, K, rows, zero-points)": triton_q4._CHUNK, "bf16_gemv (N, K, dtype)": gemv._ONE_ROW,
+             "attention_decode (KV heads, rows, slots, dim)": triton_attention._DECODE,
+             "attention_prefill (KV heads, rows, slots, dim)": triton_attention._PREFILL}
+    return {kind: {str(key): pick for key, pick in chooser.picks.items()} for kind, chooser in kinds.items()}
 
 
 def write_profile(step, path: str | Path, frames: int = 3) -> None:
