@@ -173,3 +173,13 @@ def run_in_triton_interpreter(script: str) -> list:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def case_errors(cases: str, device: str) -> list:
+    """What `errors(device)`, defined in the source text `cases`, returns: on "cpu" in Triton's interpreter (a fresh
+    process, see run_in_triton_interpreter), on "cuda" in this process with the kernels compiled."""
+    if device == "cpu":
+        return run_in_triton_interpreter(cases + "\nimport json\nprint(json.dumps(errors('cpu')))\n")
+    scope = {}
+    exec(cases, scope)
+    return scope["errors"](device)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import run_in_triton_interpreter  # noqa: E402
+from conftest import case_errors  # noqa: E402
 
 CASES = textwrap.dedent('''
     import torch
@@ -44,14 +44,12 @@ def check(rows, bf16_tolerance):
 
 
 def test_gelu_mul_kernel_in_the_interpreter():
-    check(run_in_triton_interpreter(CASES + "\nimport json\nprint(json.dumps(errors('cpu')))\n"), 1e-2)
+    check(case_errors(CASES, "cpu"), 1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gelu_mul_kernel_on_the_gpu():
-    scope = {}
-    exec(CASES, scope)
-    check(scope["errors"]("cuda"), 1e-3)
+    check(case_errors(CASES, "cuda"), 1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
