@@ -48,9 +48,8 @@ class SessionConfig(BaseModel):
     join_projections: bool = True  # CUDA: q/k/v and gate/up run as one matmul each (engine/fusion.py)
     triton_gemv: bool = True  # CUDA: bf16 decode-step GEMVs by Triton where timed faster than cuBLAS (engine/gemv.py)
     # CUDA: jump-forward chunks (2 to GRAPHED_CHUNK_MAX tokens) replayed from a graph per length, as the decode step
-    # is, instead of launched from Python (~200 int4 calls at ~50-100 us each at the 12B). Off until its GPU test
-    # (test_engine_cuda_graph.py) has run.
-    graph_chunks: bool = False
+    # is, instead of launched from Python (~200 int4 calls at ~50-100 us each at the 12B)
+    graph_chunks: bool = True
 
 
 @dataclass

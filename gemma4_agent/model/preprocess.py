@@ -63,8 +63,10 @@ def frame_patches(rgb: np.ndarray, max_soft_tokens: int = 280, patch_size: int =
 
 def scale_patches(patches: torch.Tensor, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 patches (frame_patches) -> values in [0, 1] on `device` in `dtype`: divided in float32 wherever it
-    runs (the same IEEE division on CPU and GPU), then cast."""
-    return (patches.to(device).float() / 255.0).to(dtype)
+    runs, then cast. The divisor is a tensor on that device because CUDA turns a division by a Python number into
+    a multiplication by its reciprocal, which differs from the CPU's division in the last bit."""
+    patches = patches.to(device)
+    return (patches.float() / torch.tensor(255.0, device=patches.device)).to(dtype)
 
 
 def preprocess_frame(rgb: np.ndarray, max_soft_tokens: int = 280, patch_size: int = 16, pooling: int = 3):
