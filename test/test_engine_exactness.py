@@ -5,12 +5,15 @@ In window mode an evicted frame block is invisible to every token written after 
 cached states of older tokens keep what they computed while it was visible (that is what a cache is);
 the recompute applies exactly that visibility rule to the whole history, so any error in the ring
 buffers, the eviction, the masks or the key rotation of a re-base shows up."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from gemma4_agent.engine import SessionConfig, StreamingSession
-from gemma4_agent.model import load_model
+from gemma4_agent.engine import SessionConfig, StaticKVCache, StreamingSession
+from gemma4_agent.model import ModelConfig, build_model, load_model
+from gemma4_agent.model.config import SLIDING
 from gemma4_agent.model.tokenizer import PromptBuilder
 
 from conftest import BOI, EOI, IMAGE, tiny_tokenizer
@@ -115,3 +118,27 @@ def test_warm_up_frame_leaves_no_trace(tiny_checkpoints, mode):
         assert a.tokens == b.tokens
         for la, lb in zip(a.logits_log, b.logits_log):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
+
+
+def test_ring_slot_numbers_wrap_per_layer_type_and_equal_ring_slots():
+    """The host-side slot claim (what the CUDA-graphed decode step stages in one copy) wraps each layer type's ring on
+    its own, advances ring_written as ring_slots does, and ring_slots is the same numbers as int64 tensors."""
+    model = build_model(ModelConfig.from_json(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"))
+    # sliding ring: window 256 + max_chunk 4 = 260 slots; full ring: 300 - 8 = 292
+    numbers, tensors = (StaticKVCache(model, max_context=300, max_prefix=8, max_chunk=4) for _ in range(2))
+    assert numbers.ring_size[SLIDING] == 260 and len(set(numbers.ring_size.values())) == 2
+    written = 0
+    for length in [1, 3, 4, 2] * 40 + [0, 1]:  # 401 tokens: past both rings' ends
+        claimed = numbers.ring_slot_numbers(length)
+        assert claimed == {t: [8 + (written + i) % r for i in range(length)] for t, r in numbers.ring_size.items()}
+        slots = tensors.ring_slots(length)
+        assert slots.keys() == claimed.keys()
+        for t, s in slots.items():
+            assert s.dtype == torch.long and s.device == numbers.device
+            assert torch.equal(s, torch.tensor(claimed[t], dtype=torch.long))
+            assert torch.equal(s, 8 + torch.arange(written, written + length) % numbers.ring_size[t])  # as it was
+        written += length
+        assert numbers.ring_written == tensors.ring_written == written
+    assert claimed[SLIDING] == [8 + 400 % 260] and max(max(c) for c in claimed.values()) < 300
+    numbers.rewind()
+    assert numbers.ring_slot_numbers(2) == {t: [8, 9] for t in numbers.ring_size}

@@ -58,10 +58,16 @@ class StaticKVCache:
             raise CacheFull(f"prefix of {start + length} tokens exceeds max_prefix {self.prefix_capacity}")
         return torch.arange(start, start + length, device=self.device)
 
-    def ring_slots(self, length: int) -> dict[str, torch.Tensor]:
-        idx = torch.arange(self.ring_written, self.ring_written + length, device=self.device)
+    def ring_slot_numbers(self, length: int) -> dict[str, list[int]]:
+        """Claim the ring slots of the next `length` tokens, per layer type, as host numbers (no GPU launch: the
+        decode step's CUDA graph stages them with its other inputs in one copy)."""
+        start = self.ring_written
         self.ring_written += length
-        return {t: self.prefix_capacity + idx % r for t, r in self.ring_size.items()}
+        return {t: [self.prefix_capacity + (start + i) % r for i in range(length)] for t, r in self.ring_size.items()}
+
+    def ring_slots(self, length: int) -> dict[str, torch.Tensor]:
+        return {t: torch.tensor(s, dtype=torch.long, device=self.device)
+                for t, s in self.ring_slot_numbers(length).items()}
 
     def place(self, slots: dict[str, torch.Tensor], positions: torch.Tensor, blocks: torch.Tensor) -> None:
         """Claim `slots` for a chunk of tokens at `positions` with image-block ids `blocks`."""
