@@ -150,6 +150,7 @@ def bench_attention(slots: int = 982) -> list:
     at each split of the cache the custom op chooses between, against the matmul form, what cuBLAS runs) and a
     frame's 286-row prefill chunk (the kernels against PyTorch's fused SDPA, the two it chooses between); accuracy
     and time."""
+    from gemma4_agent.fastest import kernel_ms
     from gemma4_agent.model import triton_attention as A
     from gemma4_agent.model.network import attention_mask
 
@@ -178,6 +179,8 @@ def bench_attention(slots: int = 982) -> list:
                    f"{other_name}_us": graph_ms(lambda: other(q, k, v, mask), 1) * 1e3}
             for split, kw in A.SPLITS.items():  # each way of splitting the cache the op chooses between
                 row[f"triton_{split}_us"] = graph_ms(lambda: A._launch(q, k, v, mask, **kw), 1) * 1e3
+                if seq == 1:  # as the op's choice times them: the GPU alone, cache from HBM
+                    row[f"triton_{split}_gpu_alone_us"] = kernel_ms(lambda: A._launch(q, k, v, mask, **kw)) * 1e3
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows

@@ -97,3 +97,27 @@ def test_cache_attention_takes_the_faster_of_kernels_and_sdpa_for_long_chunks():
     assert [t for _, t, _ in runs] == [twice[0], [], twice[1], [], twice[1]]
     assert picks == [[[2, 40, 50, 32], "512x16"], [[2, 70, 50, 32], "sdpa"]]
     assert decode_picks == [[[2, 8, 50, 32], "256x32"]]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_every_decode_split_on_the_gpu_at_the_12b_shapes():
+    # compiled, where programs run concurrently: each split of the cache the op chooses between, against the
+    # float32 matmul form, and the same output on every call
+    import torch
+
+    from gemma4_agent.model import triton_attention as A
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for kv_heads, rows, dim in ((8, 2, 256), (1, 16, 512)):
+        q = torch.randn(kv_heads, rows, dim, device="cuda", generator=g).bfloat16()
+        k = (torch.randn(kv_heads, 982, dim, device="cuda", generator=g) / dim ** 0.5).bfloat16()
+        v = torch.randn(kv_heads, 982, dim, device="cuda", generator=g).bfloat16()
+        mask = torch.rand(rows, 982, device="cuda", generator=g) > 0.5
+        mask[:, 0] = True
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        ref = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+        for name, kw in A.SPLITS.items():
+            outs = [A._launch(q, k, v, mask, **kw) for _ in range(3)]
+            rel = float((outs[0].float() - ref).norm() / ref.norm())
+            assert rel < 1e-2, (kv_heads, name, rel)
+            assert all(torch.equal(o, outs[0]) for o in outs), (kv_heads, name)
