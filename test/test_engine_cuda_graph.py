@@ -101,3 +101,24 @@ def test_jump_forward_chunks_replayed_from_graphs_equal_the_eager_session(compil
                   for la, lb in zip(a.logits_log, b.logits_log)]
         assert max(errors) < 1e-5, errors
     assert {("ids", 1), ("ids", 3), ("ids", 5)} <= set(graphed._graphs) and not eager._graphs
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_qkv_session_equals_the_modules(compiled):
+    # SessionConfig.fused_qkv: each attention layer's norms, RoPE and cache write by one kernel (triton_qkv.py),
+    # graphed (and compiled: the op writes into the cache buffers), against the modules' eager session; window mode
+    # with evictions, float32 (the two differ by float rounding only)
+    model = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.float32)
+    cfg = dict(mode="window", image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600, window_frames=2)
+    modules = StreamingSession(model, SyntheticPrompts(model.config, 40), SessionConfig(**cfg, cuda_graph=False))
+    fused = StreamingSession(model, SyntheticPrompts(model.config, 40),
+                             SessionConfig(**cfg, fused_qkv=True, compile=compiled))
+    calls = []
+    real = torch.ops.gemma4_agent.qkv_to_cache
+    with pytest.MonkeyPatch.context() as patch:
+        if not compiled:  # the op's calls counted (compiled, it runs inside Inductor's code)
+            patch.setattr(torch.ops.gemma4_agent, "qkv_to_cache", lambda *a: calls.append(1) or real(*a))
+        for a, b, errors in replayed(modules, fused, 4):
+            assert b.tokens == a.tokens and len(b.logits_log) == len(a.logits_log) == 4
+            assert max(errors) < 1e-4, errors
+    assert compiled or len(calls) % len(model.layers) == 0 and calls

@@ -286,3 +286,19 @@ def test_gelu_mul_kernel_compiles_with_whole_vector_loads():
     assert loads(kernel.asm["ptx"])["ld.global.v4.b32"] == 2, loads(kernel.asm["ptx"])
     assert stack_bytes(kernel) == 0
     assert_pdl_order(kernel)
+
+
+@pytest.mark.parametrize("dim", [64, 256, 512])
+def test_qkv_kernel_compiles_without_spills(dim):
+    # a head's halves in registers at the warps the op launches with (the 12B's 256 and 512, a tiny model's 64);
+    # PDL wait before anything is read, release after
+    from gemma4_agent.model import triton_qkv as Q
+
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+           "qw_ptr": "*bf16", "kw_ptr": "*bf16", "q_out_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+           "slots_ptr": "*i64", "H": "i32", "KV": "i32", "s_q": "i32", "s_k": "i32", "s_v": "i32", "s_cs": "i32",
+           "sc_h": "i32", "sc_s": "i32", "eps": "fp32", "D": "constexpr", "PDL": "constexpr"}
+    kernel = compile_kernel(Q._qkv_kernel, sig, {"D": dim, "PDL": True},
+                            ("s_q", "s_k", "s_v", "s_cs", "sc_h", "sc_s"), Q.warps(dim))
+    assert stack_bytes(kernel) == 0
+    assert_pdl_order(kernel)

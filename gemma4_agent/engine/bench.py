@@ -150,7 +150,7 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
-              join_projections: bool = True, triton_gemv: bool = True) -> dict:
+              join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = False) -> dict:
     torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
@@ -162,7 +162,8 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
                                SessionConfig(mode=cache, image_tokens=image_tokens, max_new_tokens=decode_tokens,
                                              max_prefix=prefix_tokens + 8, max_context=max_context,
                                              window_frames=window_frames, compile=compile,
-                                             join_projections=join_projections, triton_gemv=triton_gemv))
+                                             join_projections=join_projections, triton_gemv=triton_gemv,
+                                             fused_qkv=fused_qkv))
     t0 = time.perf_counter()
     session.set_prefix("bench")  # with compile, the any-length code compiles here
     prefix_s = time.perf_counter() - t0

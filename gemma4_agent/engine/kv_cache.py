@@ -51,6 +51,7 @@ class StaticKVCache:
         self.cur_slots: dict[str, torch.Tensor] = {}
         self.ring_written = 0  # tokens written to the rings since the last rewind (host-side counter)
         self.device = device
+        self.fused_writes = False  # attention layers write their K/V through `buffers` (SessionConfig.fused_qkv)
 
     # --- writing ---------------------------------------------------------------------------
     def prefix_slots(self, start: int, length: int) -> torch.Tensor:
@@ -75,6 +76,11 @@ class StaticKVCache:
             self.slot_pos[t].index_copy_(0, s, positions)
             self.slot_block[t].index_copy_(0, s, blocks)
         self.cur_slots = slots
+
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's whole K and V buffers and the slots the current chunk writes to, for an attention layer that
+        writes them itself (`fused_writes`: network.Attention through triton_qkv.py)."""
+        return self.k[layer], self.v[layer], self.cur_slots[self.layer_types[layer]]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Called by each attention layer: store this chunk's K/V, return the layer's whole buffers."""

@@ -50,6 +50,9 @@ class SessionConfig(BaseModel):
     # CUDA: jump-forward chunks (2 to GRAPHED_CHUNK_MAX tokens) replayed from a graph per length, as the decode step
     # is, instead of launched from Python (~200 int4 calls at ~50-100 us each at the 12B)
     graph_chunks: bool = True
+    # CUDA: each attention layer's q/k norms, RoPE, v norm and cache write as one PDL kernel (model/triton_qkv.py)
+    # instead of Inductor's three a layer. Off until its GPU tests (test_qkv_triton.py) and a 12B row have run.
+    fused_qkv: bool = False
 
 
 @dataclass
@@ -105,6 +108,7 @@ class StreamingSession:
             use_triton_gemv(model)
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
                                    device=self.device, dtype=self.dtype)
+        self.cache.fused_writes = self.config.fused_qkv
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}
         self.prefix_ids: list[int] = []
         self.prefix_len = 0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention, triton_gelu, triton_norms
+from . import triton_attention, triton_gelu, triton_norms, triton_qkv
 from .config import FULL, SLIDING, LayerSpec, ModelConfig
 
 
@@ -29,11 +29,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x.float()
+    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
 
 
 def no_gradient(*tensors: torch.Tensor) -> bool:
@@ -133,15 +137,27 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         names = ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj")
         q, k_raw, *v_raw = project(self, x, names)
-        q = apply_rope(self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
-        k_raw = k_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
-        v_raw = v_raw[0].view(batch, seq, self.num_kv_heads, self.head_dim) if v_raw else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
-        v = self.v_norm(v_raw).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
+        v_raw = v_raw[0] if v_raw else k_raw
+        if cache is not None and batch == 1 and getattr(cache, "fused_writes", False) and self._fusable(x):
+            # on CUDA one kernel: norms, RoPE and the cache write (triton_qkv.py)
+            k, v, slots = cache.buffers(layer_idx)
+            q = torch.ops.gemma4_agent.qkv_to_cache(q[0], k_raw[0], v_raw[0], cos, sin, self.q_norm.weight,
+                                                    self.k_norm.weight, self.q_norm.eps, k, v, slots)[None]
+        else:
+            q = apply_rope(self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
+            k_raw = k_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
+            v_raw = v_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
+            k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+            v = self.v_norm(v_raw).transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(layer_idx, k, v)
         out = sdpa(q.transpose(1, 2), k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        norms = (self.q_norm, self.k_norm, self.v_norm)
+        return x.is_cuda and triton_qkv.available() and len({n.eps for n in norms}) == 1 \
+            and no_gradient(x, self.q_norm.weight, self.k_norm.weight)
 
 
 def sdpa(q, k, v, mask):
