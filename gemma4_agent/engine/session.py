@@ -163,9 +163,10 @@ class StreamingSession:
         n = len(ids)
         positions = torch.arange(self.next_pos, self.next_pos + n, device=self.device)
         id_tensor = torch.tensor(ids, device=self.device)
-        is_image = id_tensor == self.prompts.image_id
-        blocks = torch.where(is_image, torch.full_like(id_tensor, self.next_block), torch.full_like(id_tensor, -1))
-        if bool(is_image.any()):
+        # image-block ids worked out on the host: asking the GPU would wait for the vision embedder to finish
+        image = [i == self.prompts.image_id for i in ids]
+        blocks = torch.tensor([self.next_block if m else -1 for m in image], dtype=torch.long, device=self.device)
+        if any(image):
             self.next_block += 1
         if prefix:
             slots = {t: self.cache.prefix_slots(self.next_pos, n) for t in self.cache.capacity}
