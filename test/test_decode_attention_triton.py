@@ -40,13 +40,24 @@ SCRIPT = textwrap.dedent('''
             out = A._launch(q, k, v, mask, block_s=16, programs=programs)
             ref = reference(q, k, v, mask)
             rows.append([h, r, d, s, programs, kind, float((out - ref).norm() / ref.norm())])
+    # the mask given once for the groups of query rows a KV head takes (the model's way: not repeated per layer);
+    # row r of q uses mask row r % seq, as network.sdpa folds the heads into the rows; and PyTorch's SDPA path
+    for h, groups, seq, d, s in ((2, 2, 1, 64, 100), (1, 16, 1, 128, 70), (2, 3, 5, 32, 90)):
+        q = torch.randn(h, groups * seq, d, generator=g)
+        k = torch.randn(h, s, d, generator=g)
+        v = torch.randn(h, s, d, generator=g)
+        mask = torch.rand(seq, s, generator=g) > 0.4
+        mask[:, 0] = True
+        ref = reference(q, k, v, mask.repeat(groups, 1))
+        for name, out in (("kernels", A._launch(q, k, v, mask, block_s=16, programs=8)), ("sdpa", A._sdpa(q, k, v, mask))):
+            rows.append([h, groups * seq, d, s, name, "one mask row a query", float((out - ref).norm() / ref.norm())])
     print(json.dumps(rows))
 ''')
 
 
 def test_decode_attention_kernels_match_the_matmul_form_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 10
+    assert len(rows) == 16
     for *case, rel in rows:
         assert rel < 1e-5, (case, rel)  # float32 throughout: equal up to summation order
 
@@ -121,3 +132,6 @@ def test_every_decode_split_on_the_gpu_at_the_12b_shapes():
             rel = float((outs[0].float() - ref).norm() / ref.norm())
             assert rel < 1e-2, (kv_heads, name, rel)
             assert all(torch.equal(o, outs[0]) for o in outs), (kv_heads, name)
+            # the mask given once for the KV head's groups of query rows (one token: one row), as the model passes it
+            assert torch.equal(A._launch(q, k, v, mask[:1].expand(rows, -1).contiguous(), **kw),
+                               A._launch(q, k, v, mask[:1], **kw)), (kv_heads, name)

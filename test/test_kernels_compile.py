@@ -234,7 +234,8 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
     # dims from the tiny models' to the 12B's sliding (256) and full (512) layers
     rows, warps = block
     split = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "acc_ptr": "*fp32",
-             "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "sq_h": "i32", "sq_r": "i32",
+             "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "MASK_ROWS": "i32",
+             "sq_h": "i32", "sq_r": "i32",
              "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr",
              "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr", "PDL": "constexpr"}
     for block_s in sorted({32} | {c["block_s"] for c in A.SPLITS.values()}):  # prefill's and every decode split

@@ -169,12 +169,14 @@ def sdpa(q, k, v, mask):
     groups = heads // k.shape[1]
     if groups > 1:
         q = q.reshape(batch, k.shape[1], groups * seq, dim)
-        mask = mask.repeat(1, 1, groups, 1)
     if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available() and no_gradient(q, k, v):
         # Triton's split-K flash attention over the masked cache (fp32 stays below: tl.dot would use tf32);
-        # for long chunks it or PyTorch's fused SDPA, whichever is faster at the shape (triton_attention.py)
+        # for long chunks it or PyTorch's fused SDPA, whichever is faster at the shape (triton_attention.py). It
+        # takes the mask once for every group of query rows, so no layer repeats it
         return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
             batch, heads, seq, v.shape[-1])
+    if groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
     if q.shape[2] <= 32:
         # Decode-sized queries: two small matmuls beat a fused kernel's fixed cost over a masked cache
         # (measured on H200: 61 us per layer for cuDNN flash at one query). Softmax in float32.

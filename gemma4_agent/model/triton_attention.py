@@ -48,7 +48,7 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS, MASK_ROWS,
                       sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr,
                       PDL: tl.constexpr):
@@ -68,7 +68,9 @@ if triton is not None:
             s_ok = s < S
             k = tl.load(k_ptr + h * sk_h + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0)
             scores = tl.dot(q, tl.trans(k))
-            allowed = tl.load(mask_ptr + r[:, None] * sm_r + s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0)
+            # row r is query r % MASK_ROWS of its group (the heads sharing a KV head are folded into the rows)
+            allowed = tl.load(mask_ptr + (r % MASK_ROWS)[:, None] * sm_r + s[None, :],
+                              mask=r_ok[:, None] & s_ok[None, :], other=0)
             scores = tl.where(allowed != 0, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep zeros, not NaN
@@ -116,7 +118,8 @@ def merge_warps(block_splits: int, dim: int) -> int:
 
 
 def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
-    """q [H, R, D], k/v [H, S, D] (last dim contiguous), mask [R, S] bool -> [H, R, D] in q's dtype."""
+    """q [H, R, D], k/v [H, S, D] (last dim contiguous), mask [R / G, S] bool for G query groups a KV head, row r
+    of q taking mask row r % (R / G) -> [H, R, D] in q's dtype."""
     h, rows, dim = q.shape
     slots = k.shape[1]
     block_r, warps = block_shape(rows, dim)
@@ -129,7 +132,7 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     ml = torch.empty(h, splits, r_pad, 2, device=q.device, dtype=torch.float32)
     mask8 = mask.view(torch.uint8)
     launch = pdl_args(q)
-    _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits,
+    _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits, mask8.shape[0],
                                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                            v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
                                            SPLIT_LEN=per_split, num_warps=warps, **launch)
@@ -141,13 +144,15 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
 
 
 def _sdpa(q, k, v, mask):
+    mask = mask.repeat(q.shape[1] // mask.shape[0], 1)  # one row a query row (see _launch)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], scale=1.0)[0]
 
 
 @torch.library.custom_op("gemma4_agent::cache_attention", mutates_args=())
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R, S] bool
-    (True = attend), shared by every head. Up to DECODE_ROWS rows on these kernels, split as finely as was
+    """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R / G, S] bool
+    (True = attend), shared by every head and by each of the G groups of query rows a KV head takes (row r of q
+    uses mask row r % (R / G): not repeated per layer). Up to DECODE_ROWS rows on these kernels, split as finely as was
     fastest at this shape on first use; more (a frame's prefill) on these kernels so split or PyTorch's fused
     SDPA, whichever was faster."""
     q, mask = q.contiguous(), mask.contiguous()
