@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent('''
         mask = torch.rand(seq, s, generator=g) > 0.4
         mask[:, 0] = True
         ref = reference(q, k, v, mask.repeat(groups, 1))
-        for name, out in (("kernels", A._launch(q, k, v, mask, block_s=16, programs=8)), ("sdpa", A._sdpa(q, k, v, mask))):
+        for name, out in (("kernels", A._launch(q, k, v, mask, block_s=16, programs=8)),
+                          ("sdpa", A._sdpa(q, k, v, mask))):
             rows.append([h, groups * seq, d, s, name, "one mask row a query", float((out - ref).norm() / ref.norm())])
     print(json.dumps(rows))
 ''')

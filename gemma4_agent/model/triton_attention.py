@@ -152,9 +152,9 @@ def _sdpa(q, k, v, mask):
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R / G, S] bool
     (True = attend), shared by every head and by each of the G groups of query rows a KV head takes (row r of q
-    uses mask row r % (R / G): not repeated per layer). Up to DECODE_ROWS rows on these kernels, split as finely as was
-    fastest at this shape on first use; more (a frame's prefill) on these kernels so split or PyTorch's fused
-    SDPA, whichever was faster."""
+    uses mask row r % (R / G): not repeated per layer). Up to DECODE_ROWS rows on these kernels, split as finely
+    as was fastest at this shape on first use; more (a frame's prefill) on these kernels so split or PyTorch's
+    fused SDPA, whichever was faster."""
     q, mask = q.contiguous(), mask.contiguous()
     shape = (k.shape[0], q.shape[1], k.shape[1], q.shape[2])
     calls = {name: functools.partial(_launch, q, k, v, mask, **c) for name, c in SPLITS.items()}
