@@ -20,11 +20,7 @@ import functools
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from .triton_env import tl, triton
 
 
 @functools.lru_cache(maxsize=None)

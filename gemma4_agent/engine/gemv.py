@@ -21,12 +21,7 @@ from torch import nn
 from ..fastest import FastestOf
 from ..pdl import pdl_args, wait_then_release
 from ..quant import triton_q4
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: cuBLAS (or the CPU matmul) everywhere
-    triton = None
+from ..triton_env import tl, triton
 
 
 if triton is not None:

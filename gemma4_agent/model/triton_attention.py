@@ -23,12 +23,7 @@ import torch.nn.functional as F
 
 from ..fastest import FastestOf
 from ..pdl import pdl_args, wait_then_release
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ..triton_env import available, tl, triton  # available: this module's too
 
 DECODE_ROWS = 32  # up to here (query heads per KV head x tokens) always these kernels; above, the faster
 # How finely to split the cache. Few programs read long splits one tile after another (latency); many leave more
@@ -39,10 +34,6 @@ SPLITS = {"128x32": dict(programs=128, block_s=32), "256x32": dict(programs=256,
           "512x16": dict(programs=512, block_s=16)}
 _DECODE = FastestOf()  # -> a key of SPLITS
 _PREFILL = FastestOf()  # -> a key of SPLITS or "sdpa"
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 if triton is not None:

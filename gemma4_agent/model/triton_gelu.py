@@ -15,18 +15,9 @@ import math
 import torch
 
 from ..pdl import pdl_args, wait_then_release
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ..triton_env import available, tl, triton  # available: this module's too
 
 BLOCK = 1024  # values a program: 8 a thread in 16-byte loads at 4 warps; a decode step's 15360 in 15 programs
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 if triton is not None:

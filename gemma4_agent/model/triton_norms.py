@@ -15,16 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..pdl import pdl_args, wait_then_release
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+from ..triton_env import available, tl, triton  # available: this module's too
 
 
 if triton is not None:

@@ -32,21 +32,12 @@ import torch
 
 from ..fastest import FastestOf
 from ..pdl import pdl_args, wait_then_release
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the CUDA path falls back to tinygemm / dequantize
-    triton = None
+from ..triton_env import available, tl, triton  # available: this module's too
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
 MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequantize + cuBLAS
 MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
 SPLIT_MAX_BLOCKS = 1024  # blocks of rows up to which the int8-x GEMV may split K (one arrival count each)
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 if triton is not None:
