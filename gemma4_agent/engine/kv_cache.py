@@ -24,7 +24,7 @@ class CacheFull(RuntimeError):
 
 class StaticKVCache:
     def __init__(self, model: Gemma4, max_context: int, max_prefix: int, max_chunk: int,
-                 device=None, dtype=None):
+                 device=None, dtype=None, fused_writes: bool = False):
         text = model.config.text_config
         param = model.embed_tokens.weight
         device = device or param.device
@@ -51,7 +51,7 @@ class StaticKVCache:
         self.cur_slots: dict[str, torch.Tensor] = {}
         self.ring_written = 0  # tokens written to the rings since the last rewind (host-side counter)
         self.device = device
-        self.fused_writes = False  # attention layers write their K/V through `buffers` (SessionConfig.fused_qkv)
+        self.fused_writes = fused_writes  # attention layers write their K/V through `buffers` (SessionConfig.fused_qkv)
 
     # --- writing ---------------------------------------------------------------------------
     def prefix_slots(self, start: int, length: int) -> torch.Tensor:

@@ -107,8 +107,7 @@ class StreamingSession:
         if self.device.type == "cuda" and self.config.triton_gemv:
             use_triton_gemv(model)
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
-                                   device=self.device, dtype=self.dtype)
-        self.cache.fused_writes = self.config.fused_qkv
+                                   device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv)
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}
         self.prefix_ids: list[int] = []
         self.prefix_len = 0
