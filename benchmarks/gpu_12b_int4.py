@@ -2,7 +2,8 @@
 per-frame latency (70 and 280 image tokens, 12 decoded tokens), eager and compiled, with the same
 ceilings and floor as benchmarks/gpu_12b.py.
 
-    python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding] [--compiled-only] [--image-tokens 280 70] [--fused-qkv]
+    python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding] [--compiled-only] [--image-tokens 280 70]
+        [--fused-qkv on|off]
 """
 import argparse
 import json
@@ -26,7 +27,8 @@ def main() -> int:
     parser.add_argument("--embedding", action="store_true", help="quantize the tied embedding / LM head too")
     parser.add_argument("--compiled-only", action="store_true", help="skip the (slow) eager runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
-    parser.add_argument("--fused-qkv", action="store_true", help="SessionConfig.fused_qkv (model/triton_qkv.py)")
+    parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
+                        help="SessionConfig.fused_qkv (model/triton_qkv.py)")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -50,7 +52,7 @@ def main() -> int:
             tag = f"{'compiled' if compiled else 'eager'}_{tokens}"
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3,
-                              model=model, compile=compiled, fused_qkv=args.fused_qkv,
+                              model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
                               profile_to=Path(args.out, f"profile_int4_{tag}.txt") if tokens == 280 else None)
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
@@ -61,7 +63,7 @@ def main() -> int:
                   f"profiled in {r.get('profile_s', 0):.1f} s")
             r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
             r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
-            r["fused_qkv"] = args.fused_qkv
+            r["fused_qkv"] = args.fused_qkv == "on"
             rows.append(r)
             print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "per_frame_ms",
                                                     "prefill_ms_p50", "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",

@@ -56,16 +56,21 @@ def test_floor_counts_the_prefill_flops_of_int4_layers_as_of_dense_ones():
 
 def test_exclusive_times_split_the_busy_timeline_without_counting_overlap_twice():
     # PDL: b is scheduled while a runs and waits for it, so b owns only what follows a's end; c starts after an
-    # idle gap (not charged to anyone); d runs entirely beside c and adds no time
-    from gemma4_agent.engine.bench import exclusive_table, exclusive_times
+    # idle gap (not charged to anyone's busy time, listed as the gap b -> c); d runs entirely beside c and adds no
+    # time; the second a follows an idle gap after c, which ended last of c and d
+    from gemma4_agent.engine.bench import exclusive_table, exclusive_times, idle_table
 
-    times = exclusive_times([("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 15.0), ("d", 21.0, 23.0),
-                             ("a", 30.0, 40.0)])
-    assert times == {"a": (20.0, 2), "b": (5.0, 1), "c": (5.0, 1), "d": (0.0, 1)}
-    table = exclusive_table(times, frames=2)
+    busy, idle = exclusive_times([("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 15.0), ("d", 21.0, 23.0),
+                                  ("a", 30.0, 40.0)])
+    assert busy == {"a": (20.0, 2), "b": (5.0, 1), "c": (5.0, 1), "d": (0.0, 1)}
+    assert idle == {"b -> c": (5.0, 1), "c -> a": (5.0, 1)}
+    table = exclusive_table(busy, frames=2)
     assert table.startswith("GPU busy time without overlap: 0.01 ms a frame")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
     assert rows[0][:3] == ["| a", "0.010", "66.7%"] and rows[1][:3] == ["| b", "0.003", "16.7%"]
+    gaps = idle_table(idle, frames=2)
+    assert gaps.startswith("GPU idle between kernels: 0.01 ms a frame")
+    assert "| b -> c | 0.003 | 50.0% | 0.5 | 5.00 |" in gaps
 
 
 def test_timed_choices_report_what_each_choice_picked():

@@ -150,7 +150,7 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
-              join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = False) -> dict:
+              join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True) -> dict:
     torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
@@ -219,7 +219,8 @@ def timed_choices() -> dict:
 def write_profile(step, path: str | Path, frames: int = 3) -> None:
     """Kernel time table (torch.profiler) of a few warm frames: where a frame's time goes. On CUDA a second table
     splits the GPU's busy time among kernels without counting overlap twice (`exclusive_times`): with our kernels
-    scheduled while the one before still runs (pdl.py), the first table counts each one's wait as its own time."""
+    scheduled while the one before still runs (pdl.py), the first table counts each one's wait as its own time;
+    a third lists where the GPU sat idle, waiting on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -233,31 +234,53 @@ def write_profile(step, path: str | Path, frames: int = 3) -> None:
 
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == DeviceType.CUDA]
-        text += "\n" + exclusive_table(exclusive_times(kernels), frames)
+        busy, idle = exclusive_times(kernels)
+        text += "\n" + exclusive_table(busy, frames) + "\n" + idle_table(idle, frames)
     Path(path).write_text(text)
 
 
-def exclusive_times(kernels: list[tuple[str, float, float]]) -> dict[str, tuple[float, int]]:
-    """(name, start, end) of GPU work -> name: (time, count), where each piece is charged only for the part of
-    the timeline it extends past everything that started before it: the busy time of the GPU, split without
-    double counting. A kernel scheduled early that waits for the one before is charged from that one's end."""
-    out: dict[str, tuple[float, int]] = {}
-    reached = float("-inf")
+def exclusive_times(kernels: list[tuple[str, float, float]]):
+    """(name, start, end) of GPU work -> (busy, idle). busy: name -> (time, count), where each piece is charged only
+    for the part of the timeline it extends past everything that started before it: the busy time of the GPU, split
+    without double counting (a kernel scheduled early that waits for the one before is charged from that one's
+    end). idle: "before -> after" -> (time, count) of the gaps where the GPU ran nothing, named by the kernels on
+    either side: the host's share of a frame (a decode step's token read back, launches from Python)."""
+    busy: dict[str, tuple[float, int]] = {}
+    idle: dict[str, tuple[float, int]] = {}
+    reached, last = float("-inf"), ""
     for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
-        own = max(0.0, end - max(start, reached))
-        reached = max(reached, end)
-        total, count = out.get(name, (0.0, 0))
-        out[name] = (total + own, count + 1)
-    return out
+        if start > reached > float("-inf"):
+            _add(idle, f"{last[:50]} -> {name[:50]}", start - reached)
+        _add(busy, name, max(0.0, end - max(start, reached)))
+        if end > reached:
+            reached, last = end, name
+    return busy, idle
+
+
+def _add(totals: dict[str, tuple[float, int]], key: str, time: float) -> None:
+    total, count = totals.get(key, (0.0, 0))
+    totals[key] = (total + time, count + 1)
 
 
 def exclusive_table(times: dict[str, tuple[float, int]], frames: int, rows: int = 40) -> str:
-    """exclusive_times (us) as a Markdown table per frame, the largest first."""
+    """exclusive_times' busy part (us) as a Markdown table per frame, the largest first."""
     busy = sum(t for t, _ in times.values())
-    lines = [f"GPU busy time without overlap: {busy / frames / 1e3:.2f} ms a frame",
-             "", "| kernel | ms a frame | share | calls a frame | us a call |", "|---|---:|---:|---:|---:|"]
+    return _table(f"GPU busy time without overlap: {busy / frames / 1e3:.2f} ms a frame", "kernel", times, frames,
+                  rows)
+
+
+def idle_table(gaps: dict[str, tuple[float, int]], frames: int, rows: int = 20) -> str:
+    """exclusive_times' idle part (us) as a Markdown table per frame, the largest first."""
+    idle = sum(t for t, _ in gaps.values())
+    return _table(f"GPU idle between kernels: {idle / frames / 1e3:.2f} ms a frame", "gap (kernel before -> after)",
+                  gaps, frames, rows)
+
+
+def _table(title: str, what: str, times: dict[str, tuple[float, int]], frames: int, rows: int) -> str:
+    total = sum(t for t, _ in times.values()) or 1.0
+    lines = [title, "", f"| {what} | ms a frame | share | count a frame | us each |", "|---|---:|---:|---:|---:|"]
     for name, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:rows]:
-        lines.append(f"| {name[:100]} | {t / frames / 1e3:.3f} | {t / busy:.1%} | {n / frames:g} | {t / n:.2f} |")
+        lines.append(f"| {name[:104]} | {t / frames / 1e3:.3f} | {t / total:.1%} | {n / frames:g} | {t / n:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,8 +51,8 @@ class SessionConfig(BaseModel):
     # is, instead of launched from Python (~200 int4 calls at ~50-100 us each at the 12B)
     graph_chunks: bool = True
     # CUDA: each attention layer's q/k norms, RoPE, v norm and cache write as one PDL kernel (model/triton_qkv.py)
-    # instead of Inductor's three a layer. Off until its GPU tests (test_qkv_triton.py) and a 12B row have run.
-    fused_qkv: bool = False
+    # instead of Inductor's three a layer: 12B int4 decode 3.13 vs 3.26 ms/token on the H200 (BENCHMARKS.md)
+    fused_qkv: bool = True
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..pdl import pdl_args, wait_then_release
-from ..triton_env import available, tl, triton  # available: this module's too
+from ..triton_env import available, rounded, tl, triton  # available: this module's too
 
 
 if triton is not None:
@@ -32,13 +32,12 @@ if triton is not None:
         h = tl.load(h_ptr + row * N + cols, mask=ok, other=0).to(tl.float32)
         w_post = tl.load(w_post_ptr + cols, mask=ok, other=0).to(tl.float32)
         w_pre = tl.load(w_pre_ptr + cols, mask=ok, other=0).to(tl.float32)
-        post = (y * tl.math.rsqrt(tl.sum(y * y, axis=0) / N + eps_post) * w_post).to(dtype).to(tl.float32)
-        h_new = (h + post).to(dtype)
+        post = rounded(y * tl.math.rsqrt(tl.sum(y * y, axis=0) / N + eps_post) * w_post, dtype)
+        h_new = rounded(h + post, dtype)
         if HAS_SCALE:
-            h_new = (h_new.to(tl.float32) * tl.load(scale_ptr).to(tl.float32)).to(dtype)
-        tl.store(h_out_ptr + row * N + cols, h_new, mask=ok)
-        hf = h_new.to(tl.float32)
-        x = hf * tl.math.rsqrt(tl.sum(hf * hf, axis=0) / N + eps_pre) * w_pre
+            h_new = rounded(h_new * tl.load(scale_ptr).to(tl.float32), dtype)
+        tl.store(h_out_ptr + row * N + cols, h_new.to(dtype), mask=ok)
+        x = h_new * tl.math.rsqrt(tl.sum(h_new * h_new, axis=0) / N + eps_pre) * w_pre
         tl.store(x_ptr + row * N + cols, x.to(dtype), mask=ok)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..pdl import pdl_args, wait_then_release
-from ..triton_env import available, tl, triton  # available: this module's too
+from ..triton_env import available, rounded, tl, triton  # available: this module's too
 
 
 if triton is not None:
@@ -39,14 +39,14 @@ if triton is not None:
     def _rotated(y1, y2, cos_ptr, sin_ptr, dtype, D: tl.constexpr):
         # x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1), each product and the sum rounded to the dtype
         half = tl.arange(0, D // 2)
-        y1 = y1.to(dtype).to(tl.float32)
-        y2 = y2.to(dtype).to(tl.float32)
+        y1 = rounded(y1, dtype)
+        y2 = rounded(y2, dtype)
         c1 = tl.load(cos_ptr + half).to(tl.float32)
         c2 = tl.load(cos_ptr + D // 2 + half).to(tl.float32)
         s1 = tl.load(sin_ptr + half).to(tl.float32)
         s2 = tl.load(sin_ptr + D // 2 + half).to(tl.float32)
-        o1 = (y1 * c1).to(dtype).to(tl.float32) + (-y2 * s1).to(dtype).to(tl.float32)
-        o2 = (y2 * c2).to(dtype).to(tl.float32) + (y1 * s2).to(dtype).to(tl.float32)
+        o1 = rounded(y1 * c1, dtype) + rounded(-y2 * s1, dtype)
+        o2 = rounded(y2 * c2, dtype) + rounded(y1 * s2, dtype)
         return o1.to(dtype), o2.to(dtype)
 
     @triton.jit
