@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..pdl import pdl_args, wait_then_release
-from ..triton_env import available, tl, triton  # available: this module's too
+from ..triton_env import available, rounded, tl, triton  # available: this module's too
 
 BLOCK = 1024  # values a program: 8 a thread in 16-byte loads at 4 warps; a decode step's 15360 in 15 programs
 
@@ -33,8 +33,8 @@ if triton is not None:
         g = tl.load(gate_ptr + row * s_gate + cols, mask=ok, other=0).to(tl.float32)
         u = tl.load(up_ptr + row * s_up + cols, mask=ok, other=0).to(tl.float32)
         # 0.5 g (1 + tanh(b (g + 0.044715 g^3))) = g sigmoid(2 b (g + 0.044715 g^3)), b = sqrt(2 / pi)
-        gelu = (g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g))).to(dtype)
-        tl.store(out_ptr + row * N + cols, (gelu.to(tl.float32) * u).to(dtype), mask=ok)
+        gelu = rounded(g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g)), dtype)
+        tl.store(out_ptr + row * N + cols, (gelu * u).to(dtype), mask=ok)
 
 
 @torch.library.custom_op("gemma4_agent::gelu_mul", mutates_args=())
