@@ -53,7 +53,7 @@ def main() -> int:
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3,
                               model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
-                              profile_to=Path(args.out, f"profile_int4_{tag}.txt") if tokens == 280 else None)
+                              profile_to=Path(args.out, f"profile_int4_{tag}.txt"))
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
