@@ -176,15 +176,17 @@ def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():
     sig = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*bf16", "N": "i32", "K": "i32",
            "K_BYTES": "i32", "K_GROUPS": "i32", "GROUP": "constexpr", "HAS_ZEROS": "constexpr",
            "BLOCK_N": "constexpr", "BLOCK_B": "constexpr"}
-    ptx = compile_ptx(T._dequant_kernel, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_N": 8, "BLOCK_B": 256},
-                      ("N", "K", "K_BYTES"))
-    n = loads(ptx)
+    kernel = compile_kernel(T._dequant_kernel, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_N": 8, "BLOCK_B": 256,
+                                                     "PDL": True}, ("N", "K", "K_BYTES"))
+    n = loads(kernel.asm["ptx"])
     assert n["ld.global.v4.b32"] > 0 and n["ld.global.b16"] <= 2, n  # (it gathered 32 scales per thread)
+    assert_pdl_order(kernel, "LDG.E.128")  # the weights on their way before the wait
 
 
 def test_gemm_configurations_compile_without_spilling():
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
+           "M_BUCKET": "i32", "GROUP": "constexpr",
            "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     for c in T._gemm_configs():
         for group, has_zeros in ((32, False), (128, True)):  # blocks of whole groups, and blocks inside a group
@@ -192,19 +194,23 @@ def test_gemm_configurations_compile_without_spilling():
             kernel = compile_kernel(T._gemm_kernel.fn, s, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
                                     ("N", "K", "K_WORDS"), c.num_warps)
             assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
+            if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
+                ptx = kernel.asm["ptx"]
+                assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
 
 
 def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():
     # SWAP puts the dequantized weight tile first in the MMA: on sm_90 a 16-row chunk then runs wgmma (64 weight rows
     # by 16) with the weights as register operands, where the plain form falls back to Ampere's mma.sync
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
+           "M_BUCKET": "i32", "GROUP": "constexpr",
            "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
            "SWAP": "constexpr"}
     mmas = {}
     for swap in (False, True):
         ptx = compile_ptx(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_M": 16, "BLOCK_N": 128,
-                                                   "BLOCK_K": 64, "SWAP": swap}, ("N", "K", "K_WORDS"))
+                                                   "BLOCK_K": 64, "SWAP": swap, "SPLIT": 1}, ("N", "K", "K_WORDS"))
         mmas[swap] = (len(re.findall(r"mma\.sync", ptx)),
                       len(re.findall(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", ptx)))  # A given as registers
     assert mmas[False][0] > 0 and mmas[False][1] == 0, mmas
@@ -214,8 +220,9 @@ def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():
 def test_gemm_dequantizes_without_int_to_float_conversions():
     # The GEMM's loop dequantizes a weight tile per block of K; an I2F (quarter rate) per weight made it 7.3-8.9
     # instructions a weight plus the I2F; the GEMV's LOP3 + FMA form leaves 4.8-7.2 (2026-11-29).
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr",
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
+           "M_BUCKET": "i32", "GROUP": "constexpr",
            "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     per_weight = []
     for c in T._gemm_configs():

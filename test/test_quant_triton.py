@@ -44,9 +44,13 @@ SCRIPT = textwrap.dedent("""
                 mod.qweight, s, z, w, n, k, k // 2, k // mod.group_size, **common)
             y = x @ w.t()
         else:
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            T._gemm_kernel.fn[grid](x, mod.qweight.view(torch.int32), s, z, y, m, n, k, k // 8, k // mod.group_size, 1,
-                                    **common)
+            split = cfg.get("SPLIT", 1)
+            tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+            part = torch.full((split, m, n), float("nan"))
+            counts = torch.zeros(tiles, dtype=torch.int32)
+            T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, z, y, part, counts, m, n, k, k // 8,
+                                              k // mod.group_size, 1, **common)
+            assert not counts.any()  # as the GEMV's
         return y
 
     torch.manual_seed(0)
@@ -78,6 +82,12 @@ SCRIPT = textwrap.dedent("""
                                         (3, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SWAP=True)),
                                         (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128,
                                                                          SWAP=True)),
+                                        # K in splits summed by the last to arrive, plain and swapped; with
+                                        # K = 256 the third of three splits is empty
+                                        (20, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,
+                                                                         SPLIT=2)),
+                                        (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
+                                                                        SWAP=True, SPLIT=3)),
                                         (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 xr = x.to(dtype).float()
@@ -91,7 +101,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 60
+    assert len(rows) == 68
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
@@ -204,5 +214,35 @@ def test_int8_x_gemv_on_the_gpu_in_splits_of_k(split):
             part, counts, n, k, k // 8, k // 32, GROUP=32, HAS_ZEROS=False, BLOCK_N=16, BLOCK_K=1024, SPLIT=split,
             ASM=True, num_warps=4, **T.pdl_args(x))
         # the kernel's arithmetic is exact but for float32 summation order and the bf16 output
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
+        assert not counts.any().item()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled kernels need a CUDA device")
+@pytest.mark.parametrize("split, swap", [(1, False), (2, False), (4, True)])
+def test_gemm_on_the_gpu_in_splits_of_k(split, swap):
+    # a 70-token frame's down projection (76 rows, 3840 x 15360), compiled, with the partials of each tile
+    # published across SMs and summed by the last to arrive; twice in a row, so a count left non-zero would show
+    import torch
+    import triton
+    from torch import nn
+
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    m, n, k = 76, 3840, 15360
+    mod = Int4Linear.from_float(nn.Linear(k, n, bias=False), "q4_0").cuda()
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ mod.dequantize(torch.float32).t()
+    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 128)
+    part = torch.empty(split, m, n, device="cuda")
+    counts = torch.zeros(tiles, device="cuda", dtype=torch.int32)
+    for _ in range(2):
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        s = mod.scales.view(torch.float16)
+        T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, s, y, part, counts, m, n, k, k // 8,
+                                          k // 32, 128, GROUP=32, HAS_ZEROS=False, BLOCK_M=64, BLOCK_N=128,
+                                          BLOCK_K=64, SWAP=swap, SPLIT=split, num_warps=4, num_stages=3)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
         assert not counts.any().item()

@@ -10,15 +10,17 @@ Chosen by the number of rows of x:
              rounding costs ~0.5% of the output. Its autotuner may also split K over 2-4 programs a row block for
              the 3840-row outputs, the last to finish summing the partials in order. Timed against gemv per shape
              on first use.
-    gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot).
+    gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot); where its tiles
+             would leave SMs idle, its autotuner may also split K over 2-4 programs a tile, as the int8-x GEMV.
     dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
              best matmul there is.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
 gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
-whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins everywhere (H200, BENCHMARKS.md: the
-GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and on every shape at 8).
+whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins
+everywhere (H200, BENCHMARKS.md: the GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and
+on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
@@ -36,8 +38,9 @@ from ..triton_env import available, tl, triton  # available: this module's too
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
 MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequantize + cuBLAS
-MAX_SPLIT = 4  # of K, in the int8-x GEMV (its SPLIT configurations)
-SPLIT_MAX_BLOCKS = 1024  # blocks of rows up to which the int8-x GEMV may split K (one arrival count each)
+MAX_SPLIT = 4  # of K, in the int8-x GEMV and the GEMM (their SPLIT configurations)
+SPLIT_MAX_BLOCKS = 1024  # row blocks (GEMV) or tiles (GEMM) up to which K may be split: an arrival count each
+SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partials: MAX_SPLIT x 8 MB at most)
 
 
 if triton is not None:
@@ -255,6 +258,25 @@ if triton is not None:
         # sum((q - z) x) = sum(q x) - z sum(x), in x's int8 units, then scaled
         return (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
 
+    @triton.jit
+    def _sum_splits(out, offs, ok, y_ptr, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
+        # out: this program's float32 share of the outputs at offs, over its split of K (program_id(1)). SPLIT 1:
+        # stored. Otherwise published in part_ptr [SPLIT, part_stride], and the last of the SPLIT programs of
+        # `counter` to arrive sums the partials in split order (so the result does not depend on timing) and sets
+        # the count back to zero for the next call
+        if SPLIT == 1:
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(part_ptr + tl.program_id(1) * part_stride + offs, out, mask=ok)
+            tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
+            arrived = tl.atomic_add(count_ptr + counter, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:  # the last split: the partials, in split order, past L1
+                total = tl.zeros_like(out)
+                for j in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + j * part_stride + offs, mask=ok, other=0, cache_modifier=".cg")
+                tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.atomic_xchg(count_ptr + counter, 0)
+
     @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
                      prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
                      **_AUTOTUNE_CACHE)
@@ -280,26 +302,17 @@ if triton is not None:
             words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS,
                                         BLOCK_N, BLOCK_K, GROUP)
             acc += _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
-        out = tl.sum(acc, axis=1)
-        if SPLIT == 1:
-            tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
-        else:
-            tl.store(part_ptr + tl.program_id(1) * N + rows, out, mask=row_ok)
-            tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
-            arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
-            if arrived == SPLIT - 1:  # the last split of these rows: the partials, in split order, past L1
-                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for j in tl.static_range(SPLIT):
-                    total += tl.load(part_ptr + j * N + rows, mask=row_ok, other=0, cache_modifier=".cg")
-                tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
-                tl.atomic_xchg(count_ptr + tl.program_id(0), 0)
+        _sum_splits(tl.sum(acc, axis=1), rows, row_ok, y_ptr, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
-                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                        PDL: tl.constexpr = False):
         # portable layout -> dense [N, K] in w's dtype; byte j of a row holds elements 2j (low) and 2j+1.
         # The two nibbles are interleaved back in registers so every store is one contiguous row segment. Row
         # lengths come as arguments for Triton's divisibility specialisation (16-byte loads, see _gemv_kernel).
+        # PDL: the weights are loaded while the kernel before (the matmul of the previous weight, which may read
+        # the buffer this one writes) finishes; the stores wait for it.
         G: tl.constexpr = 2 * BLOCK_B // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -308,6 +321,7 @@ if triton is not None:
                     other=0)
         q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, G, GROUP)).to(tl.float32)
         s, z = _load_scales(s_ptr, z_ptr, rows, row_ok, tl.program_id(1) * G, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+        wait_then_release(PDL)  # pdl.py
         w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, 2 * BLOCK_B))
         kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         tl.store(w_ptr + rows[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
@@ -317,14 +331,38 @@ if triton is not None:
         # none spills registers on sm_90 (tested ahead of time: test_kernels_compile.py lists them). SWAP makes the
         # weight tile the MMA's first operand (y^T = W x^T): on sm_90 wgmma then reads it from the registers it was
         # dequantized in (no round trip through shared memory), and its 64-row minimum falls on the weights, so
-        # chunks of under 64 rows get wgmma instead of Ampere's mma.sync (seen in the PTX, tested). Which is faster
-        # per shape and row count is the autotuner's timing, on the GPU.
+        # chunks of under 64 rows get wgmma instead of Ampere's mma.sync (seen in the PTX, tested). SPLIT > 1: K in
+        # splits summed by the last to finish (as the int8-x GEMV), for outputs whose tiles leave SMs idle: the
+        # 3840-wide o and down projections of a 70-token frame or a jump-forward chunk (one or two row tiles by 30
+        # column tiles, each walking all of K). Which is faster per shape and row count is the autotuner's timing,
+        # on the GPU.
         plain = ((64, 64, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8), (32, 128, 128, 8), (16, 64, 128, 4),
                  (16, 128, 64, 8), (16, 128, 128, 8))
         swapped = ((16, 64, 128, 4), (16, 128, 64, 4), (16, 128, 128, 4), (32, 128, 64, 4), (32, 128, 128, 8),
                    (64, 128, 64, 4), (128, 128, 64, 8))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w, num_stages=3)
-                for swap, shapes in ((False, plain), (True, swapped)) for bm, bn, bk, w in shapes]
+        split_plain = ((64, 64, 64, 4), (64, 128, 64, 8), (16, 128, 128, 8))
+        split_swapped = ((16, 128, 128, 4), (32, 128, 128, 8), (64, 128, 64, 8))  # 4 warps spill at SPLIT 4
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "SPLIT": split},
+                              num_warps=w, num_stages=3)
+                for split, kinds in ((1, ((False, plain), (True, swapped))),
+                                     *((sp, ((False, split_plain), (True, split_swapped))) for sp in (2, MAX_SPLIT)))
+                for swap, shapes in kinds for bm, bn, bk, w in shapes]
+
+    def _prune_gemm(configs, named_args, **kwargs):
+        # splitting only where the tiles do not fill the GPU, and every split gets at least one block of K; for any
+        # row count of the bucket (the pick is kept per bucket), the partials fit their buffer (see _gemm) and the
+        # tiles their arrival counts
+        m, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+        sms = torch.cuda.get_device_properties(named_args["x_ptr"].device).multi_processor_count \
+            if named_args["x_ptr"].is_cuda else 1 << 30
+        ok = []
+        for c in configs:
+            split, bm, bn, bk = (c.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            if split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles <= SPLIT_MAX_BLOCKS
+                              and k >= split * bk):
+                ok.append(c)
+        return ok
 
     @triton.jit
     def _weights_bf16(words, s, z, magic, i: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -340,17 +378,20 @@ if triton is not None:
             C = tl.reshape(tl.broadcast_to(C[:, :, None], (BLOCK_N, G, GROUP // 8)), (BLOCK_N, BLOCK_K // 8))
         return tl.fma(_nibble(words, magic, i), S, -C).to(dtype)
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph, **_AUTOTUNE_CACHE)
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph,
+                     prune_configs_by={"early_config_prune": _prune_gemm}, **_AUTOTUNE_CACHE)
     @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
-                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
+                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False, SPLIT: tl.constexpr = 1):
         # x tiles times weight tiles dequantized in registers, on the tensor cores. The dequantization is the
         # GEMV's (one LOP3 and one FMA a weight, no int->float conversion: 4.8-7.2 SASS instructions a weight in the
         # loop, and 7.3-8.9 plus a quarter-rate I2F before, sm_90), one tile per element place i of the words;
         # joined back in element order in registers, so x is loaded as it lies.
         # M tiles vary fastest, so the programs that share a weight tile run together and read it once from L2.
         # SWAP: the same product as y^T = W x^T, the weight tile first (see _gemm_configs), stored transposed.
+        # SPLIT: this program's 1/SPLIT of K (program_id(1)); partials in part_ptr [SPLIT, M, N], arrivals counted
+        # per tile in count_ptr (_sum_splits).
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
@@ -362,7 +403,9 @@ if triton is not None:
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
         G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups in a block, or one inside a group
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K  # whole blocks a split
+        k_start = tl.program_id(1) * k_len
+        for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & ((k0 + rk) < K)[None, :],
                         other=0)
             wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -384,17 +427,21 @@ if triton is not None:
                 acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
         if SWAP:
             acc = tl.trans(acc)
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm < M)[:, None] & n_ok[None, :])
+        _sum_splits(acc, rm[:, None] * N + rn[None, :], (rm < M)[:, None] & n_ok[None, :], y_ptr, part_ptr, count_ptr,
+                    pid, M * N, SPLIT)
 
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     m, k = x.shape
     n = qweight.shape[0]
     bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, m, n, k, k // 8, k // group, bucket, GROUP=group,
-                       HAS_ZEROS=has_zeros)
+    # partials for the split configurations, which _prune_gemm keeps only up to SPLIT_MAX_OUTPUTS outputs a bucket
+    part = torch.empty((MAX_SPLIT, m, n) if bucket * n <= SPLIT_MAX_OUTPUTS else (1,), device=x.device,
+                       dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         meta.get("SPLIT", 1))
+    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, _split_counts(x.device, "gemm"), m, n, k, k // 8,
+                       k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
 
 
 def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
@@ -405,7 +452,7 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
     _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=has_zeros,
-                          BLOCK_N=8, BLOCK_B=256, num_warps=4)
+                          BLOCK_N=8, BLOCK_B=256, num_warps=4, **pdl_args(x))
     torch.matmul(x, w.t(), out=y)
 
 
@@ -424,22 +471,22 @@ def round_x_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.floor(g * (127 / amax.clamp_min(1e-30)) + 0.5) * amax / 127).reshape(x.shape).to(x.dtype)
 
 
-# Per device: the int8-x GEMV's arrival counts (zero between calls, reset by the kernel itself, so no memset a
-# call), kept for the process as the autotuner keeps its picks. One buffer, never replaced: CUDA graphs hold its
-# address.
+# Per device and kernel: the split kernels' arrival counts (zero between calls, reset by the kernel itself, so no
+# memset a call), kept for the process as the autotuner keeps its picks. One buffer each, never replaced: CUDA
+# graphs hold its address.
 _SPLIT_COUNTS: dict = {}
 
 
-def _split_counts(device: torch.device) -> torch.Tensor:
-    if device not in _SPLIT_COUNTS:
-        _SPLIT_COUNTS[device] = torch.zeros(SPLIT_MAX_BLOCKS, device=device, dtype=torch.int32)
-    return _SPLIT_COUNTS[device]
+def _split_counts(device: torch.device, kernel: str) -> torch.Tensor:
+    if (device, kernel) not in _SPLIT_COUNTS:
+        _SPLIT_COUNTS[device, kernel] = torch.zeros(SPLIT_MAX_BLOCKS, device=device, dtype=torch.int32)
+    return _SPLIT_COUNTS[device, kernel]
 
 
 def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
     part = torch.empty(MAX_SPLIT, n, device=x.device, dtype=torch.float32)
-    counts = _split_counts(x.device)
+    counts = _split_counts(x.device, "gemv_q8")
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
     _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // group,
