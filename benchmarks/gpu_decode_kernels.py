@@ -5,6 +5,9 @@
    timing runs over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
+2b. a frame's prefill matmuls as the engine runs them (each weight dequantized, then cuBLAS), against the same with
+   the next weight's dequantization on a second stream beside this one's matmul, in one CUDA graph: whether the
+   memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -15,7 +18,8 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
    kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill attention norms timing engine] [--baseline OLD.py]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
+        engine] [--baseline OLD.py]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -142,6 +146,73 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del mod, w
+    return rows
+
+
+def bench_overlap(ceilings: dict, row_counts=(286, 76), layers: int = 4) -> list:
+    """The four matmuls of `layers` sliding decoder layers (distinct weights, > L2), each weight dequantized into one
+    of two buffers: one after the other (the engine today), or weight i + 1's dequantization on a side stream while
+    weight i's matmul runs (it overwrites the buffer matmul i - 1 read, so it waits for that one). Beside them, the
+    dequantizations alone and the matmuls alone (on bf16 weights): an overlapped time near the larger of the two
+    would say the prefill can save most of the smaller."""
+    shapes = [s for s in SHAPES if s[0] in ("qkv", "o", "gate_up", "down")] * layers
+    mods = [int4_copies(out, inp, 1)[0] for _, out, inp in shapes]
+    biggest = max(out * inp for _, out, inp in shapes)
+    bufs = [torch.empty(biggest, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    side = torch.cuda.Stream()
+
+    def dequant(i, buf):
+        _, out, inp = shapes[i]
+        w = buf[:out * inp].view(out, inp)
+        s = mods[i].scales.view(torch.float16)
+        triton_q4.dequantize_into(mods[i].qweight, s, s, w, 32, False)
+        return w
+
+    rows = []
+    for m in row_counts:
+        xs = [torch.randn(m, inp, device="cuda", dtype=torch.bfloat16) for _, _, inp in shapes]
+        ys = [torch.empty(m, out, device="cuda", dtype=torch.bfloat16) for _, out, _ in shapes]
+
+        def sequential():
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                torch.matmul(x, dequant(i, bufs[i % 2]).t(), out=y)
+
+        def overlapped():
+            main = torch.cuda.current_stream()
+            w = dequant(0, bufs[0])
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                if i + 1 < len(shapes):
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        following = dequant(i + 1, bufs[(i + 1) % 2])
+                torch.matmul(x, w.t(), out=y)
+                if i + 1 < len(shapes):
+                    main.wait_stream(side)
+                    w = following
+
+        def dequant_only():
+            for i in range(len(shapes)):
+                dequant(i, bufs[i % 2])
+
+        ws = [dequant(i, torch.empty(out * inp, device="cuda", dtype=torch.bfloat16))
+              for i, (_, out, inp) in enumerate(shapes)]
+
+        def matmul_only():
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                torch.matmul(x, ws[i].t(), out=y)
+
+        sequential()
+        reference = [y.clone() for y in ys]
+        overlapped()
+        torch.cuda.synchronize()
+        row = {"rows": m, "layers": layers, "same_result": all(torch.equal(a, b) for a, b in zip(reference, ys)),
+               "ideal_matmul_us": sum(2 * m * out * inp for _, out, inp in shapes) / (ceilings["matmul_tflops"] * 1e6)}
+        for name, fn in (("sequential", sequential), ("overlapped", overlapped), ("dequant_only", dequant_only),
+                         ("matmul_only", matmul_only)):
+            row[f"{name}_us"] = graph_ms(fn, 1) * 1e3
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del ws
     return rows
 
 
@@ -293,6 +364,8 @@ def main() -> int:
             report["gemv"] = bench_gemv(report["ceilings"], load_baseline(args.baseline) if args.baseline else None)
         elif part == "prefill":
             report["prefill"] = bench_prefill(report["ceilings"])
+        elif part == "overlap":
+            report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":
             report["attention"] = bench_attention()
         elif part == "norms":

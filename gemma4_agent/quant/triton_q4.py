@@ -444,15 +444,19 @@ def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
                        k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
 
 
+def dequantize_into(qweight, s, z, w, group: int, has_zeros: bool) -> None:
+    """The weight dequantized into w [N, K] (its dtype), by the kernel."""
+    n, k = w.shape
+    grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
+    _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=has_zeros,
+                          BLOCK_N=8, BLOCK_B=256, num_warps=4, **pdl_args(w))
+
+
 def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     # dequantize once into a transient buffer (the caching allocator hands the same block back every frame) and
     # let cuBLAS do the arithmetic
-    k = x.shape[1]
-    n = qweight.shape[0]
-    w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, 8), triton.cdiv(k // 2, 256))
-    _dequant_kernel[grid](qweight, s, z, w, n, k, k // 2, k // group, GROUP=group, HAS_ZEROS=has_zeros,
-                          BLOCK_N=8, BLOCK_B=256, num_warps=4, **pdl_args(x))
+    w = torch.empty(qweight.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
+    dequantize_into(qweight, s, z, w, group, has_zeros)
     torch.matmul(x, w.t(), out=y)
 
 
