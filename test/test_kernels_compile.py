@@ -183,14 +183,16 @@ def test_dequant_kernel_loads_whole_vectors_and_one_scale_per_group():
     assert_pdl_order(kernel, "LDG.E.128")  # the weights on their way before the wait
 
 
+GEMM_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32",
+            "K_GROUPS": "i32", "M_BUCKET": "i32", "GROUP": "constexpr", "HAS_ZEROS": "constexpr",
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+
+
 def test_gemm_configurations_compile_without_spilling():
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
-           "M_BUCKET": "i32", "GROUP": "constexpr",
-           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     for c in T._gemm_configs():
         for group, has_zeros in ((32, False), (128, True)):  # blocks of whole groups, and blocks inside a group
-            s = dict(sig, z_ptr="*u8" if has_zeros else "*fp16")
+            s = dict(GEMM_SIG, z_ptr="*u8" if has_zeros else "*fp16")
             kernel = compile_kernel(T._gemm_kernel.fn, s, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
                                     ("N", "K", "K_WORDS"), c.num_warps)
             assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
@@ -202,11 +204,7 @@ def test_gemm_configurations_compile_without_spilling():
 def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():
     # SWAP puts the dequantized weight tile first in the MMA: on sm_90 a 16-row chunk then runs wgmma (64 weight rows
     # by 16) with the weights as register operands, where the plain form falls back to Ampere's mma.sync
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
-           "M_BUCKET": "i32", "GROUP": "constexpr",
-           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-           "SWAP": "constexpr"}
+    sig = dict(GEMM_SIG, SWAP="constexpr")
     mmas = {}
     for swap in (False, True):
         ptx = compile_ptx(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_M": 16, "BLOCK_N": 128,
@@ -220,13 +218,9 @@ def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():
 def test_gemm_dequantizes_without_int_to_float_conversions():
     # The GEMM's loop dequantizes a weight tile per block of K; an I2F (quarter rate) per weight made it 7.3-8.9
     # instructions a weight plus the I2F; the GEMV's LOP3 + FMA form leaves 4.8-7.2 (2026-11-29).
-    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-           "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_GROUPS": "i32",
-           "M_BUCKET": "i32", "GROUP": "constexpr",
-           "HAS_ZEROS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     per_weight = []
     for c in T._gemm_configs():
-        kernel = compile_kernel(T._gemm_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, **c.kwargs},
+        kernel = compile_kernel(T._gemm_kernel.fn, GEMM_SIG, {"GROUP": 32, "HAS_ZEROS": False, **c.kwargs},
                                 ("N", "K", "K_WORDS"), c.num_warps)
         ops = loop_opcodes(kernel)
         assert "I2F" not in ops, c
