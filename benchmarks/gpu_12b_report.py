@@ -18,7 +18,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERIES = {"bf16": "gpu_12b_h200_", "int4": "gpu_12b_int4_h200_"}
 # kernel name pattern -> kind of work, first match wins (names as torch.profiler reports them)
 KINDS = [(r"_gemv", "decode GEMVs"), (r"_dequant_kernel", "prefill: int4 dequantization"),
-         (r"nvjet|gemm|cutlass.*gemm", "prefill: cuBLAS matmuls"),
+         (r"_gemm_kernel", "prefill: int4 GEMM (Triton)"), (r"nvjet|gemm", "prefill: cuBLAS matmuls"),
          (r"_split_kernel|_merge_kernel", "decode attention"), (r"sdpa|fmha|flash", "prefill attention"),
          (r"_add_norms|_qkv_kernel|_gelu_mul", "norms, RoPE, cache writes, gate"), (r".", "other")]
 
@@ -78,11 +78,15 @@ def latest_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_progress(runs: dict[str, list[dict]], path: Path) -> None:
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_progress(runs: dict[str, list[dict]], path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(12, 4.2), sharey=False)
     for ax, (series, rows) in zip(axes, runs.items()):
         labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -106,10 +110,7 @@ def plot_progress(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_breakdown(frame_ms: float, busy_ms: float, kinds: dict[str, float], title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     parts = sorted(kinds.items(), key=lambda kv: -kv[1]) + [("GPU idle (waiting on the host)", frame_ms - busy_ms)]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.barh([name for name, _ in parts][::-1], [ms for _, ms in parts][::-1], color="tab:blue")

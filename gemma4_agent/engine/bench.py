@@ -264,23 +264,22 @@ def _add(totals: dict[str, tuple[float, int]], key: str, time: float) -> None:
 
 def exclusive_table(times: dict[str, tuple[float, int]], frames: int, rows: int = 40) -> str:
     """exclusive_times' busy part (us) as a Markdown table per frame, the largest first."""
-    busy = sum(t for t, _ in times.values())
-    return _table(f"GPU busy time without overlap: {busy / frames / 1e3:.2f} ms a frame", "kernel", times, frames,
-                  rows)
+    return _table("GPU busy time without overlap: {:.2f} ms a frame", "kernel", times, frames, rows)
 
 
 def idle_table(gaps: dict[str, tuple[float, int]], frames: int, rows: int = 20) -> str:
     """exclusive_times' idle part (us) as a Markdown table per frame, the largest first."""
-    idle = sum(t for t, _ in gaps.values())
-    return _table(f"GPU idle between kernels: {idle / frames / 1e3:.2f} ms a frame", "gap (kernel before -> after)",
-                  gaps, frames, rows)
+    return _table("GPU idle between kernels: {:.2f} ms a frame", "gap (kernel before -> after)", gaps, frames, rows)
 
 
 def _table(title: str, what: str, times: dict[str, tuple[float, int]], frames: int, rows: int) -> str:
-    total = sum(t for t, _ in times.values()) or 1.0
-    lines = [title, "", f"| {what} | ms a frame | share | count a frame | us each |", "|---|---:|---:|---:|---:|"]
+    # title: formatted with the total in ms a frame
+    total = sum(t for t, _ in times.values())
+    lines = [title.format(total / frames / 1e3), "", f"| {what} | ms a frame | share | count a frame | us each |",
+             "|---|---:|---:|---:|---:|"]
     for name, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:rows]:
-        lines.append(f"| {name[:104]} | {t / frames / 1e3:.3f} | {t / total:.1%} | {n / frames:g} | {t / n:.2f} |")
+        lines.append(f"| {name[:104]} | {t / frames / 1e3:.3f} | {t / (total or 1.0):.1%} | {n / frames:g} | "
+                     f"{t / n:.2f} |")
     return "\n".join(lines) + "\n"
 
 
