@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent('''
             ref = reference(q, k, v, mask)
             rows.append([h, r, d, s, programs, kind, float((out - ref).norm() / ref.norm())])
     # the mask given once for the groups of query rows a KV head takes (the model's way: not repeated per layer);
-    # row r of q uses mask row r % seq, as network.sdpa folds the heads into the rows; and PyTorch's SDPA path
+    # row r of q uses mask row r % seq, as network.sdpa folds the heads into the rows; PyTorch's SDPA path and the
+    # matmul form (its masked-softmax kernel), including a row with nothing allowed (zeros, as the kernels give)
     for h, groups, seq, d, s in ((2, 2, 1, 64, 100), (1, 16, 1, 128, 70), (2, 3, 5, 32, 90)):
         q = torch.randn(h, groups * seq, d, generator=g)
         k = torch.randn(h, s, d, generator=g)
@@ -50,17 +51,23 @@ SCRIPT = textwrap.dedent('''
         mask[:, 0] = True
         ref = reference(q, k, v, mask.repeat(groups, 1))
         for name, out in (("kernels", A._launch(q, k, v, mask, block_s=16, programs=8)),
-                          ("sdpa", A._sdpa(q, k, v, mask))):
+                          ("sdpa", A._sdpa(q, k, v, mask)), ("matmul", A._matmul_form(q, k, v, mask))):
             rows.append([h, groups * seq, d, s, name, "one mask row a query", float((out - ref).norm() / ref.norm())])
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1] = True
+    q, k, v = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.ones(1, 4, 4)
+    rows.append(A._matmul_form(q, k, v, mask)[0].tolist())
     print(json.dumps(rows))
 ''')
 
 
 def test_decode_attention_kernels_match_the_matmul_form_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 16
+    *rows, empty_row = rows
+    assert len(rows) == 19
     for *case, rel in rows:
         assert rel < 1e-5, (case, rel)  # float32 throughout: equal up to summation order
+    assert empty_row == [[0.0] * 4, pytest.approx([1.0] * 4), [0.0] * 4, pytest.approx([1.0] * 4)]
 
 
 DISPATCH = textwrap.dedent('''
@@ -80,8 +87,9 @@ DISPATCH = textwrap.dedent('''
     g = torch.Generator().manual_seed(0)
     out = []
     decode = {"_launch128": 2.0, "_launch256": 1.0, "_launch512": 3.0}
-    for r, times in ((8, decode), (8, {}), (40, {**decode, "_launch512": 0.5, "_sdpa": 2.0}), (40, {}),
-                     (70, {**decode, "_sdpa": 0.5})):
+    for r, times in ((8, decode), (8, {}), (40, {**decode, "_launch512": 0.5, "_sdpa": 2.0, "_matmul_form": 0.7}),
+                     (40, {}), (70, {**decode, "_sdpa": 0.5, "_matmul_form": 0.6}),
+                     (90, {**decode, "_sdpa": 0.5, "_matmul_form": 0.4})):
         TIMES.clear(); TIMES.update(times); timed.clear()
         q = torch.randn(2, r, 32, generator=g)
         k = torch.randn(2, 50, 32, generator=g)
@@ -98,16 +106,16 @@ DISPATCH = textwrap.dedent('''
 ''')
 
 
-def test_cache_attention_takes_the_faster_of_kernels_and_sdpa_for_long_chunks():
+def test_cache_attention_takes_the_fastest_of_kernels_sdpa_and_matmul_form_for_long_chunks():
     *runs, picks, decode_picks = run_in_triton_interpreter(DISPATCH)
     for r, timed, rel in runs:
         assert rel < 1e-5, (r, rel)
-    # decode-sized: the three splits timed once, then the pick reused; 40 rows: the splits and SDPA timed once (the
-    # second call reuses the pick); 70 rows timed
+    # decode-sized: the three splits timed once, then the pick reused; 40 rows: the splits, SDPA and the matmul form
+    # timed once (the second call reuses the pick); 70 and 90 rows timed
     splits = ["_launch128", "_launch256", "_launch512"]
-    twice = sorted(splits * 2), sorted((splits + ["_sdpa"]) * 2)  # each candidate timed twice (fastest.py)
-    assert [t for _, t, _ in runs] == [twice[0], [], twice[1], [], twice[1]]
-    assert picks == [[[2, 40, 50, 32], "512x16"], [[2, 70, 50, 32], "sdpa"]]
+    twice = sorted(splits * 2), sorted((splits + ["_sdpa", "_matmul_form"]) * 2)  # each timed twice (fastest.py)
+    assert [t for _, t, _ in runs] == [twice[0], [], twice[1], [], twice[1], twice[1]]
+    assert picks == [[[2, 40, 50, 32], "512x16"], [[2, 70, 50, 32], "sdpa"], [[2, 90, 50, 32], "matmul"]]
     assert decode_picks == [[[2, 8, 50, 32], "256x32"]]
 
 
@@ -136,3 +144,28 @@ def test_every_decode_split_on_the_gpu_at_the_12b_shapes():
             # the mask given once for the KV head's groups of query rows (one token: one row), as the model passes it
             assert torch.equal(A._launch(q, k, v, mask[:1].expand(rows, -1).contiguous(), **kw),
                                A._launch(q, k, v, mask[:1], **kw)), (kv_heads, name)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_every_prefill_candidate_on_the_gpu_at_the_12b_shapes():
+    # a 286-row frame chunk (the mask given once per KV head's groups of rows): the kernels, SDPA and the matmul
+    # form (bf16 matmul with float32 scores) against the float32 form, and the op's pick agreeing with them
+    import torch
+
+    from gemma4_agent.model import triton_attention as A
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for kv_heads, groups, dim in ((8, 2, 256), (1, 16, 512)):
+        q = torch.randn(kv_heads, groups * 286, dim, device="cuda", generator=g).bfloat16()
+        k = (torch.randn(kv_heads, 982, dim, device="cuda", generator=g) / dim ** 0.5).bfloat16()
+        v = torch.randn(kv_heads, 982, dim, device="cuda", generator=g).bfloat16()
+        mask = torch.rand(286, 982, device="cuda", generator=g) > 0.5
+        mask[:, 0] = True
+        full = mask.repeat(groups, 1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).masked_fill(~full, float("-inf"))
+        ref = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+        outs = {"matmul": A._matmul_form(q, k, v, mask), "sdpa": A._sdpa(q, k, v, mask),
+                "kernels": A._launch(q, k, v, mask), "op": torch.ops.gemma4_agent.cache_attention(q, k, v, mask)}
+        for name, out in outs.items():
+            rel = float((out.float() - ref).norm() / ref.norm())
+            assert rel < 1e-2, (kv_heads, name, rel)

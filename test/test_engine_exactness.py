@@ -142,3 +142,25 @@ def test_ring_slot_numbers_wrap_per_layer_type_and_equal_ring_slots():
     assert claimed[SLIDING] == [8 + 400 % 260] and max(max(c) for c in claimed.values()) < 300
     numbers.rewind()
     assert numbers.ring_slot_numbers(2) == {t: [8, 9] for t in numbers.ring_size}
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_a_cache_padded_to_aligned_slots_changes_nothing(tiny_checkpoints, mode):
+    """On CUDA the session pads each layer type's cache to a multiple of 64 slots (aligned rows for cuBLAS): the
+    padding is never written, so every mask leaves it out. Here on CPU, a padded cache against the plain one, through
+    window evictions: the same tokens and logits."""
+    model = load_model(tiny_checkpoints["gqa_window3"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    cfg = SessionConfig(mode=mode, image_tokens=70, max_new_tokens=5, max_prefix=32, max_context=400,
+                        window_frames=2)
+    plain, padded = StreamingSession(model, prompts, cfg), StreamingSession(model, prompts, cfg)
+    padded.cache = StaticKVCache(model, cfg.max_context, cfg.max_prefix, padded.max_chunk, slot_align=64)
+    assert all(c % 64 == 0 and c > plain.cache.capacity[t] for t, c in padded.cache.capacity.items())
+    assert padded.cache.ring_size == plain.cache.ring_size
+    for session in (plain, padded):
+        session.set_prefix("go to the red ball", system="user model")
+    for frame in _frames(5, seed=4):
+        a, b = plain.step(frame, keep_logits=True), padded.step(frame, keep_logits=True)
+        assert a.tokens == b.tokens
+        for la, lb in zip(a.logits_log, b.logits_log):
+            torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)

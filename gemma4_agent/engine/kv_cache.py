@@ -1,8 +1,9 @@
 """A static KV cache: every buffer allocated once, nothing allocated per frame.
 
 Layout, per layer type (sliding / full):
-    slots [0, prefix_capacity)          the prefix, pinned: slot = position
-    slots [prefix_capacity, capacity)   a ring, written in order
+    slots [0, prefix_capacity)                       the prefix, pinned: slot = position
+    slots [prefix_capacity, prefix_capacity + ring)  a ring, written in order
+    slots up to capacity                             padding to a multiple of `slot_align`, never written
 
 Each slot remembers its token's position (EMPTY when free) and image-block id (-1: not an image token);
 attention masks are computed from those, so rewinding to the prefix is a pointer move and evicting
@@ -24,7 +25,7 @@ class CacheFull(RuntimeError):
 
 class StaticKVCache:
     def __init__(self, model: Gemma4, max_context: int, max_prefix: int, max_chunk: int,
-                 device=None, dtype=None, fused_writes: bool = False):
+                 device=None, dtype=None, fused_writes: bool = False, slot_align: int = 1):
         text = model.config.text_config
         param = model.embed_tokens.weight
         device = device or param.device
@@ -38,7 +39,10 @@ class StaticKVCache:
             raise ValueError(f"max_context {max_context} leaves no room for a {max_chunk}-token chunk after "
                              f"a {max_prefix}-token prefix")
         self.ring_size = ring
-        self.capacity = {t: max_prefix + r for t, r in ring.items()}
+        # slot_align: the session's CUDA torch path asks for 64, so that a prefill's attention over the whole cache
+        # (triton_attention's matmul form) has rows cuBLAS takes its Hopper kernels for: at 982 slots it fell back
+        # to Ampere's, 2.3-2.6x slower than at 1024 (H200). The padding stays empty, hence masked.
+        self.capacity = {t: -(-(max_prefix + r) // slot_align) * slot_align for t, r in ring.items()}
         self.k, self.v = [], []
         for i, t in enumerate(self.layer_types):
             spec = text.layer(i)

@@ -32,6 +32,7 @@ from .kv_cache import CacheFull, StaticKVCache
 
 
 GRAPHED_CHUNK_MAX = 16  # the longest jump-forward chunk replayed from a graph (SessionConfig.graph_chunks)
+CUDA_SLOT_ALIGN = 64  # the KV cache's slots, a multiple of this on CUDA (kv_cache.StaticKVCache's slot_align)
 
 
 class SessionConfig(BaseModel):
@@ -106,8 +107,11 @@ class StreamingSession:
             join_projections(model)
         if self.device.type == "cuda" and self.config.triton_gemv:
             use_triton_gemv(model)
+        # compiled engines (engines/) fix the cache's shape at their build: padding only for the torch model on CUDA
+        align = CUDA_SLOT_ALIGN if self.device.type == "cuda" and isinstance(model, torch.nn.Module) else 1
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
-                                   device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv)
+                                   device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv,
+                                   slot_align=align)
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}
         self.prefix_ids: list[int] = []
         self.prefix_len = 0

@@ -3,8 +3,10 @@
 Decode steps: cuBLAS runs q k^T and p v for one step as batched GEMMs with 2-16 rows, ~30 us per layer of the
 12B on H200 (measured, benchmarks/gpu_decode_kernels.py); these kernels take ~11 us. A frame's prefill: cuDNN's
 fused attention with the arbitrary (image-block, window, ring) mask took 82 us per sliding layer and the
-memory-efficient kernel 129 us per full layer (profile of 2026-11-29); there the two are timed against each
-other on first use per shape (fastest.FastestOf) and the faster runs.
+memory-efficient kernel 129 us per full layer (profile of 2026-11-29), each with too few programs (a few query rows
+a program) to fill the GPU. There these kernels, SDPA and the matmul form (q k^T and p v on cuBLAS around a
+masked-softmax kernel, every SM busy) are timed against each other on first use per shape (fastest.FastestOf)
+and the fastest runs.
 
 Split-K flash attention: the cache's slots are cut into splits and the query rows into blocks; each program
 takes one (KV head, split, row block), computes scores on the tensor cores, a masked online softmax and its
@@ -33,7 +35,12 @@ DECODE_ROWS = 32  # up to here (query heads per KV head x tokens) always these k
 SPLITS = {"128x32": dict(programs=128, block_s=32), "256x32": dict(programs=256, block_s=32),
           "512x16": dict(programs=512, block_s=16)}
 _DECODE = FastestOf()  # -> a key of SPLITS
-_PREFILL = FastestOf()  # -> a key of SPLITS or "sdpa"
+_PREFILL = FastestOf()  # -> a key of SPLITS, "sdpa" or "matmul"
+# Scores up to which a prefill chunk may take the matmul form (float32: 128 MB, transient). At a 286-row chunk of
+# the 12B, 4.5M a layer: there neither these kernels nor SDPA (with a mask: not its flash kernel) have enough
+# programs to fill the GPU, where cuBLAS does.
+MATMUL_MAX_SCORES = 1 << 25
+MATMUL_MAX_SLOTS = 16384  # a row of scores held in registers by its softmax program
 
 
 if triton is not None:
@@ -96,6 +103,24 @@ if triton is not None:
         tl.store(o_ptr + h * so_h + r * so_r + d, out.to(o_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _masked_softmax_kernel(s_ptr, mask_ptr, p_ptr, S, S_PAD, R, MASK_ROWS, sm_r, BLOCK: tl.constexpr):
+        # one row of float32 scores [S] (rows of all heads in turn, R a head, S_PAD apart): masked softmax, in p's
+        # dtype (rows as far apart); row r of a head takes mask row r % MASK_ROWS; a row with nothing allowed gives
+        # zeros, as the kernels above
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < S
+        allowed = tl.load(mask_ptr + (row % R % MASK_ROWS) * sm_r + cols, mask=ok, other=0)
+        x = tl.load(s_ptr + row * S_PAD + cols, mask=ok, other=0)
+        x = tl.where(allowed != 0, x, float("-inf"))
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - tl.where(m == float("-inf"), 0.0, m))
+        total = tl.sum(e, axis=0)
+        p = e / tl.where(total == 0, 1.0, total)
+        tl.store(p_ptr + row * S_PAD + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
+
+
 def block_shape(rows: int, dim: int) -> tuple[int, int]:
     """Query rows per program and warps. A block's float32 accumulator (rows x dim) stays in registers: at most
     16K values, and 8 warps past 32 rows or 8K values (fewer spilled on sm_90: test_kernels_compile.py)."""
@@ -134,6 +159,32 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     return out
 
 
+def softmax_warps(block: int) -> int:
+    """Warps for a row of `block` scores in registers (up to MATMUL_MAX_SLOTS): 8-64 values a thread."""
+    return 4 if block <= 2048 else 8
+
+
+def _matmul_form(q, k, v, mask):
+    """The same attention as two batched cuBLAS matmuls around a masked softmax: scores in float32 (as the kernels
+    keep them), probabilities rounded to v's dtype for p v."""
+    h, rows, _ = q.shape
+    slots = k.shape[1]
+    # scores and p in rows padded to 16 bytes' worth: cuBLAS takes its Hopper kernels only for aligned rows (at a
+    # 982-slot cache it fell back to Ampere's, 3-4x slower than the matmul rate)
+    pad = -(-slots // 8) * 8
+    scores = torch.empty(h, rows, pad, device=q.device, dtype=torch.float32)[:, :, :slots]
+    if q.dtype == torch.float32:
+        torch.bmm(q, k.transpose(1, 2), out=scores)
+    else:
+        torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32, out=scores)  # fp32 accumulators, not rounded
+    p = torch.empty(h, rows, pad, device=q.device, dtype=v.dtype)[:, :, :slots]
+    mask8 = mask.view(torch.uint8)
+    block = triton.next_power_of_2(slots)
+    _masked_softmax_kernel[(h * rows,)](scores, mask8, p, slots, pad, rows, mask8.shape[0], mask8.stride(0),
+                                        BLOCK=block, num_warps=softmax_warps(block))
+    return torch.bmm(p, v)
+
+
 def _sdpa(q, k, v, mask):
     mask = mask.repeat(q.shape[1] // mask.shape[0], 1)  # one row a query row (see _launch)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], scale=1.0)[0]
@@ -144,14 +195,17 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R / G, S] bool
     (True = attend), shared by every head and by each of the G groups of query rows a KV head takes (row r of q
     uses mask row r % (R / G): not repeated per layer). Up to DECODE_ROWS rows on these kernels, split as finely
-    as was fastest at this shape on first use; more (a frame's prefill) on these kernels so split or PyTorch's
-    fused SDPA, whichever was faster."""
+    as was fastest at this shape on first use; more (a frame's prefill) on these kernels so split, PyTorch's
+    fused SDPA or the matmul form, whichever was faster."""
     q, mask = q.contiguous(), mask.contiguous()
     shape = (k.shape[0], q.shape[1], k.shape[1], q.shape[2])
     calls = {name: functools.partial(_launch, q, k, v, mask, **c) for name, c in SPLITS.items()}
     if q.shape[1] <= DECODE_ROWS:
         return _DECODE.run(shape, calls)
-    return _PREFILL.run(shape, {**calls, "sdpa": functools.partial(_sdpa, q, k, v, mask)})
+    calls["sdpa"] = functools.partial(_sdpa, q, k, v, mask)
+    if q.shape[0] * q.shape[1] * k.shape[1] <= MATMUL_MAX_SCORES and k.shape[1] <= MATMUL_MAX_SLOTS:
+        calls["matmul"] = functools.partial(_matmul_form, q, k, v, mask)
+    return _PREFILL.run(shape, calls)
 
 
 @cache_attention.register_fake

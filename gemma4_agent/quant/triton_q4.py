@@ -460,22 +460,6 @@ def _dequant_matmul(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     torch.matmul(x, w.t(), out=y)
 
 
-def _dequant_matmul_l2(x, qweight, s, z, y, group: int, has_zeros: bool, chunk_bytes: Optional[int] = None) -> None:
-    # _dequant_matmul a slice of output columns at a time, through one buffer small enough to stay in L2 (a
-    # quarter of it by default): the bf16 weights are written to L2 and read back from it, never to HBM, which
-    # saves the dequantization 4x the int4 bytes of writes, at the price of narrower matmuls
-    n, k = qweight.shape[0], x.shape[1]
-    chunk = chunk_bytes or torch.cuda.get_device_properties(x.device).L2_cache_size // 4
-    rows = max(128, chunk // (k * x.element_size()) // 128 * 128)
-    if rows >= n:
-        return _dequant_matmul(x, qweight, s, z, y, group, has_zeros)
-    w = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        dequantize_into(qweight[a:b], s[a:b], z[a:b] if has_zeros else s[a:b], w[:b - a], group, has_zeros)
-        torch.mm(x, w[:b - a].t(), out=y[:, a:b])  # y's column slice: cuBLAS writes it in place (its row stride)
-
-
 def _gemv(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     n, k = qweight.shape[0], x.shape[1]
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
