@@ -122,3 +122,25 @@ def test_fused_qkv_session_equals_the_modules(compiled):
             assert b.tokens == a.tokens and len(b.logits_log) == len(a.logits_log) == 4
             assert max(errors) < 1e-4, errors
     assert compiled or len(calls) % len(model.layers) == 0 and calls
+
+
+def test_replaying_the_decode_step_graph_repeats_the_last_step():
+    # what the benchmark's replay_ms relies on to time a step's GPU work alone: replays rewrite the same K/V to the
+    # same slot, so later frames are those of a session that never replayed (window mode: the decoded tokens stay)
+    from gemma4_agent.engine.bench import replay_ms
+
+    model = build_model(ModelConfig.from_json(TINY), device="cuda", dtype=torch.float32)
+    cfg = SessionConfig(mode="window", image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600,
+                        window_frames=3, cuda_graph=True)
+    plain, replaying = (StreamingSession(model, SyntheticPrompts(model.config, 40), cfg) for _ in range(2))
+    assert replaying.decode_step_graph() is None
+    for s in (plain, replaying):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a, b = plain.step(frame, keep_logits=True), replaying.step(frame, keep_logits=True)
+        assert a.tokens == b.tokens
+        for la, lb in zip(a.logits_log, b.logits_log):
+            torch.testing.assert_close(lb, la, rtol=0, atol=0)
+        assert replay_ms(replaying.decode_step_graph(), reps=5) > 0

@@ -197,11 +197,30 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["no_hot_path_allocation"] = mem_before == report["memory_allocated_after"]
         report["weights_gb"] = weight_bytes(model) / 1e9
         report["choices"] = timed_choices()
+        graph = session.decode_step_graph()
+        if graph is not None:
+            report["decode_graph_ms_per_token"] = replay_ms(graph)
+            report["decode_host_wait_ms_per_token"] = report["decode_ms_per_token_p50"] - report[
+                "decode_graph_ms_per_token"]
     if profile_to is not None:
         t0 = time.perf_counter()
         write_profile(lambda: session.step(frame, selector), profile_to)
         report["profile_s"] = time.perf_counter() - t0
     return report
+
+
+def replay_ms(graph, reps: int = 50) -> float:
+    """GPU time of one replay of a CUDA graph, replayed back to back (the host queues them faster than the GPU runs
+    them): a decode step's own time, without the wait between steps for the host to read the token back and launch
+    the next (decode_ms_per_token less this is that wait)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def timed_choices() -> dict:

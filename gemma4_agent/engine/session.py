@@ -398,6 +398,12 @@ class StreamingSession:
         self.next_pos += n
         return g["logits"]
 
+    def decode_step_graph(self):
+        """The captured one-token decode step (a torch.cuda.CUDAGraph), None before the first: replayed, it repeats the
+        last step (the same inputs, the same K/V written to the same slot), which times a step's GPU work alone."""
+        g = self._graphs.get(("ids", 1))
+        return g["graph"] if g else None
+
     def _replay(self, key: tuple[str, int], inputs: dict) -> torch.Tensor:
         """Replay the graph of `key` (captured on first use) on `inputs`: tensors copied into its static ones;
         "slots" per layer type."""
