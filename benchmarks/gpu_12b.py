@@ -53,10 +53,10 @@ def main() -> int:
         r["floor_ms"] = floor_ms(model, tokens + 6 + (600 if cache == "none" else 0), 12, ceilings, wbytes)
         r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
         rows.append(r)
-        print(json.dumps({k: r[k] for k in ("cache", "compile", "triton_gemv", "image_tokens", "per_frame_ms",
-                                            "prefill_ms_p50",
-                                            "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
-                                            "no_hot_path_allocation")}), flush=True)
+        print(json.dumps({k: r.get(k) for k in ("cache", "compile", "triton_gemv", "image_tokens", "per_frame_ms",
+                                                "prefill_ms_p50", "decode_ms_per_token_p50",
+                                                "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
+                                                "no_hot_path_allocation")}), flush=True)
         # written after every run: a run cut off by a time limit keeps what finished
         report = {"ceilings": ceilings, "weights_gb": wbytes / 1e9, "gpu": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "runs": rows}

@@ -66,7 +66,8 @@ def main() -> int:
             r["fused_qkv"] = args.fused_qkv == "on"
             rows.append(r)
             print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "per_frame_ms",
-                                                    "prefill_ms_p50", "decode_ms_per_token_p50", "floor_ms", "ratio_to_floor",
+                                                    "prefill_ms_p50", "decode_ms_per_token_p50",
+                                                    "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
                                                     "no_hot_path_allocation")}), flush=True)
             # written after every run: a run cut off by a time limit keeps what finished
             report = {"ceilings": ceilings, "weights_resident_gb": resident / 1e9, "embedding_int4": args.embedding,

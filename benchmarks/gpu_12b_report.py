@@ -17,9 +17,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SERIES = {"bf16": "gpu_12b_h200_", "int4": "gpu_12b_int4_h200_"}
 # kernel name pattern -> kind of work, first match wins (names as torch.profiler reports them)
+# (cuBLAS's kernels do not say whose matmul they run: since the 2026-11-29s run the prefill attention's q k^T and
+# p v are among them, beside its softmax kernel)
 KINDS = [(r"_gemv", "decode GEMVs"), (r"_dequant_kernel", "prefill: int4 dequantization"),
-         (r"_gemm_kernel", "prefill: int4 GEMM (Triton)"), (r"nvjet|gemm", "prefill: cuBLAS matmuls"),
-         (r"_split_kernel|_merge_kernel", "decode attention"), (r"sdpa|fmha|flash", "prefill attention"),
+         (r"_gemm_kernel", "prefill: int4 GEMM (Triton)"), (r"nvjet|gemm", "prefill: cuBLAS (weights, attention)"),
+         (r"_split_kernel|_merge_kernel", "decode attention"),
+         (r"sdpa|fmha|flash|_masked_softmax", "prefill attention (SDPA; softmax)"),
          (r"_add_norms|_qkv_kernel|_gelu_mul", "norms, RoPE, cache writes, gate"), (r".", "other")]
 
 
