@@ -170,8 +170,9 @@ def sdpa(q, k, v, mask):
         q = q.reshape(batch, k.shape[1], groups * seq, dim)
     if batch == 1 and q.is_cuda and q.dtype != torch.float32 and triton_attention.available() and no_gradient(q, k, v):
         # Triton's split-K flash attention over the masked cache (fp32 stays below: tl.dot would use tf32);
-        # for long chunks it or PyTorch's fused SDPA, whichever is faster at the shape (triton_attention.py). It
-        # takes the mask once for every group of query rows, so no layer repeats it
+        # for long chunks it, PyTorch's fused SDPA or two cuBLAS matmuls around a masked softmax, whichever is
+        # fastest at the shape (triton_attention.py). It takes the mask once for every group of query rows, so no
+        # layer repeats it
         return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
             batch, heads, seq, v.shape[-1])
     if groups > 1:
