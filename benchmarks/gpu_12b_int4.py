@@ -67,6 +67,7 @@ def main() -> int:
             rows.append(r)
             print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "per_frame_ms",
                                                     "prefill_ms_p50", "decode_ms_per_token_p50",
+                                                    "decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
                                                     "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
                                                     "no_hot_path_allocation")}), flush=True)
             # written after every run: a run cut off by a time limit keeps what finished

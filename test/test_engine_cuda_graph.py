@@ -144,3 +144,4 @@ def test_replaying_the_decode_step_graph_repeats_the_last_step():
         for la, lb in zip(a.logits_log, b.logits_log):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
         assert replay_ms(replaying.decode_step_graph(), reps=5) > 0
+        assert replay_ms(replaying.decode_step_graph(), reps=5, synced=True) > 0

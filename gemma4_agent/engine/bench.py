@@ -198,8 +198,9 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["weights_gb"] = weight_bytes(model) / 1e9
         report["choices"] = timed_choices()
         graph = session.decode_step_graph()
-        if graph is not None:
+        if graph is not None:  # the host's share of a decode step, in two parts (see replay_ms)
             report["decode_graph_ms_per_token"] = replay_ms(graph)
+            report["decode_graph_synced_ms_per_token"] = replay_ms(graph, synced=True)
             report["decode_host_wait_ms_per_token"] = report["decode_ms_per_token_p50"] - report[
                 "decode_graph_ms_per_token"]
     if profile_to is not None:
@@ -209,11 +210,20 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     return report
 
 
-def replay_ms(graph, reps: int = 50) -> float:
-    """GPU time of one replay of a CUDA graph, replayed back to back (the host queues them faster than the GPU runs
-    them): a decode step's own time, without the wait between steps for the host to read the token back and launch
-    the next (decode_ms_per_token less this is that wait)."""
+def replay_ms(graph, reps: int = 50, synced: bool = False) -> float:
+    """Time of one replay of a CUDA graph. Replayed back to back (the host queues them faster than the GPU runs
+    them): the GPU's time alone, a decode step without the wait between steps for the host to read the token back
+    and launch the next (decode_ms_per_token less this is that wait). `synced`: each replay launched only once the
+    one before has finished, timed on the host: the GPU's time plus the launch and the synchronisation alone, so
+    that what the decode loop waits beyond it is its Python (the selector, staging the next step's inputs)."""
     graph.replay()
+    torch.cuda.synchronize()
+    if synced:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            graph.replay()
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
