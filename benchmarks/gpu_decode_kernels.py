@@ -15,8 +15,8 @@
 3c. how the engine's per-shape choice times the two int4 GEMVs: the host's time to launch one, what
    triton.testing.do_bench reports (mean, median) and what fastest.kernel_ms reports (twice).
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
-   eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token and a
-   kernel profile of each, to extrapolate to 48 layers without building them.
+   eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
+   it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
         engine] [--baseline OLD.py]
@@ -346,6 +346,8 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
                       compile=True, join_projections=join, profile_to=out_dir / f"profile_6layer_{tag}.txt")
         row = {"variant": tag, "layers": 6, "image_tokens": tokens, "per_frame_ms_p50": r["per_frame_ms"]["p50"],
                "prefill_ms_p50": r["prefill_ms_p50"], "decode_ms_per_token_p50": r["decode_ms_per_token_p50"],
+               **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
+                                        "decode_host_wait_ms_per_token")},
                "no_hot_path_allocation": r.get("no_hot_path_allocation"), "wall_s": time.time() - t0}
         print(json.dumps(row), flush=True)
         rows.append(row)
