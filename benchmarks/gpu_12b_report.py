@@ -37,13 +37,15 @@ def run_order(path: Path, prefix: str) -> tuple[str, str]:
 
 
 def collect(results: Path) -> dict[str, list[dict]]:
-    """series -> runs (compiled, prefix cache), oldest first, each with its file's label."""
+    """series -> runs (compiled, prefix cache, a fixed count of decoded tokens: those with a floor), oldest first,
+    each with its file's label."""
     out: dict[str, list[dict]] = {}
     for series, prefix in SERIES.items():
         rows = []
         for path in sorted(results.glob(f"{prefix}*.json"), key=lambda p: run_order(p, prefix)):
             for run in json.loads(path.read_text()).get("runs", []):
-                if run.get("compile") and run.get("cache") == "prefix" and "per_frame_ms" in run:
+                if run.get("compile") and run.get("cache") == "prefix" and "per_frame_ms" in run \
+                        and run.get("selector", "fixed") == "fixed":
                     rows.append({**run, "label": run_label(path, prefix), "file": path.name})
         out[series] = rows
     return out

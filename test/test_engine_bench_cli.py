@@ -25,8 +25,25 @@ def test_bench_cli_reports_latency_percentiles(tmp_path, cache, extra):
     assert 0 < p["p50"] <= p["p90"] <= p["p99"]
     for key in ("first_decile_p50_ms", "last_decile_p50_ms", "prefill_ms_p50", "decode_ms_per_token_p50"):
         assert report[key] > 0, key
+    assert report["selector"] == "fixed" and report["tokens_mean"] == 3 and report["decode_steps_mean"] == 2
     assert report["prefill_ms_p50"] < p["p50"]  # a frame is its prefill plus its decode steps
     assert report["warmup_s"] * 1e3 > p["p50"]  # the warm-up frames (3 by default) take longer than one frame
+
+
+def test_bench_cli_times_an_action_of_the_grammar(tmp_path):
+    # --selector grammar: each frame decodes one action as the agent does (the action grammar, jump-forward), so a
+    # frame's tokens outnumber its forward passes (forced runs go in one pass) and the action ends before the cap
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "bench", "--config",
+                           str(ROOT / "benchmarks" / "tiny-config.json"), "--device", "cpu", "--frames", "3",
+                           "--image-tokens", "70", "--decode-tokens", "64", "--selector", "grammar",
+                           "--prefix-tokens", "40", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["selector"] == "grammar"
+    assert 1 <= report["decode_steps_mean"] < report["tokens_mean"] - 1 and report["tokens_mean"] < 64
+    assert 0 < report["decode_ms_p50"] < report["per_frame_ms"]["p50"]
 
 
 def test_bench_cli_refuses_a_missing_config(tmp_path):

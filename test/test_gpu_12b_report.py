@@ -36,4 +36,5 @@ def test_busy_table_groups_kernels_by_kind_and_keeps_the_untabled_rest_as_other(
                        "| triton_poi_fused_x | 0.500 | 5% | 1 | 1 |\n\nGPU idle between kernels: 1.00 ms a frame\n")
     busy, kinds = report.busy_table(profile)
     assert busy == 10.0
-    assert kinds == {"decode GEMVs": 5.0, "prefill: cuBLAS (weights, attention)": 2.0, "decode attention": 1.5, "other": 1.5}
+    assert kinds == {"decode GEMVs": 5.0, "prefill: cuBLAS (weights, attention)": 2.0, "decode attention": 1.5,
+                     "other": 1.5}

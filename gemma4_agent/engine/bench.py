@@ -68,6 +68,17 @@ class FixedLength:
         return self.count >= self.n
 
 
+def grammar_selector(model):
+    """What the agent decodes with, for timing an action rather than a fixed count of tokens: the action grammar
+    (config/actions.yaml's default) over the demo tokenizer's vocabulary, jump-forward on. The model's logits may be
+    wider than that vocabulary (the 12B's 262144): the rest is never allowed."""
+    from ..actions.grammar import GrammarSelector
+    from ..actions.spec import load_action_spec
+    from ..demo.tokenizer import build_tokenizer
+
+    return GrammarSelector(load_action_spec(), build_tokenizer(), vocab_size=model.config.text_config.vocab_size)
+
+
 def bench_dtype(name: str, device: str) -> torch.dtype:
     """--dtype: "auto" is bf16 on CUDA, float32 on CPU."""
     return {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
@@ -150,7 +161,10 @@ def floor_ms(model, chunk_tokens: int, decode_tokens: int, ceilings: dict, bytes
 def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: int = 280, decode_tokens: int = 12,
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
-              join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True) -> dict:
+              join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True,
+              selector: str = "fixed") -> dict:
+    """selector "fixed": greedy for exactly `decode_tokens` tokens a frame; "grammar": an action a frame
+    (grammar_selector), `decode_tokens` its cap."""
     torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
@@ -168,23 +182,28 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     session.set_prefix("bench")  # with compile, the any-length code compiles here
     prefix_s = time.perf_counter() - t0
     frame = frame_for(image_tokens, side)
-    selector = FixedLength(decode_tokens)
+    chooser = FixedLength(decode_tokens) if selector == "fixed" else grammar_selector(model)
     warmup_frames_s = []
     for _ in range(warmup):  # the first frame compiles, autotunes and captures: the wait before a first action
         t0 = time.perf_counter()
-        session.step(frame, selector)
+        session.step(frame, chooser)
         warmup_frames_s.append(time.perf_counter() - t0)
     mem_before = torch.cuda.memory_allocated(device) if device == "cuda" else None
-    results = [session.step(frame, selector) for _ in tqdm(range(frames), desc=f"bench {cache}", leave=False)]
+    results = [session.step(frame, chooser) for _ in tqdm(range(frames), desc=f"bench {cache}", leave=False)]
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(torch_dtype).replace("torch.", ""),
         "cache": cache, "compile": compile, "frames": frames, "image_tokens": image_tokens, "decode_tokens": decode_tokens,
-        "prefix_tokens": prefix_tokens,
+        "prefix_tokens": prefix_tokens, "selector": selector,
         "per_frame_ms": percentiles([r.timings_ms["total"] for r in results]),
         "prefill_ms_p50": float(np.median([r.timings_ms["prefill"] for r in results])),
         "preprocess_ms_p50": float(np.median([r.timings_ms["preprocess"] for r in results])),
+        "decode_ms_p50": float(np.median([r.timings_ms["decode"] for r in results])),
         "decode_ms_per_token_p50": float(np.median([r.timings_ms["decode"] / max(1, r.decode_steps) for r in results])),
+        # a frame's tokens, and the forward passes after the prefill that produced them (a jump-forward chunk of
+        # forced tokens is one): fewer steps than tokens is what the grammar's jump-forward saves
+        "tokens_mean": float(np.mean([len(r.tokens) for r in results])),
+        "decode_steps_mean": float(np.mean([r.decode_steps for r in results])),
         "warmup_s": sum(warmup_frames_s), "warmup_frames_s": warmup_frames_s, "set_prefix_s": prefix_s,
     }
     decile = max(1, frames // 10)
@@ -205,7 +224,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
                 "decode_graph_ms_per_token"]
     if profile_to is not None:
         t0 = time.perf_counter()
-        write_profile(lambda: session.step(frame, selector), profile_to)
+        write_profile(lambda: session.step(frame, chooser), profile_to)
         report["profile_s"] = time.perf_counter() - t0
     return report
 
@@ -317,7 +336,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--image-tokens", type=int, choices=sorted(GRIDS), default=280)
-    parser.add_argument("--decode-tokens", type=int, default=12)
+    parser.add_argument("--decode-tokens", type=int, default=12,
+                        help="tokens a frame (--selector fixed) or an action's cap (--selector grammar)")
+    parser.add_argument("--selector", choices=["fixed", "grammar"], default="fixed",
+                        help="greedy for a fixed count of tokens, or an action of the action grammar (jump-forward)")
     parser.add_argument("--cache", choices=["prefix", "window", "none"], default="prefix")
     parser.add_argument("--prefix-tokens", type=int, default=600)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -341,7 +363,7 @@ def run(args) -> int:
 
         model = quantize_model(model, args.quant, progress=False)
     report = run_bench(args.config, args.device, args.frames, args.image_tokens, args.decode_tokens, args.cache,
-                       args.prefix_tokens, args.dtype, compile=args.compile, model=model)
+                       args.prefix_tokens, args.dtype, compile=args.compile, model=model, selector=args.selector)
     report["quant"] = args.quant
     if args.device == "cuda" and args.ceilings:
         report["ceilings"] = measure_ceilings(args.device)
