@@ -259,9 +259,9 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
 @pytest.mark.parametrize("block", [1024, A.MATMUL_MAX_SLOTS])
 def test_masked_softmax_kernel_compiles_without_spilling(block):
     # the matmul form's softmax: a row of a 982-slot cache (the 12B bench's) and the longest it takes
-    sig = {"s_ptr": "*fp32", "mask_ptr": "*u8", "p_ptr": "*bf16", "S": "i32", "S_PAD": "i32", "R": "i32",
-           "MASK_ROWS": "i32", "sm_r": "i32", "BLOCK": "constexpr"}
-    kernel = compile_kernel(A._masked_softmax_kernel, sig, {"BLOCK": block}, ("S_PAD", "sm_r"), A.softmax_warps(block))
+    sig = {"s_ptr": "*fp32", "mask_ptr": "*u8", "p_ptr": "*bf16", "S": "i32", "R": "i32", "MASK_ROWS": "i32",
+           "sm_r": "i32", "BLOCK": "constexpr"}
+    kernel = compile_kernel(A._masked_softmax_kernel, sig, {"BLOCK": block}, ("sm_r",), A.softmax_warps(block))
     assert stack_bytes(kernel) == 0
 
 
