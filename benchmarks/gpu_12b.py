@@ -3,7 +3,7 @@ per-frame latency at 70 and 280 image tokens with 12 decoded tokens, prefix cach
 from the copy bandwidth and matmul rate measured in the same run, and the no-allocation check.
 
     python benchmarks/gpu_12b.py --out OUT_DIR [--compile | --compiled-only] [--image-tokens 280 70] [--frames N]
-        [--triton-gemv on|off|both]
+        [--triton-gemv on|off|both] [--compile-any-length on|off]
 
 `--triton-gemv both` times each compiled row without, then with, the Triton GEMV candidate (engine/gemv.py) in
 one process: an A/B on the same machine state.
@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled, prefix-cached runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
+    parser.add_argument("--compile-any-length", choices=["on", "off"], default="on",
+                        help="SessionConfig.compile_any_length: off, the prefix (and jump-forward runs of the "
+                             "grammar) run uncompiled, which 12 fixed tokens a frame never use; minutes less compiling")
     parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
                         help="the decode step's bf16 GEMVs may take Triton where it times faster than cuBLAS")
     args = parser.parse_args()
@@ -48,7 +51,7 @@ def main() -> int:
     for tokens, cache, compiled, triton_gemv in variants:
         frames = args.frames if cache == "prefix" else max(5, args.frames // 3)
         r = run_bench("gemma4-12b", "cuda", frames, tokens, 12, cache, 600, "bfloat16", warmup=3, model=model,
-                      compile=compiled, triton_gemv=triton_gemv)
+                      compile=compiled, triton_gemv=triton_gemv, compile_any_length=args.compile_any_length == "on")
         r["triton_gemv"] = triton_gemv
         r["floor_ms"] = floor_ms(model, tokens + 6 + (600 if cache == "none" else 0), 12, ceilings, wbytes)
         r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]

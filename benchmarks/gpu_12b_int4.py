@@ -3,7 +3,7 @@ per-frame latency (70 and 280 image tokens, 12 decoded tokens), eager and compil
 ceilings and floor as benchmarks/gpu_12b.py.
 
     python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding] [--compiled-only] [--image-tokens 280 70]
-        [--fused-qkv on|off] [--selector fixed|grammar]
+        [--fused-qkv on|off] [--selector fixed|grammar] [--compile-any-length on|off]
 """
 import argparse
 import json
@@ -30,6 +30,9 @@ def main() -> int:
     parser.add_argument("--selector", choices=["fixed", "grammar"], default="fixed",
                         help="12 greedy tokens a frame (against the floor), or an action of the action grammar with "
                              "jump-forward, capped at 32 tokens as the agent's (engine/bench.py grammar_selector)")
+    parser.add_argument("--compile-any-length", choices=["on", "off"], default="on",
+                        help="SessionConfig.compile_any_length: off, the prefix (and jump-forward runs of the "
+                             "grammar) run uncompiled, which 12 fixed tokens a frame never use; minutes less compiling")
     parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
                         help="SessionConfig.fused_qkv (model/triton_qkv.py)")
     args = parser.parse_args()
@@ -57,7 +60,8 @@ def main() -> int:
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12 if fixed else 32, "prefix", 600,
                               "bfloat16", warmup=3, model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
-                              profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector)
+                              profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector,
+                              compile_any_length=args.compile_any_length == "on")
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})

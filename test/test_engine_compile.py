@@ -67,3 +67,31 @@ def test_chunk_lengths_first_seen_mid_stream_run_compiled_without_recompiling(ti
         assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < (1e-2 if scheme else 1e-4), n
     assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the first frame
     assert not torch_dynamo.utils.counters["graph_break"], dict(torch_dynamo.utils.counters["graph_break"])
+
+
+def test_without_the_any_length_function_the_prefix_runs_uncompiled(tiny_checkpoints):
+    # compile_any_length=False: only the lengths that repeat are compiled (the frame chunk, the one-token step), the
+    # prefix and a jump-forward length the warm-up did not show run uncompiled; the same tokens either way
+    model = load_model(tiny_checkpoints["kv_separate"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    cfg = dict(mode="prefix", image_tokens=70, max_new_tokens=3, max_prefix=32, max_context=200)
+    eager = StreamingSession(model, prompts, SessionConfig(**cfg))
+    torch_dynamo.reset()
+    torch_dynamo.utils.counters.clear()
+    compiled = StreamingSession(model, prompts, SessionConfig(**cfg, compile=True, compile_any_length=False))
+    for s in (eager, compiled):
+        s.set_prefix("go to the red ball")
+    assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == 0  # the prefix compiled nothing
+    torch.testing.assert_close(compiled.cache.k[0], eager.cache.k[0], rtol=0, atol=0)
+    frame = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    for _ in range(2):
+        a, b = eager.step(frame, Replay([5, 6, 7])), compiled.step(frame, Replay([5, 6, 7]), keep_logits=True)
+        assert a.tokens == b.tokens
+    graphs = torch_dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the frame chunk and the one-token step, compiled
+    for s in (eager, compiled):
+        s.cache.rewind()
+        s.next_pos = s.prefix_len
+    outs = [s._chunk(list(range(10, 15))) for s in (eager, compiled)]  # a length no frame ran: uncompiled
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -54,6 +54,11 @@ class SessionConfig(BaseModel):
     # CUDA: each attention layer's q/k norms, RoPE, v norm and cache write as one PDL kernel (model/triton_qkv.py)
     # instead of Inductor's three a layer: 12B int4 decode 3.13 vs 3.26 ms/token on the H200 (BENCHMARKS.md)
     fused_qkv: bool = True
+    # With compile, also a function compiled for any length (see StreamingSession.__init__), for the chunks whose
+    # length does not repeat: the prefix, jump-forward runs of a length the warm-up did not see. Off, those run
+    # uncompiled: a slower prefix and first-seen jump-forward run, a start-up minutes shorter at the 12B (the
+    # prefix's compile took 188 of a 12B int4 row's 390 s of compiling on the H200); the bench's frames never use it
+    compile_any_length: bool = True
 
 
 @dataclass
@@ -137,7 +142,8 @@ class StreamingSession:
             for mod in (model, *joined_modules(model)):
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
             self._compiled = torch.compile(self._layers_and_head, dynamic=False)
-            self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True)
+            if self.config.compile_any_length:
+                self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True)
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,7 +153,7 @@ class StreamingSession:
         self.cache.place(slots, positions, blocks)
         if self._compiled is None:
             return self._layers_and_head(h, positions, blocks)
-        return (self._compiled if repeats else self._compiled_any)(h, positions, blocks)
+        return (self._compiled if repeats else self._compiled_any or self._layers_and_head)(h, positions, blocks)
 
     def _layers_and_head_any_length(self, h, positions, blocks):
         # its own code object, so that dynamo keeps its (dynamic) graph apart from the per-length ones
