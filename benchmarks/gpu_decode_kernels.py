@@ -19,7 +19,7 @@
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
-        engine] [--baseline OLD.py]
+        engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -360,6 +360,7 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["gemv", "prefill", "engine"])
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--image-tokens", type=int, default=280)
+    parser.add_argument("--slots", type=int, default=982, help="--parts attention: the cache's slots")
     parser.add_argument("--baseline", help="a previous triton_q4.py whose GEMV is timed beside the current one")
     args = parser.parse_args()
     out = Path(args.out)
@@ -373,7 +374,7 @@ def main() -> int:
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":
-            report["attention"] = bench_attention()
+            report["attention"] = bench_attention(args.slots)
         elif part == "norms":
             report["norms"] = bench_norms()
         elif part == "timing":
