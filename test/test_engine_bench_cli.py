@@ -102,4 +102,4 @@ def test_timed_choices_report_what_each_choice_picked():
     finally:
         del triton_q4._CHUNK.picks[key]
     assert choices["int4_matmul (N, K, rows, zero-points)"]["(3840, 15360, 1, False)"] == "gemv_q8"
-    assert len(choices) == 5 and all(isinstance(v, dict) for v in choices.values())
+    assert len(choices) == 4 and all(isinstance(v, dict) for v in choices.values())

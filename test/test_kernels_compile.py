@@ -94,7 +94,7 @@ def every_gemv_configuration(kernel, sig: dict, configs: list, has_zeros: bool, 
     sig = dict(sig, z_ptr="*u8" if has_zeros else "*fp16")
     group = 128 if has_zeros else 32
     configs = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
-    assert len(configs) >= 10
+    assert len(configs) >= 20
     for c in configs:
         yield c, compile_kernel(kernel.fn, sig, {"GROUP": group, "HAS_ZEROS": has_zeros, "PDL": True, **constexprs,
                                                  **c.kwargs}, ("N", "K", "K_WORDS"), c.num_warps)
@@ -141,29 +141,6 @@ def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_
         assert_pdl_order(kernel, "LDG.E.128")
         if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
             assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
-
-
-ENDING_TYPES = dict(Q8_SIG, TWO_BETA="constexpr", done_ptr="*i32", h_ptr="*bf16", w_post_ptr="*bf16", w_pre_ptr="*bf16",
-                    scale_ptr="*bf16", h_out_ptr="*bf16", xn_ptr="*bf16", eps_post="fp32", eps_pre="fp32",
-                    HAS_SCALE="constexpr", NORM_BLOCK="constexpr")
-
-
-@pytest.mark.parametrize("ending, has_zeros", [("gelu", False), ("norms", False), ("norms", True)])
-def test_every_configuration_of_the_gemv_endings_compiles_without_spills(ending, has_zeros):
-    # the int8-x GEMV ending in gelu * up or in the residual add and norms: as the plain one, 16-byte weight loads,
-    # weights requested before the PDL wait, nothing spilled in the loop over K. The norms' last program holds a
-    # row of 3840 once a call, where some 8-warp configurations spill a register pair (sm_90, 2026-11-30): allowed
-    # there, outside the loop
-    kernel = getattr(T, f"_gemv_q8_{ending}_kernel")
-    sig = {name: ENDING_TYPES[name] for name in kernel.fn.arg_names}
-    configs = [c for c in T._gemv_q8_configs() if ending == "gelu" or c.num_warps >= 4]
-    extra = {"TWO_BETA": 1.6} if ending == "gelu" else {"HAS_SCALE": True, "NORM_BLOCK": 4096}
-    for c, compiled in every_gemv_configuration(kernel, sig, configs, has_zeros, ASM=True, **extra):
-        words_per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (8 * 32 * c.num_warps)
-        assert loads(compiled.asm["ptx"])["ld.global.v4.b32"] >= words_per_thread // 4, c
-        assert stack_bytes(compiled) <= (0 if ending == "gelu" else 8), c
-        assert not {"STL", "LDL"} & set(loop_opcodes(compiled)), c
-        assert_pdl_order(compiled, "LDG.E.128")
 
 
 def test_int8_x_gemv_multiplies_four_weights_an_instruction():

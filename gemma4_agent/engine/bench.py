@@ -258,8 +258,7 @@ def timed_choices() -> dict:
     from ..quant import triton_q4
     from . import gemv
 
-    kinds = {"int4_matmul (N, K, rows, zero-points)": triton_q4._CHUNK,
-             "int4 one-row endings (kind, N, K, zero-points)": triton_q4._ENDINGS, "bf16_gemv (N, K, dtype)": gemv._ONE_ROW,
+    kinds = {"int4_matmul (N, K, rows, zero-points)": triton_q4._CHUNK, "bf16_gemv (N, K, dtype)": gemv._ONE_ROW,
              "attention_decode (KV heads, rows, slots, dim)": triton_attention._DECODE,
              "attention_prefill (KV heads, rows, slots, dim)": triton_attention._PREFILL}
     return {kind: {str(key): pick for key, pick in chooser.picks.items()} for kind, chooser in kinds.items()}

@@ -56,19 +56,6 @@ def add_and_norm(h: torch.Tensor, y: torch.Tensor, post: RMSNorm, pre: RMSNorm, 
     return add_and_norm_modules(h, y, post, pre, scale)
 
 
-def linear_add_and_norm(h: torch.Tensor, linear: nn.Module, y_in: torch.Tensor, post: RMSNorm, pre: RMSNorm,
-                        scale: torch.Tensor | None = None):
-    """add_and_norm(h, linear(y_in), post, pre, scale): a sub-block's output projection and what follows it. An int4
-    layer on CUDA at one row (the decode step) may run all of it as one kernel (quant/triton_q4.py)."""
-    fused = getattr(linear, "matmul_add_norms", None)
-    if fused is not None and post.weight is not None and pre.weight is not None \
-            and no_gradient(h, y_in, post.weight, pre.weight):
-        out = fused(y_in, h, post.weight, pre.weight, scale, post.eps, pre.eps)
-        if out is not None:
-            return out
-    return add_and_norm(h, linear(y_in), post, pre, scale)
-
-
 def add_and_norm_modules(h, y, post: RMSNorm, pre: RMSNorm, scale=None):
     """add_and_norm by the modules themselves (CPU, exporters; the kernel's reference)."""
     h = h + post(y)
@@ -147,10 +134,6 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(self.head_dim, text.rms_norm_eps, with_scale=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
-        return self.o_proj(self.attend(x, cos, sin, mask, cache, layer_idx))
-
-    def attend(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
-        """The heads' outputs [batch, seq, heads * head_dim], before o_proj."""
         batch, seq, _ = x.shape
         names = ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj")
         q, k_raw, *v_raw = project(self, x, names)
@@ -169,7 +152,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer_idx, k, v)
         out = sdpa(q.transpose(1, 2), k, v, mask)
-        return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _fusable(self, x: torch.Tensor) -> bool:
         # the three norms share rms_norm_eps (see __init__), which the op takes once
@@ -220,17 +203,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(self.gated(x))
-
-    def gated(self, x):
-        """gelu_tanh(gate_proj(x)) * up_proj(x), the down projection's input. Where the engine joined gate/up into
-        an int4 layer, on CUDA at one row one kernel (quant/triton_q4.py)."""
-        fused = getattr(self.__dict__.get("joined"), "matmul_gelu", None)
-        out = fused(x) if fused is not None and no_gradient(x) else None
-        if out is not None:
-            return out
         gate, up = project(self, x, ("gate_proj", "up_proj"))
-        return gelu_mul(gate, up)
+        return self.down_proj(gelu_mul(gate, up))
 
 
 def project(owner: nn.Module, x: torch.Tensor, names: tuple) -> list:
@@ -259,11 +233,9 @@ class DecoderLayer(nn.Module):
     def forward(self, h, x, cos, sin, mask, next_norm: RMSNorm, cache=None, layer_idx: int = 0):
         """h: the residual stream; x: input_layernorm(h) (the previous layer computed it with its own residual
         add). Returns the new residual stream and next_norm of it (the next layer's input norm, or the final one)."""
-        attn, mlp = self.self_attn, self.mlp
-        h, x = linear_add_and_norm(h, attn.o_proj, attn.attend(x, cos, sin, mask, cache, layer_idx),
-                                   self.post_attention_layernorm, self.pre_feedforward_layernorm)
-        return linear_add_and_norm(h, mlp.down_proj, mlp.gated(x), self.post_feedforward_layernorm, next_norm,
-                                   self.layer_scalar)
+        h, x = add_and_norm(h, self.self_attn(x, cos, sin, mask, cache, layer_idx), self.post_attention_layernorm,
+                            self.pre_feedforward_layernorm)
+        return add_and_norm(h, self.mlp(x), self.post_feedforward_layernorm, next_norm, self.layer_scalar)
 
 
 class VisionEmbedder(nn.Module):

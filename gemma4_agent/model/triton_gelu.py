@@ -18,17 +18,9 @@ from ..pdl import pdl_args, wait_then_release
 from ..triton_env import available, rounded, tl, triton  # available: this module's too
 
 BLOCK = 1024  # values a program: 8 a thread in 16-byte loads at 4 warps; a decode step's 15360 in 15 programs
-TWO_BETA = 2 * math.sqrt(2 / math.pi)  # gelu_tanh's constant, doubled (see gelu_times)
 
 
 if triton is not None:
-
-    @triton.jit
-    def gelu_times(g, u, dtype: tl.constexpr, TWO_BETA: tl.constexpr):
-        """gelu_tanh(g) * u in float32 from values already in `dtype`, rounding gelu's output to it as the eager
-        MLP does (the caller rounds the product). Also the one-row int4 GEMV's end (quant/triton_q4.py)."""
-        # 0.5 g (1 + tanh(b (g + 0.044715 g^3))) = g sigmoid(2 b (g + 0.044715 g^3)), b = sqrt(2 / pi)
-        return rounded(g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g)), dtype) * u
 
     @triton.jit
     def _gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, s_gate, s_up, TWO_BETA: tl.constexpr,
@@ -40,7 +32,9 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         g = tl.load(gate_ptr + row * s_gate + cols, mask=ok, other=0).to(tl.float32)
         u = tl.load(up_ptr + row * s_up + cols, mask=ok, other=0).to(tl.float32)
-        tl.store(out_ptr + row * N + cols, gelu_times(g, u, dtype, TWO_BETA).to(dtype), mask=ok)
+        # 0.5 g (1 + tanh(b (g + 0.044715 g^3))) = g sigmoid(2 b (g + 0.044715 g^3)), b = sqrt(2 / pi)
+        gelu = rounded(g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g)), dtype)
+        tl.store(out_ptr + row * N + cols, (gelu * u).to(dtype), mask=ok)
 
 
 @torch.library.custom_op("gemma4_agent::gelu_mul", mutates_args=())
@@ -53,7 +47,7 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     if g.shape[0]:
         _gelu_mul_kernel[(g.shape[0], triton.cdiv(n, BLOCK))](g, u, out, n, g.stride(0), u.stride(0),
-                                                              TWO_BETA=TWO_BETA, BLOCK=BLOCK,
+                                                              TWO_BETA=2 * math.sqrt(2 / math.pi), BLOCK=BLOCK,
                                                               num_warps=4, **pdl_args(g))
     return out.view(gate.shape)
 

@@ -21,18 +21,14 @@ from ..triton_env import available, rounded, tl, triton  # available: this modul
 if triton is not None:
 
     @triton.jit
-    def add_norms_row(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, row, N, eps_post, eps_pre,
-                      HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, Y_PAST_L1: tl.constexpr):
-        """One row of the op, by one program. Also the end of the one-row int4 GEMV (quant/triton_q4.py), whose
-        last program reads the y the other programs stored (Y_PAST_L1: from L2, the SM's own L1 may hold old
-        values)."""
+    def _add_norms_kernel(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, N, eps_post, eps_pre,
+                          HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_then_release(PDL)  # pdl.py
+        row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         dtype = h_out_ptr.dtype.element_ty
-        if Y_PAST_L1:
-            y = tl.load(y_ptr + row * N + cols, mask=ok, other=0, cache_modifier=".cg").to(tl.float32)
-        else:
-            y = tl.load(y_ptr + row * N + cols, mask=ok, other=0).to(tl.float32)
+        y = tl.load(y_ptr + row * N + cols, mask=ok, other=0).to(tl.float32)
         h = tl.load(h_ptr + row * N + cols, mask=ok, other=0).to(tl.float32)
         w_post = tl.load(w_post_ptr + cols, mask=ok, other=0).to(tl.float32)
         w_pre = tl.load(w_pre_ptr + cols, mask=ok, other=0).to(tl.float32)
@@ -43,13 +39,6 @@ if triton is not None:
         tl.store(h_out_ptr + row * N + cols, h_new.to(dtype), mask=ok)
         x = h_new * tl.math.rsqrt(tl.sum(h_new * h_new, axis=0) / N + eps_pre) * w_pre
         tl.store(x_ptr + row * N + cols, x.to(dtype), mask=ok)
-
-    @triton.jit
-    def _add_norms_kernel(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, N, eps_post, eps_pre,
-                          HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        wait_then_release(PDL)  # pdl.py
-        add_norms_row(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, tl.program_id(0), N,
-                      eps_post, eps_pre, HAS_SCALE, BLOCK, False)
 
 
 def warps(block: int) -> int:

@@ -251,36 +251,10 @@ class _Int4Weights(nn.Module):
         self._kernel = (key, packed, sz)
         return packed, sz
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_scale is None else x * self.input_scale.to(x.dtype)
-
-    def _one_row_triton(self, x: torch.Tensor) -> bool:
-        # the one-row kernels with an ending (triton_q4.int4_matmul_gelu / _add_norms) use the int8-x GEMV
-        return (x.numel() == self.in_features and _BACKEND[0] != "dequant" and self.group_size % 32 == 0
-                and _triton_ok(x.device))
-
-    def matmul_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """gelu_tanh(a) * b where [a | b] = self.matmul(x) (a joined gate/up projection), for one row on CUDA; None
-        elsewhere, where the caller takes the matmul and the gate apart."""
-        if not self._one_row_triton(x) or self.out_features % 2:
-            return None
-        y = torch.ops.gemma4_agent.int4_matmul_gelu(self._scaled(x).reshape(1, -1), self.qweight, self.scales,
-                                                    self.zeros, self.group_size)
-        return y.reshape(*x.shape[:-1], self.out_features // 2)
-
-    def matmul_add_norms(self, x, h, w_post, w_pre, scale, eps_post: float, eps_pre: float):
-        """triton_norms.add_norms(h, self.matmul(x), ...) -> (h_new, next input), for one row on CUDA; None elsewhere,
-        where the caller takes the matmul and the norms apart."""
-        if not self._one_row_triton(x) or h.dtype != x.dtype:
-            return None
-        h_new, xn = torch.ops.gemma4_agent.int4_matmul_add_norms(
-            self._scaled(x).reshape(1, -1), self.qweight, self.scales, self.zeros, self.group_size,
-            h.reshape(1, -1), w_post, w_pre, scale, eps_post, eps_pre)
-        return h_new.view(h.shape), xn.view(h.shape)
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> x @ W^T [..., out] in x's dtype."""
-        x = self._scaled(x)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         mode = _BACKEND[0]
         use_kernel = mode != "dequant" and self._kernel_ok(x.device)
         if mode == "kernel" and not use_kernel:

@@ -23,11 +23,7 @@ everywhere (H200, BENCHMARKS.md: the GEMM 1.2-2.1x slower at 286 rows, faster on
 on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
-At one row the int8-x GEMV may also end in the kernel that follows it in a decode step, each timed against the two
-apart: gelu_tanh(gate) * up for the joined gate/up projection (int4_matmul_gelu), the residual add and norms after
-an output projection (int4_matmul_add_norms, by the last program to finish).
-
-Exposed as the custom ops `gemma4_agent::int4_matmul` (and the two endings) so torch.compile treats it as one opaque call and
+Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
 CUDA-graph capture records the launched kernels (autotuning happens on the first, uncaptured call).
 """
 import functools
@@ -37,9 +33,8 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
-from ..model import triton_gelu, triton_norms
 from ..pdl import pdl_args, wait_then_release
-from ..triton_env import available, rounded, tl, triton  # available: this module's too
+from ..triton_env import available, tl, triton  # available: this module's too
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
 MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequantize + cuBLAS
@@ -49,9 +44,6 @@ SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partial
 
 
 if triton is not None:
-    from ..model.triton_gelu import gelu_times
-    from ..model.triton_norms import add_norms_row
-
     # autotuning picks kept on disk across processes (Triton >= 3.4): a restarted node does not time every
     # configuration again
     _AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters \
@@ -267,39 +259,36 @@ if triton is not None:
         return (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
 
     @triton.jit
-    def _gather_splits(out, offs, ok, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
-        # out: this program's float32 share of the outputs at offs, over its split of K (program_id(1)). Returns
-        # the outputs summed over every split and whether this program holds them: SPLIT 1, out itself. Otherwise
-        # out is published in part_ptr [SPLIT, part_stride], and the last of the SPLIT programs of `counter` to
-        # arrive sums the partials in split order (so the result does not depend on timing) and sets the count back
-        # to zero for the next call
-        total = out
-        last = tl.program_id(1) >= 0  # (a tensor, as the runtime flag below: Triton's branches then agree)
-        if SPLIT > 1:
+    def _sum_splits(out, offs, ok, y_ptr, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
+        # out: this program's float32 share of the outputs at offs, over its split of K (program_id(1)). SPLIT 1:
+        # stored. Otherwise published in part_ptr [SPLIT, part_stride], and the last of the SPLIT programs of
+        # `counter` to arrive sums the partials in split order (so the result does not depend on timing) and sets
+        # the count back to zero for the next call
+        if SPLIT == 1:
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
             tl.store(part_ptr + tl.program_id(1) * part_stride + offs, out, mask=ok)
             tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
             arrived = tl.atomic_add(count_ptr + counter, 1, sem="acq_rel")
-            last = arrived == SPLIT - 1
-            if last:  # the partials, in split order, past L1
+            if arrived == SPLIT - 1:  # the last split: the partials, in split order, past L1
                 total = tl.zeros_like(out)
                 for j in tl.static_range(SPLIT):
                     total += tl.load(part_ptr + j * part_stride + offs, mask=ok, other=0, cache_modifier=".cg")
+                tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
                 tl.atomic_xchg(count_ptr + counter, 0)
-        return total, last
 
+    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
+                     prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
+                     **_AUTOTUNE_CACHE)
     @triton.jit
-    def _sum_splits(out, offs, ok, y_ptr, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
-        # the outputs summed over the splits (_gather_splits), stored by the program that holds them
-        total, last = _gather_splits(out, offs, ok, part_ptr, count_ptr, counter, part_stride, SPLIT)
-        if last:
-            tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _gemv_q8_sums(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, K_WORDS, K_GROUPS, GROUP: tl.constexpr,
-                      HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                      ASM: tl.constexpr, PDL: tl.constexpr):
-        # the float32 sums [BLOCK_N] of weight rows `rows` times one row of x over this program's split of K
-        # (program_id(1); all of K when SPLIT is 1), as _gemv_kernel; x's groups (XG) divide GROUP
+    def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, K_WORDS, K_GROUPS,
+                        GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        # BLOCK_N weight rows times one row of x per program over its split of K (all of it when SPLIT is 1), as
+        # _gemv_kernel; x's groups (XG) divide GROUP. Splits: partials in part_ptr [SPLIT, N] (float32), arrivals
+        # counted per row block in count_ptr (zero between calls: the last arrival resets it)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
         k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K  # whole blocks a split
         k_start = tl.program_id(1) * k_len
         k_end = tl.minimum(k_start + k_len, K)
@@ -313,85 +302,7 @@ if triton is not None:
             words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS,
                                         BLOCK_N, BLOCK_K, GROUP)
             acc += _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
-        return tl.sum(acc, axis=1)
-
-    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
-                     prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
-                     **_AUTOTUNE_CACHE)
-    @triton.jit
-    def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, K_WORDS, K_GROUPS,
-                        GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-        # BLOCK_N weight rows times one row of x per program over its split of K. Splits: partials in part_ptr
-        # [SPLIT, N] (float32), arrivals counted per row block in count_ptr (zero between calls: the last arrival
-        # resets it)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        out = _gemv_q8_sums(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
-                            BLOCK_N, BLOCK_K, SPLIT, ASM, PDL)
-        _sum_splits(out, rows, row_ok, y_ptr, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
-
-    # The int8-x GEMV ending in the kernel that follows it in a decode step, one launch (and one wait on the kernel
-    # before, pdl.py) fewer a layer each: a decode step is ~10 kernels a layer whose GPU time is ~1.8x the weights'
-    # read (H200, 2026-11-30), much of it the gaps between them. Each is timed against the two kernels apart on
-    # first use (int4_matmul_gelu, int4_matmul_add_norms).
-
-    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
-                     prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm,
-                     **_AUTOTUNE_CACHE)
-    @triton.jit
-    def _gemv_q8_gelu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, K_WORDS, K_GROUPS,
-                             GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, TWO_BETA: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr,
-                             PDL: tl.constexpr):
-        # The joined gate/up projection (rows [gate; up], N / 2 each) ending in gelu_tanh(gate) * up [N / 2]: a
-        # program's rows are BLOCK_N / 2 of the gate's and the same ones of the up's, so it has both halves of its
-        # outputs. Rounds where the GEMV's store and the gelu kernel round, so it computes what they do apart.
-        H: tl.constexpr = BLOCK_N // 2
-        half = N // 2
-        r = tl.arange(0, BLOCK_N)
-        cols = tl.program_id(0) * H + r % H
-        rows = cols + (r // H) * half
-        row_ok = cols < half
-        out = _gemv_q8_sums(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
-                            BLOCK_N, BLOCK_K, SPLIT, ASM, PDL)
-        total, last = _gather_splits(out, rows, row_ok, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
-        if last:
-            dtype = y_ptr.dtype.element_ty
-            gate, up = tl.split(tl.permute(tl.reshape(total, (2, H)), (1, 0)))
-            c = tl.program_id(0) * H + tl.arange(0, H)
-            tl.store(y_ptr + c, gelu_times(rounded(gate, dtype), rounded(up, dtype), dtype, TWO_BETA).to(dtype),
-                     mask=c < half)
-
-    def _prune_gemv_q8_norms(configs, named_args, **kwargs):
-        # the last program holds the whole row for the norms: at least 4 warps (<= 32 values a thread at 3840)
-        return [c for c in _prune_gemv_q8(configs, named_args, **kwargs) if c.num_warps >= 4] or \
-            [triton.Config({"BLOCK_N": 8, "BLOCK_K": max(kwargs["GROUP"], 128), "SPLIT": 1}, num_warps=4)]
-
-    @triton.autotune(configs=_gemv_q8_configs(), key=["N", "K"],
-                     prune_configs_by={"early_config_prune": _prune_gemv_q8_norms}, do_bench=_bench_from_hbm,
-                     **_AUTOTUNE_CACHE)
-    @triton.jit
-    def _gemv_q8_norms_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, done_ptr, h_ptr, w_post_ptr,
-                              w_pre_ptr, scale_ptr, h_out_ptr, xn_ptr, eps_post, eps_pre, N, K, K_WORDS, K_GROUPS,
-                              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              NORM_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-        # A sub-block's output projection y ending in the residual add and norms (triton_norms.py): each row
-        # block's finished outputs are stored, the programs that stored them counted in done_ptr, and the last to
-        # arrive runs add_norms over the whole row, then sets the count back to zero
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        out = _gemv_q8_sums(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, K_WORDS, K_GROUPS, GROUP, HAS_ZEROS,
-                            BLOCK_N, BLOCK_K, SPLIT, ASM, PDL)
-        total, last = _gather_splits(out, rows, row_ok, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
-        if last:
-            tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
-            tl.debug_barrier()  # as in _gather_splits: stored before counted
-            if tl.atomic_add(done_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-                add_norms_row(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, xn_ptr, 0, N, eps_post,
-                              eps_pre, HAS_SCALE, NORM_BLOCK, True)
-                tl.atomic_xchg(done_ptr, 0)
+        _sum_splits(tl.sum(acc, axis=1), rows, row_ok, y_ptr, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
@@ -586,27 +497,6 @@ def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
                           GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, **pdl_args(x))
 
 
-def _gemv_q8_gelu(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
-    n, k = qweight.shape[0], x.shape[1]
-    part = torch.empty(MAX_SPLIT, n, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"] // 2), meta["SPLIT"])  # noqa: E731
-    _gemv_q8_gelu_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, _split_counts(x.device, "gemv_q8"), n, k,
-                               k // 8, k // group, GROUP=group, HAS_ZEROS=has_zeros, TWO_BETA=triton_gelu.TWO_BETA,
-                               ASM=x.is_cuda, **pdl_args(x))
-
-
-def _gemv_q8_norms(x, qweight, s, z, y, group: int, has_zeros: bool, h, w_post, w_pre, scale, eps_post: float,
-                   eps_pre: float, h_out, xn) -> None:
-    n, k = qweight.shape[0], x.shape[1]
-    part = torch.empty(MAX_SPLIT, n, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
-    _gemv_q8_norms_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, _split_counts(x.device, "gemv_q8"),
-                                _split_counts(x.device, "gemv_q8 rows done"), h, w_post, w_pre,
-                                scale if scale is not None else w_post, h_out, xn, eps_post, eps_pre, n, k, k // 8,
-                                k // group, GROUP=group, HAS_ZEROS=has_zeros, HAS_SCALE=scale is not None,
-                                NORM_BLOCK=triton.next_power_of_2(n), ASM=x.is_cuda, **pdl_args(x))
-
-
 def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     for i in range(x.shape[0]):
         _gemv(x[i:i + 1], qweight, s, z, y[i:i + 1], group, has_zeros)
@@ -627,12 +517,6 @@ def paths_for(rows: int, group: int = 32) -> dict:
     return {"dequant": _dequant_matmul}
 
 
-def _kernel_scales(scales: torch.Tensor, zeros: Optional[torch.Tensor]):
-    """(scales as fp16, zero-points or a stand-in the kernels do not read, whether there are zero-points)"""
-    s = scales.view(torch.float16)
-    return s, (zeros if zeros is not None else s), zeros is not None
-
-
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group: int, path: Optional[str] = None) -> torch.Tensor:
     """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named."""
@@ -641,7 +525,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y
-    s, z, has_zeros = _kernel_scales(scales, zeros)
+    s = scales.view(torch.float16)
+    z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
+    has_zeros = zeros is not None
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
     _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls, path)
     return y
@@ -658,63 +544,3 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 @int4_matmul.register_fake
 def _(x, qweight, scales, zeros, group):
     return x.new_empty(x.shape[0], qweight.shape[0])
-
-
-# ("gelu" | "add_norms", N, K, zero-points?) -> "fused" or "apart", timed in this process
-_ENDINGS = FastestOf()
-
-
-@torch.library.custom_op("gemma4_agent::int4_matmul_gelu", mutates_args=())
-def int4_matmul_gelu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                     group: int) -> torch.Tensor:
-    """gelu_tanh(gate) * up [1, N/2] for [gate | up] = x @ dequant(W)^T, x one row [1, K] (W a joined gate/up
-    projection, halves of equal size): the int8-x GEMV ending in the product (_gemv_q8_gelu_kernel), or the
-    one-row matmul and the gelu kernel apart, whichever was timed faster at the shape."""
-    x = x.contiguous()
-    n, k = qweight.shape[0], x.shape[1]
-    s, z, has_zeros = _kernel_scales(scales, zeros)
-
-    def fused():
-        y = torch.empty(1, n // 2, device=x.device, dtype=x.dtype)
-        _gemv_q8_gelu(x, qweight, s, z, y, group, has_zeros)
-        return y
-
-    def apart():
-        y = _launch(x, qweight, scales, zeros, group)
-        return triton_gelu.gelu_mul(y[:, : n // 2], y[:, n // 2:])
-
-    return _ENDINGS.run(("gelu", n, k, has_zeros), {"fused": fused, "apart": apart})
-
-
-@int4_matmul_gelu.register_fake
-def _(x, qweight, scales, zeros, group):
-    return x.new_empty(1, qweight.shape[0] // 2)
-
-
-@torch.library.custom_op("gemma4_agent::int4_matmul_add_norms", mutates_args=())
-def int4_matmul_add_norms(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                          zeros: Optional[torch.Tensor], group: int, h: torch.Tensor, w_post: torch.Tensor,
-                          w_pre: torch.Tensor, scale: Optional[torch.Tensor], eps_post: float,
-                          eps_pre: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """triton_norms.add_norms(h, y, ...) for y = x @ dequant(W)^T, x and h one row ([1, K], [1, N]): the int8-x GEMV
-    ending in the residual add and norms (_gemv_q8_norms_kernel), or the one-row matmul and the add_norms kernel
-    apart, whichever was timed faster at the shape. -> (h_new, the next sub-block's input), [1, N] each."""
-    x, h = x.contiguous(), h.contiguous()
-    n, k = qweight.shape[0], x.shape[1]
-    s, z, has_zeros = _kernel_scales(scales, zeros)
-
-    def fused():
-        y, h_out, xn = (torch.empty(1, n, device=x.device, dtype=x.dtype) for _ in range(3))
-        _gemv_q8_norms(x, qweight, s, z, y, group, has_zeros, h, w_post, w_pre, scale, eps_post, eps_pre, h_out, xn)
-        return h_out, xn
-
-    def apart():
-        y = _launch(x, qweight, scales, zeros, group)
-        return triton_norms.add_norms(h, y, w_post, w_pre, scale, eps_post, eps_pre)
-
-    return _ENDINGS.run(("add_norms", n, k, has_zeros), {"fused": fused, "apart": apart})
-
-
-@int4_matmul_add_norms.register_fake
-def _(x, qweight, scales, zeros, group, h, w_post, w_pre, scale, eps_post, eps_pre):
-    return h.new_empty(1, qweight.shape[0]), h.new_empty(1, qweight.shape[0])
