@@ -139,8 +139,6 @@ def test_every_int8_x_gemv_configuration_compiles_with_16_byte_weight_loads_and_
         assert loads(ptx)["ld.global.v4.b32"] >= words_per_thread // 4, c
         assert stack_bytes(kernel) == 0, c
         assert_pdl_order(kernel, "LDG.E.128")
-        sass = _cuobjdump(kernel, "-sass")  # and the rest of the program's weights asked into L2 before the wait
-        assert "CCTL.E.PF2" in sass[:sass.index("ACQBULK")], c
         if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
             assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
 

@@ -259,25 +259,6 @@ if triton is not None:
         return (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        # each address's 128-byte line asked into L2 (sm_90 PTX; no registers held, nothing waits for it)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_rest(qw_ptr, s_ptr, rows, row_ok, k0, k_end, K_WORDS, K_GROUPS, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-        # A program's weights (and scales) of columns k0..k_end asked into L2 before its PDL wait. Between a decode
-        # step's GEMVs run small kernels (attention, norms, the gate) that leave HBM mostly idle: the GEMV's
-        # programs already resident while they run (pdl.py) stream their weights meanwhile, where before only each
-        # one's first block came in (into registers). One prefetch a 128-byte line (BLOCK_K / 256 a row and block).
-        safe_rows = tl.where(row_ok, rows, 0)
-        lines = 32 * tl.arange(0, (BLOCK_K + 255) // 256)  # in words
-        for k in range(k0, k_end, BLOCK_K):
-            _prefetch_l2(qw_ptr + safe_rows[:, None] * K_WORDS + k // 8 + lines[None, :])
-            _prefetch_l2(s_ptr + safe_rows * K_GROUPS + k // GROUP)
-
-    @triton.jit
     def _sum_splits(out, offs, ok, y_ptr, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
         # out: this program's float32 share of the outputs at offs, over its split of K (program_id(1)). SPLIT 1:
         # stored. Otherwise published in part_ptr [SPLIT, part_stride], and the last of the SPLIT programs of
@@ -315,9 +296,6 @@ if triton is not None:
         # a split past K (possible for some K) loads nothing and adds zero
         words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k_start, K_WORDS, K_GROUPS, HAS_ZEROS,
                                     BLOCK_N, BLOCK_K, GROUP)
-        if PDL:  # and the rest of them into L2 (_prefetch_rest)
-            _prefetch_rest(qw_ptr, s_ptr, rows, row_ok, k_start + BLOCK_K, k_end, K_WORDS, K_GROUPS, BLOCK_N, BLOCK_K,
-                           GROUP)
         wait_then_release(PDL)
         acc = _q8_block(words, s, z, x_ptr, k_start, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
