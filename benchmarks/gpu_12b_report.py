@@ -6,6 +6,9 @@
   into kinds of work, and the rest of the frame: the GPU idle, waiting on the host);
 - on stdout, a Markdown table of the latest run of each series.
 
+The series are the files named `gpu_12b_h200_*` and `gpu_12b_int4_h200_*`; the runs of an experiment that was
+measured and dropped are kept as `gpu_12b_int4_experiment_h200_*`, outside them.
+
     python benchmarks/gpu_12b_report.py [--results benchmarks/results] [--out benchmarks/results]
 """
 import argparse
