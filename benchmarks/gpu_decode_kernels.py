@@ -14,12 +14,14 @@
    same modules, at one row and at a 286-row chunk.
 3c. how the engine's per-shape choice times the two int4 GEMVs: the host's time to launch one, what
    triton.testing.do_bench reports (mean, median) and what fastest.kernel_ms reports (twice).
+3d. the add_norms kernel between the o and gate/up GEMVs in a chain of the three, against a gate/up GEMV that takes
+   the norms into its own programs (a what-if kernel here, not the engine's) and against no norm at all.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
-        engine] [--baseline OLD.py] [--slots N]
+        norm_prologue engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -284,6 +286,108 @@ def bench_norms() -> list:
     return rows
 
 
+if triton_q4.triton is not None:
+    import triton
+    import triton.language as tl
+
+    from gemma4_agent.pdl import wait_then_release
+    from gemma4_agent.quant.triton_q4 import (_bench_from_hbm, _gemv_q8_configs, _prune_gemv_q8, _q8_dot,
+                                              _quantize_values, _weight_block)
+    from gemma4_agent.triton_env import rounded
+
+    @triton.autotune(configs=[c for c in _gemv_q8_configs() if c.kwargs["SPLIT"] == 1], key=["N", "K"],
+                     prune_configs_by={"early_config_prune": _prune_gemv_q8}, do_bench=_bench_from_hbm)
+    @triton.jit
+    def _norm_prologue_kernel(y_ptr, h_ptr, w_post_ptr, w_pre_ptr, h_out_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                              K_WORDS, K_GROUPS, eps_post, eps_pre, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                              ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                              ASM: tl.constexpr, PDL: tl.constexpr):
+        """A what-if kernel, not the engine's: the int8-x GEMV of a sub-block's input projection taking the residual
+        add and both norms before it into its own programs, so that no add_norms kernel sits between two GEMVs.
+
+        Each program reduces y (the GEMV before's output, L2-resident) over the whole row for the first norm, forms
+        h1 = h + post(y) block by block with add_norms' roundings, and scales its sums by the second norm's factor r2
+        at the end: x = h1 * w_pre * r2, and rounding x to int8 per 32 values does not depend on the positive factor,
+        so the dots need only h1 * w_pre (not rounded to bf16 in between, as the engine's x is). Program 0 stores h1,
+        the residual stream. SPLIT 1: each program sees all of K, so the second norm's sum too."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, 0, K_WORDS, K_GROUPS, HAS_ZEROS, BLOCK_N,
+                                    BLOCK_K, GROUP)
+        wait_then_release(PDL)
+        dtype = out_ptr.dtype.element_ty
+        cols = tl.arange(0, ROW)
+        y_row = tl.load(y_ptr + cols, mask=cols < K, other=0).to(tl.float32)
+        r1 = tl.math.rsqrt(tl.sum(y_row * y_row, axis=0) / K + eps_post)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if k0 > 0:
+                words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K_WORDS, K_GROUPS, HAS_ZEROS,
+                                            BLOCK_N, BLOCK_K, GROUP)
+            kx = k0 + tl.arange(0, BLOCK_K)
+            ok = kx < K
+            y = tl.load(y_ptr + kx, mask=ok, other=0).to(tl.float32)
+            h = tl.load(h_ptr + kx, mask=ok, other=0).to(tl.float32)
+            w_post = tl.load(w_post_ptr + kx, mask=ok, other=0).to(tl.float32)
+            w_pre = tl.load(w_pre_ptr + kx, mask=ok, other=0).to(tl.float32)
+            h1 = rounded(h + rounded(y * r1 * w_post, dtype), dtype)
+            sq += h1 * h1
+            if tl.program_id(0) == 0:
+                tl.store(h_out_ptr + kx, h1.to(dtype), mask=ok)
+            even, odd, sx, qsum = _quantize_values(h1 * w_pre, BLOCK_K, 32)
+            acc += _q8_dot(words, s, z, even, odd, sx, qsum, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
+        r2 = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps_pre)
+        tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * r2).to(dtype), mask=row_ok)
+
+
+def bench_norm_prologue(copies: int = 8) -> list:
+    """What the add_norms kernel between a decode step's o and gate/up GEMVs costs in a chain of the three, and what
+    a GEMV taking the norms into its own programs (_norm_prologue_kernel) would save, before the engine is built to
+    do it: in one CUDA graph over `copies` distinct weight sets (> L2, as a decode step meets them), us a link:
+    - apart: o GEMV, add_norms, gate/up GEMV (the engine's decode step);
+    - prologue: o GEMV, the gate/up GEMV with the norms in its programs;
+    - no norm: o GEMV, gate/up GEMV on o's output (what no norm at all would cost: the bound for any fusion).
+    Also the prologue's gate/up output and residual against the engine's (relative error)."""
+    from gemma4_agent.model.network import RMSNorm
+    from gemma4_agent.pdl import pdl_args
+
+    o_mods, gu_mods = int4_copies(3840, 4096, copies), int4_copies(30720, 3840, copies)
+    post, pre = (RMSNorm(3840).cuda().to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        post.weight.uniform_(0.5, 1.5)
+        pre.weight.uniform_(0.5, 1.5)
+    attn = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, 3840, device="cuda", dtype=torch.bfloat16) * 20
+    eps = 1e-6
+
+    def int4(x, mod):
+        return torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32)
+
+    def prologue(y, mod):
+        out, h1 = torch.empty(1, 30720, device="cuda", dtype=y.dtype), torch.empty_like(h)
+        s = mod.scales.view(torch.float16)
+        _norm_prologue_kernel[lambda meta: (triton.cdiv(30720, meta["BLOCK_N"]),)](
+            y, h, post.weight, pre.weight, h1, mod.qweight.view(torch.int32), s, s, out, 30720, 3840, 3840 // 8,
+            3840 // 32, eps, eps, GROUP=32, HAS_ZEROS=False, ROW=4096, ASM=True, **pdl_args(y))
+        return out, h1
+
+    def apart(i):
+        h1, x = torch.ops.gemma4_agent.add_norms(h, int4(attn, o_mods[i]), post.weight, pre.weight, None, eps, eps)
+        return int4(x, gu_mods[i]), h1
+
+    variants = {"apart": apart, "prologue": lambda i: prologue(int4(attn, o_mods[i]), gu_mods[i]),
+                "no norm": lambda i: (int4(int4(attn, o_mods[i]), gu_mods[i]), h)}
+    (ref, ref_h), (got, got_h) = apart(0), variants["prologue"](0)
+    row = {"rel_err_gate_up": float((got.float() - ref.float()).norm() / ref.float().norm()),
+           "rel_err_residual": float((got_h.float() - ref_h.float()).norm() / ref_h.float().norm())}
+    for name, fn in variants.items():
+        fn(0)  # autotuned and compiled before the capture
+        row[f"{name}_us"] = graph_ms(lambda: [fn(i) for i in range(copies)], copies) * 1e3
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def bench_timing() -> list:
     import triton.testing
 
@@ -379,6 +483,8 @@ def main() -> int:
             report["norms"] = bench_norms()
         elif part == "timing":
             report["timing"] = bench_timing()
+        elif part == "norm_prologue":
+            report["norm_prologue"] = bench_norm_prologue()
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))

@@ -221,13 +221,18 @@ if triton is not None:
 
     @triton.jit
     def _quantize_x(x_ptr, k0, K, BLOCK_K: tl.constexpr, XG: tl.constexpr):
-        # x[k0:k0+BLOCK_K] in int8 per group of XG: the bytes of elements (8c, 8c+2, 8c+4, 8c+6) of word c in `even`,
-        # (8c+1, ..., 8c+7) in `odd` (the places the masked nibbles of a weight word take), the group's scale and
-        # the sum of its int8 values (for the zero-point)
+        # x[k0:k0+BLOCK_K] in int8 per group of XG (_quantize_values)
+        kx = k0 + tl.arange(0, BLOCK_K)
+        return _quantize_values(tl.load(x_ptr + kx, mask=kx < K, other=0).to(tl.float32), BLOCK_K, XG)
+
+    @triton.jit
+    def _quantize_values(x, BLOCK_K: tl.constexpr, XG: tl.constexpr):
+        # float32 x [BLOCK_K] in int8 per group of XG: the bytes of elements (8c, 8c+2, 8c+4, 8c+6) of word c in
+        # `even`, (8c+1, ..., 8c+7) in `odd` (the places the masked nibbles of a weight word take), the group's scale
+        # and the sum of its int8 values (for the zero-point)
         W: tl.constexpr = BLOCK_K // 8
         J: tl.constexpr = BLOCK_K // XG
-        kx = k0 + tl.arange(0, BLOCK_K)
-        x = tl.reshape(tl.load(x_ptr + kx, mask=kx < K, other=0).to(tl.float32), (J, XG))
+        x = tl.reshape(x, (J, XG))
         amax = tl.max(tl.abs(x), axis=1)
         inv = 127.0 / tl.maximum(amax, 1e-30)  # an all-zero group stays zero
         q = tl.floor(x * inv[:, None] + 0.5).to(tl.int32)
@@ -241,12 +246,18 @@ if triton is not None:
     @triton.jit
     def _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP: tl.constexpr, ASM: tl.constexpr):
-        # one block of weights (_weight_block) times x[k0:k0+BLOCK_K] rounded to int8 per group of XG: [BLOCK_N, J]
+        # one block of weights (_weight_block) times x[k0:k0+BLOCK_K] rounded to int8 per group of 32: [BLOCK_N, J]
+        even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, 32)
+        return _q8_dot(words, s, z, even, odd, sx, qsum, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
+
+    @triton.jit
+    def _q8_dot(words, s, z, even, odd, sx, qsum, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+        # one block of weights times a block of x in int8 (_quantize_values, groups of XG): [BLOCK_N, J]
         XG: tl.constexpr = 32
         W: tl.constexpr = BLOCK_K // 8
         J: tl.constexpr = BLOCK_K // XG
         G: tl.constexpr = BLOCK_K // GROUP
-        even, odd, sx, qsum = _quantize_x(x_ptr, k0, K, BLOCK_K, XG)
         # nibbles 0, 2, 4, 6 of a word as bytes, and 1, 3, 5, 7: unsigned 0..15, so signed bytes as well
         d = _dp4a(words & 0x0F0F0F0F, tl.broadcast_to(even[None, :], (BLOCK_N, W)),
                   tl.zeros((BLOCK_N, W), dtype=tl.int32), ASM)
