@@ -16,12 +16,14 @@
    triton.testing.do_bench reports (mean, median) and what fastest.kernel_ms reports (twice).
 3d. the add_norms kernel between the o and gate/up GEMVs in a chain of the three, against a gate/up GEMV that takes
    the norms into its own programs (a what-if kernel here, not the engine's) and against no norm at all.
+3e. the decode step of the 6-layer model below with each kind of small kernel left out (norms, the gate, attention):
+   what each costs between the GEMVs.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
-        norm_prologue engine] [--baseline OLD.py] [--slots N]
+        norm_prologue ablation engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -458,6 +460,46 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
     return rows
 
 
+# what each ablation replaces in the model (gemma4_agent.model.network), by name: the small kernels between a decode
+# step's GEMVs left out, their outputs wrong but every GEMV, and so the weight traffic, unchanged
+ABLATIONS = {
+    "none": {},
+    "norms": {"add_and_norm": lambda h, y, post, pre, scale=None: (h, y)},
+    "gate": {"gelu_mul": lambda gate, up: gate},
+    "attention": {"sdpa": lambda q, k, v, mask: q},
+}
+ABLATIONS["all three"] = {k: v for d in list(ABLATIONS.values()) for k, v in d.items()}
+
+
+def bench_ablation(frames: int, tokens: int) -> list:
+    """The decode step of the 6-layer int4 model (joined projections, compiled, graphed) with each kind of small
+    kernel left out (ABLATIONS), decode ms a token as the GPU alone runs it (the step's graph replayed back to back):
+    what each kind costs where it sits, between the GEMVs, which no kernel timed alone shows. Attention left out
+    still pays a copy of q into o's input."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from gemma4_agent.model import network
+
+    torch._dynamo.config.recompile_limit = 64
+    model = build_model(six_layer_config(), device="cuda", dtype=torch.bfloat16)
+    quantize_model(model, "q4_0", include_embedding=True, progress=False)
+    to_device_kernel(model, "cuda", release_portable=True)
+    rows = []
+    for name, replaced in ABLATIONS.items():
+        torch._dynamo.reset()
+        with ExitStack() as patches:
+            for attr, stand_in in replaced.items():
+                patches.enter_context(mock.patch.object(network, attr, stand_in))
+            r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
+                          compile=True)
+        row = {"left out": name, "layers": 6, "decode_graph_ms_per_token": r.get("decode_graph_ms_per_token"),
+               "decode_ms_per_token_p50": r["decode_ms_per_token_p50"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -485,6 +527,8 @@ def main() -> int:
             report["timing"] = bench_timing()
         elif part == "norm_prologue":
             report["norm_prologue"] = bench_norm_prologue()
+        elif part == "ablation":
+            report["ablation"] = bench_ablation(args.frames, args.image_tokens)
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
