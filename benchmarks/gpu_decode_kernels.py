@@ -474,8 +474,8 @@ ABLATIONS["all three"] = {k: v for d in list(ABLATIONS.values()) for k, v in d.i
 def bench_ablation(frames: int, tokens: int) -> list:
     """The decode step of the 6-layer int4 model (joined projections, compiled, graphed) with each kind of small
     kernel left out (ABLATIONS), decode ms a token as the GPU alone runs it (the step's graph replayed back to back):
-    what each kind costs where it sits, between the GEMVs, which no kernel timed alone shows. Attention left out
-    still pays a copy of q into o's input."""
+    what each kind costs where it sits, between the GEMVs, which no kernel timed alone shows. With attention left
+    out, o's input is q as it comes (the cache is still written)."""
     from contextlib import ExitStack
     from unittest import mock
 
