@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemma4_agent.engine.bench import floor_ms, measure_ceilings, run_bench, weight_bytes  # noqa: E402
+from gemma4_agent.engine.bench import (add_compile_any_length, floor_ms, measure_ceilings, run_bench,  # noqa: E402
+                                       weight_bytes)
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 
 
@@ -27,9 +28,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled, prefix-cached runs")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[70, 280])
-    parser.add_argument("--compile-any-length", choices=["on", "off"], default="on",
-                        help="SessionConfig.compile_any_length: off, the prefix (and jump-forward runs of the "
-                             "grammar) run uncompiled, which 12 fixed tokens a frame never use; minutes less compiling")
+    add_compile_any_length(parser)
     parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
                         help="the decode step's bf16 GEMVs may take Triton where it times faster than cuBLAS")
     args = parser.parse_args()

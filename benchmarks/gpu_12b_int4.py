@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemma4_agent.engine.bench import floor_ms, measure_ceilings, run_bench  # noqa: E402
+from gemma4_agent.engine.bench import add_compile_any_length, floor_ms, measure_ceilings, run_bench  # noqa: E402
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 from gemma4_agent.quant.int4 import quantize_model, to_device_kernel  # noqa: E402
 
@@ -30,9 +30,7 @@ def main() -> int:
     parser.add_argument("--selector", choices=["fixed", "grammar"], default="fixed",
                         help="12 greedy tokens a frame (against the floor), or an action of the action grammar with "
                              "jump-forward, capped at 32 tokens as the agent's (engine/bench.py grammar_selector)")
-    parser.add_argument("--compile-any-length", choices=["on", "off"], default="on",
-                        help="SessionConfig.compile_any_length: off, the prefix (and jump-forward runs of the "
-                             "grammar) run uncompiled, which 12 fixed tokens a frame never use; minutes less compiling")
+    add_compile_any_length(parser)
     parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
                         help="SessionConfig.fused_qkv (model/triton_qkv.py)")
     args = parser.parse_args()

@@ -427,6 +427,16 @@ def six_layer_config() -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
+def six_layer_model(scheme):
+    """The 6-layer model on the GPU in bf16, its decoder and tied embedding in `scheme` (packed, portable weights
+    released) or left in bf16 (None)."""
+    model = build_model(six_layer_config(), device="cuda", dtype=torch.bfloat16)
+    if scheme:
+        quantize_model(model, scheme, include_embedding=True, progress=False)
+        to_device_kernel(model, "cuda", release_portable=True)
+    return model
+
+
 # (scheme, joined projections)
 VARIANTS = [(None, False), (None, True), ("q4_0", False), ("q4_0", True)]
 
@@ -435,16 +445,12 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
     # every session compiles its own chunk lengths into the one code object: room for all of them
     torch._dynamo.config.recompile_limit = 64
     rows = []
-    cfg = six_layer_config()
     model, built = None, "nothing"
     for scheme, join in VARIANTS:
         if built != scheme or not join:  # joining mutates the model: a separate-projection run needs a fresh one
             del model
             torch.cuda.empty_cache()
-            model = build_model(cfg, device="cuda", dtype=torch.bfloat16)
-            if scheme:
-                quantize_model(model, scheme, include_embedding=True, progress=False)
-                to_device_kernel(model, "cuda", release_portable=True)
+            model = six_layer_model(scheme)
             built = scheme if join else "nothing"
         tag = f"{scheme or 'bf16'}_{'joined' if join else 'separate'}"
         t0 = time.time()
@@ -482,9 +488,7 @@ def bench_ablation(frames: int, tokens: int) -> list:
     from gemma4_agent.model import network
 
     torch._dynamo.config.recompile_limit = 64
-    model = build_model(six_layer_config(), device="cuda", dtype=torch.bfloat16)
-    quantize_model(model, "q4_0", include_embedding=True, progress=False)
-    to_device_kernel(model, "cuda", release_portable=True)
+    model = six_layer_model("q4_0")
     rows = []
     for name, replaced in ABLATIONS.items():
         torch._dynamo.reset()

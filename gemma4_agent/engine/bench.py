@@ -331,6 +331,13 @@ def _table(title: str, what: str, times: dict[str, tuple[float, int]], frames: i
     return "\n".join(lines) + "\n"
 
 
+def add_compile_any_length(parser) -> None:
+    """--compile-any-length on|off (SessionConfig.compile_any_length), for the scripts that time compiled rows."""
+    parser.add_argument("--compile-any-length", choices=["on", "off"], default="on",
+                        help="SessionConfig.compile_any_length: off, the prefix (and jump-forward runs of the "
+                             "grammar) run uncompiled, which 12 fixed tokens a frame never use; minutes less compiling")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="config.json, checkpoint folder, or preset name (gemma4-12b)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
