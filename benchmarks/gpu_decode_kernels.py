@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemma4_agent.engine import gemv  # noqa: E402
 from gemma4_agent.engine.bench import measure_ceilings, run_bench  # noqa: E402
-from gemma4_agent.model import ModelConfig, build_model, network  # noqa: E402
+from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 from gemma4_agent.quant import triton_q4  # noqa: E402
 from gemma4_agent.quant.int4 import Int4Linear, quantize_model, to_device_kernel  # noqa: E402
 
@@ -472,13 +472,9 @@ ABLATIONS = {
     "none": {},
     "norms": {"add_and_norm": lambda h, y, post, pre, scale=None: (h, y)},
     "gate": {"gelu_mul": lambda gate, up: gate},
-    "attention": {"sdpa": lambda q, k, v, mask, fresh=None: q},
+    "attention": {"sdpa": lambda q, k, v, mask: q},
 }
 ABLATIONS["all three"] = {k: v for d in list(ABLATIONS.values()) for k, v in d.items()}
-# not a part left out: the attention reading the cache only after its wait, as before it was told the fresh slots
-# (against "none" in the same run: what reading the cache while q/k/v finish saves)
-ABLATIONS["attention's early reads"] = {"sdpa": lambda q, k, v, mask, fresh=None, sdpa=network.sdpa: sdpa(q, k, v,
-                                                                                                          mask)}
 
 
 def bench_ablation(frames: int, tokens: int) -> list:
@@ -488,6 +484,8 @@ def bench_ablation(frames: int, tokens: int) -> list:
     out, o's input is q as it comes (the cache is still written)."""
     from contextlib import ExitStack
     from unittest import mock
+
+    from gemma4_agent.model import network
 
     torch._dynamo.config.recompile_limit = 64
     model = six_layer_model("q4_0")

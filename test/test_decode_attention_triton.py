@@ -1,7 +1,6 @@
 """The CUDA cache-attention kernels (gemma4_agent/model/triton_attention.py) run here in Triton's CPU
 interpreter, against network.sdpa's matmul form of the same arithmetic: grouped query rows, masked slots
-(including splits where nothing is allowed), a slot count that is not a multiple of the tiles, a decode step's
-first tile read before the PDL wait, prefill-sized
+(including splits where nothing is allowed), a slot count that is not a multiple of the tiles, prefill-sized
 chunks cut into row blocks (the last one partial), and the custom op's choice between these kernels and
 PyTorch's SDPA for long chunks. (The lent GPU runs them compiled: benchmarks/gpu_decode_kernels.py checks
 them at the 12B's shapes, test_engine_cuda_graph.py through the session.)"""
@@ -38,14 +37,9 @@ SCRIPT = textwrap.dedent('''
             else:  # every later split sees nothing: the merge must ignore it
                 mask = torch.zeros(r, s, dtype=torch.bool)
                 mask[:, :5] = True
-            ref = reference(q, k, v, mask)
             out = A._launch(q, k, v, mask, block_s=16, programs=programs)
+            ref = reference(q, k, v, mask)
             rows.append([h, r, d, s, programs, kind, float((out - ref).norm() / ref.norm())])
-            # a decode step's form: the first tile read before the wait, read again where it holds a fresh slot
-            # (here the first and the last; the interpreter has no kernel before, so both reads see the same)
-            fresh = torch.tensor([0, s - 1])
-            out = A._launch(q, k, v, mask, block_s=16, programs=programs, fresh=fresh, early=True)
-            rows.append([h, r, d, s, programs, kind + ", early", float((out - ref).norm() / ref.norm())])
     # the mask given once for the groups of query rows a KV head takes (the model's way: not repeated per layer);
     # row r of q uses mask row r % seq, as network.sdpa folds the heads into the rows; PyTorch's SDPA path and the
     # matmul form (its masked-softmax kernel), including a row with nothing allowed (zeros, as the kernels give)
@@ -70,7 +64,7 @@ SCRIPT = textwrap.dedent('''
 def test_decode_attention_kernels_match_the_matmul_form_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
     *rows, empty_row = rows
-    assert len(rows) == 29
+    assert len(rows) == 19
     for *case, rel in rows:
         assert rel < 1e-5, (case, rel)  # float32 throughout: equal up to summation order
     assert empty_row == [[0.0] * 4, pytest.approx([1.0] * 4), [0.0] * 4, pytest.approx([1.0] * 4)]

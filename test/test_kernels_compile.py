@@ -78,15 +78,14 @@ def loop_opcodes(kernel) -> list:
 
 def assert_pdl_order(kernel, prefetch: str = "") -> None:
     """The PDL wait (ACQBULK in SASS) comes before the successor's release (PREEXIT), and, where `prefetch` names
-    a load opcode (or its start), the first such load before the wait: the weights are on their way while the kernel before
+    a load opcode, the first such load before the wait: the weights are on their way while the kernel before
     finishes (pdl.py)."""
     ops = [op for _, op in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
                                       _cuobjdump(kernel, "-sass"))]
     assert ops.count("ACQBULK") == 1 and ops.count("PREEXIT") == 1, ops
     assert ops.index("ACQBULK") < ops.index("PREEXIT")
     if prefetch:
-        first = next(i for i, op in enumerate(ops) if op.startswith(prefetch))
-        assert first < ops.index("ACQBULK"), "the first weights load after the wait"
+        assert ops.index(prefetch) < ops.index("ACQBULK"), "the first weights load after the wait"
 
 
 def every_gemv_configuration(kernel, sig: dict, configs: list, has_zeros: bool, **constexprs):
@@ -235,23 +234,18 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
     # every block shape _launch picks: decode steps (2-32 query rows) and prefill chunks (row blocks), at head
     # dims from the tiny models' to the 12B's sliding (256) and full (512) layers
     rows, warps = block
-    split = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "fresh_ptr": "*i64",
-             "acc_ptr": "*fp32", "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32",
-             "MASK_ROWS": "i32", "N_FRESH": "i32", "sq_h": "i32", "sq_r": "i32", "sk_h": "i32", "sk_s": "i32",
-             "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr", "BLOCK_R": "constexpr",
-             "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr", "EARLY": "constexpr", "BLOCK_FRESH": "constexpr",
-             "PDL": "constexpr"}
+    split = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "acc_ptr": "*fp32",
+             "ml_ptr": "*fp32", "R": "i32", "R_PAD": "i32", "S": "i32", "SPLITS": "i32", "MASK_ROWS": "i32",
+             "sq_h": "i32", "sq_r": "i32",
+             "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sm_r": "i32", "D": "constexpr",
+             "BLOCK_R": "constexpr", "BLOCK_S": "constexpr", "SPLIT_LEN": "constexpr", "PDL": "constexpr"}
     for block_s in sorted({32} | {c["block_s"] for c in A.SPLITS.values()}):  # prefill's and every decode split
-        # a decode step's (up to 32 rows) reads its first tile before the wait, as _launch runs it there
-        for early in (False, True) if rows <= A.DECODE_ROWS else (False,):
-            kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": block_s,
-                                                             "SPLIT_LEN": 64, "EARLY": early, "BLOCK_FRESH": 16,
-                                                             "PDL": True},
-                                    ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s", "sv_h", "sv_s"),
-                                    A.early_warps(block_s, dim, warps) if early else warps)
-            assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
-            assert stack_bytes(kernel) == 0, (block_s, early)
-            assert_pdl_order(kernel, "LDG" if early else "")  # the cache on its way before the wait
+        kernel = compile_kernel(A._split_kernel, split, {"D": dim, "BLOCK_R": rows, "BLOCK_S": block_s,
+                                                         "SPLIT_LEN": 64, "PDL": True}, ("R_PAD", "sq_h", "sq_r", "sk_h", "sk_s",
+                                                                            "sv_h", "sv_s"), warps)
+        assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
+        assert stack_bytes(kernel) == 0, block_s
+        assert_pdl_order(kernel)
     merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
              "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr",
              "PDL": "constexpr"}

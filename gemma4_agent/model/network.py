@@ -138,13 +138,11 @@ class Attention(nn.Module):
         names = ("q_proj", "k_proj") if self.v_proj is None else ("q_proj", "k_proj", "v_proj")
         q, k_raw, *v_raw = project(self, x, names)
         v_raw = v_raw[0] if v_raw else k_raw
-        fresh = None
         if cache is not None and batch == 1 and getattr(cache, "fused_writes", False) and self._fusable(x):
-            # on CUDA one kernel: norms, RoPE and the cache write (triton_qkv.py); the attention after it is told
-            # which slots it wrote, and reads the others while it runs
-            k, v, fresh = cache.buffers(layer_idx)
+            # on CUDA one kernel: norms, RoPE and the cache write (triton_qkv.py)
+            k, v, slots = cache.buffers(layer_idx)
             q = torch.ops.gemma4_agent.qkv_to_cache(q[0], k_raw[0], v_raw[0], cos, sin, self.q_norm.weight,
-                                                    self.k_norm.weight, self.q_norm.eps, k, v, fresh)[None]
+                                                    self.k_norm.weight, self.q_norm.eps, k, v, slots)[None]
         else:
             q = apply_rope(self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)), cos, sin)
             k_raw = k_raw.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -153,7 +151,7 @@ class Attention(nn.Module):
             v = self.v_norm(v_raw).transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(layer_idx, k, v)
-        out = sdpa(q.transpose(1, 2), k, v, mask, fresh)
+        out = sdpa(q.transpose(1, 2), k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _fusable(self, x: torch.Tensor) -> bool:
@@ -161,9 +159,8 @@ class Attention(nn.Module):
         return x.is_cuda and triton_qkv.available() and no_gradient(x, self.q_norm.weight, self.k_norm.weight)
 
 
-def sdpa(q, k, v, mask, fresh=None):
-    """Scaled dot-product attention with scale 1.0 (q/k norms do the scaling) and grouped KV heads. `fresh`: the
-    cache slots the kernel just before wrote, where one did (triton_attention.cache_attention).
+def sdpa(q, k, v, mask):
+    """Scaled dot-product attention with scale 1.0 (q/k norms do the scaling) and grouped KV heads.
 
     The query heads sharing a KV head are folded into the query axis instead of repeating K and V:
     the same arithmetic without copying the cache (a 16x copy on the 12B's one-KV-head full layers)."""
@@ -176,7 +173,7 @@ def sdpa(q, k, v, mask, fresh=None):
         # for long chunks it, PyTorch's fused SDPA or two cuBLAS matmuls around a masked softmax, whichever is
         # fastest at the shape (triton_attention.py). It takes the mask once for every group of query rows, so no
         # layer repeats it
-        return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0], fresh)[None].reshape(
+        return torch.ops.gemma4_agent.cache_attention(q[0], k[0], v[0], mask[0, 0])[None].reshape(
             batch, heads, seq, v.shape[-1])
     if groups > 1:
         mask = mask.repeat(1, 1, groups, 1)

@@ -19,7 +19,6 @@ CUDA-graph capture records its kernels.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,75 +46,42 @@ MATMUL_MAX_SLOTS = 16384  # a row of scores held in registers by its softmax pro
 if triton is not None:
 
     @triton.jit
-    def _tile(k_ptr, v_ptr, mask_ptr, h, r, r_ok, s0, S, MASK_ROWS, sk_h, sk_s, sv_h, sv_s, sm_r, D: tl.constexpr,
-              BLOCK_S: tl.constexpr):
-        # one tile of slots: which of them each row may attend, and K and V of the slots any row attends (an empty
-        # or out-of-window slot is not read); row r is query r % MASK_ROWS of its group (the heads sharing a KV
-        # head are folded into the rows)
-        s = s0 + tl.arange(0, BLOCK_S)
-        d = tl.arange(0, D)
-        s_ok = s < S
-        allowed = tl.load(mask_ptr + (r % MASK_ROWS)[:, None] * sm_r + s[None, :], mask=r_ok[:, None] & s_ok[None, :],
-                          other=0)
-        needed = (tl.max(allowed, axis=0) != 0) & s_ok
-        k = tl.load(k_ptr + h * sk_h + s[:, None] * sk_s + d[None, :], mask=needed[:, None], other=0)
-        v = tl.load(v_ptr + h * sv_h + s[:, None] * sv_s + d[None, :], mask=needed[:, None], other=0)
-        return allowed, k, v
-
-    @triton.jit
-    def _attend(q, allowed, k, v, m_i, l_i, acc):
-        # a tile's share of the online softmax: scores on the tensor cores, masked, rescaled into the running sums
-        scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(allowed != 0, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep zeros, not NaN
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fresh_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS, MASK_ROWS,
-                      N_FRESH, sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, R, R_PAD, S, SPLITS, MASK_ROWS,
+                      sq_h, sq_r, sk_h, sk_s, sv_h, sv_s, sm_r,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr,
-                      EARLY: tl.constexpr, BLOCK_FRESH: tl.constexpr, PDL: tl.constexpr):
+                      PDL: tl.constexpr):
+        wait_then_release(PDL)  # pdl.py
         h = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, D)
         r_ok = r < R
-        start = split * SPLIT_LEN
-        if EARLY:
-            # the first tile read while the kernel before finishes: the mask and the cache as earlier steps left
-            # them. That kernel writes this step's tokens into the cache (fresh_ptr: their slots), so a tile
-            # holding one of them is read again after the wait
-            allowed, k, v = _tile(k_ptr, v_ptr, mask_ptr, h, r, r_ok, start, S, MASK_ROWS, sk_h, sk_s, sv_h, sv_s,
-                                  sm_r, D, BLOCK_S)
-            wait_then_release(PDL)  # pdl.py
-            f = tl.arange(0, BLOCK_FRESH)
-            fresh = tl.load(fresh_ptr + f, mask=f < N_FRESH, other=-1)
-            if tl.sum(((fresh >= start) & (fresh < start + BLOCK_S)).to(tl.int32), axis=0) > 0:
-                allowed, k, v = _tile(k_ptr, v_ptr, mask_ptr, h, r, r_ok, start, S, MASK_ROWS, sk_h, sk_s, sv_h,
-                                      sv_s, sm_r, D, BLOCK_S)
-        else:
-            wait_then_release(PDL)  # pdl.py
-            allowed, k, v = _tile(k_ptr, v_ptr, mask_ptr, h, r, r_ok, start, S, MASK_ROWS, sk_h, sk_s, sv_h, sv_s,
-                                  sm_r, D, BLOCK_S)
         q = tl.load(q_ptr + h * sq_h + r[:, None] * sq_r + d[None, :], mask=r_ok[:, None], other=0)
         m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, D), tl.float32)
-        m_i, l_i, acc = _attend(q, allowed, k, v, m_i, l_i, acc)
-        for s0 in range(start + BLOCK_S, start + SPLIT_LEN, BLOCK_S):
-            allowed, k, v = _tile(k_ptr, v_ptr, mask_ptr, h, r, r_ok, s0, S, MASK_ROWS, sk_h, sk_s, sv_h, sv_s,
-                                  sm_r, D, BLOCK_S)
-            m_i, l_i, acc = _attend(q, allowed, k, v, m_i, l_i, acc)
-        # the query rows only (a block's padding rows are never merged)
+        start = split * SPLIT_LEN
+        for s0 in range(start, start + SPLIT_LEN, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < S
+            k = tl.load(k_ptr + h * sk_h + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0)
+            scores = tl.dot(q, tl.trans(k))
+            # row r is query r % MASK_ROWS of its group (the heads sharing a KV head are folded into the rows)
+            allowed = tl.load(mask_ptr + (r % MASK_ROWS)[:, None] * sm_r + s[None, :],
+                              mask=r_ok[:, None] & s_ok[None, :], other=0)
+            scores = tl.where(allowed != 0, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep zeros, not NaN
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
+            v = tl.load(v_ptr + h * sv_h + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         base = (h * SPLITS + split) * R_PAD
-        tl.store(acc_ptr + (base + r[:, None]) * D + d[None, :], acc, mask=r_ok[:, None])
-        tl.store(ml_ptr + (base + r) * 2, m_i, mask=r_ok)
-        tl.store(ml_ptr + (base + r) * 2 + 1, l_i, mask=r_ok)
+        tl.store(acc_ptr + (base + r[:, None]) * D + d[None, :], acc)
+        tl.store(ml_ptr + (base + r) * 2, m_i)
+        tl.store(ml_ptr + (base + r) * 2 + 1, l_i)
 
     @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R_PAD, SPLITS, so_h, so_r,
@@ -166,17 +132,9 @@ def merge_warps(block_splits: int, dim: int) -> int:
     return 8 if block_splits * dim > 16384 else 4
 
 
-def early_warps(block_s: int, dim: int, warps: int) -> int:
-    """Warps for a split kernel that holds a tile's K and V together across its wait: 8 from 8K values each
-    (fewer spilled on sm_90: test_kernels_compile.py)."""
-    return 8 if block_s * dim >= 8192 else warps
-
-
-def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128, fresh=None, early=None):
+def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
     """q [H, R, D], k/v [H, S, D] (last dim contiguous), mask [R / G, S] bool for G query groups a KV head, row r
-    of q taking mask row r % (R / G) -> [H, R, D] in q's dtype. `fresh`: the slots the kernel just before wrote
-    (a decode step's tokens, by triton_qkv), if the cache may be read before waiting for it (see _split_kernel);
-    `early`: whether it is (default: where `fresh` is given and the kernels launch with PDL)."""
+    of q taking mask row r % (R / G) -> [H, R, D] in q's dtype."""
     h, rows, dim = q.shape
     slots = k.shape[1]
     block_r, warps = block_shape(rows, dim)
@@ -189,18 +147,10 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128, fresh=None, e
     ml = torch.empty(h, splits, r_pad, 2, device=q.device, dtype=torch.float32)
     mask8 = mask.view(torch.uint8)
     launch = pdl_args(q)
-    if early is None:
-        early = fresh is not None and launch["PDL"]  # without PDL nothing runs beside the kernel before
-    if early:
-        warps = early_warps(block_s, dim, warps)
-    else:
-        fresh = mask8  # not read
-    _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, fresh, acc, ml, rows, r_pad, slots, splits, mask8.shape[0],
-                                           fresh.numel() if early else 0, q.stride(0), q.stride(1), k.stride(0),
-                                           k.stride(1), v.stride(0), v.stride(1), mask8.stride(0), D=dim,
-                                           BLOCK_R=block_r, BLOCK_S=block_s, SPLIT_LEN=per_split, EARLY=early,
-                                           BLOCK_FRESH=max(16, triton.next_power_of_2(fresh.numel())) if early else 16,
-                                           num_warps=warps, **launch)
+    _split_kernel[(h, splits, row_blocks)](q, k, v, mask8, acc, ml, rows, r_pad, slots, splits, mask8.shape[0],
+                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                           v.stride(1), mask8.stride(0), D=dim, BLOCK_R=block_r, BLOCK_S=block_s,
+                                           SPLIT_LEN=per_split, num_warps=warps, **launch)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
     block_splits = max(2, triton.next_power_of_2(splits))
     _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
@@ -238,21 +188,17 @@ def _sdpa(q, k, v, mask):
 
 
 @torch.library.custom_op("gemma4_agent::cache_attention", mutates_args=())
-def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T masked) v, scale 1, softmax in float32. q [H, R, D], k/v [H, S, D], mask [R / G, S] bool
     (True = attend), shared by every head and by each of the G groups of query rows a KV head takes (row r of q
     uses mask row r % (R / G): not repeated per layer). Up to DECODE_ROWS rows on these kernels, split as finely
     as was fastest at this shape on first use; more (a frame's prefill) on these kernels so split, PyTorch's
-    fused SDPA or the matmul form, whichever was faster. `fresh` [n]: the cache slots written by the kernel just
-    before (triton_qkv's), given where that kernel launched with PDL: a decode step then reads the rest of the
-    cache while that kernel finishes."""
+    fused SDPA or the matmul form, whichever was faster."""
     q, mask = q.contiguous(), mask.contiguous()
     shape = (k.shape[0], q.shape[1], k.shape[1], q.shape[2])
-    if q.shape[1] <= DECODE_ROWS:
-        return _DECODE.run(shape, {name: functools.partial(_launch, q, k, v, mask, fresh=fresh, **c)
-                                   for name, c in SPLITS.items()})
     calls = {name: functools.partial(_launch, q, k, v, mask, **c) for name, c in SPLITS.items()}
+    if q.shape[1] <= DECODE_ROWS:
+        return _DECODE.run(shape, calls)
     calls["sdpa"] = functools.partial(_sdpa, q, k, v, mask)
     if q.shape[0] * q.shape[1] * k.shape[1] <= MATMUL_MAX_SCORES and k.shape[1] <= MATMUL_MAX_SLOTS:
         calls["matmul"] = functools.partial(_matmul_form, q, k, v, mask)
@@ -260,5 +206,5 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 @cache_attention.register_fake
-def _(q, k, v, mask, fresh=None):
+def _(q, k, v, mask):
     return torch.empty_like(q)
