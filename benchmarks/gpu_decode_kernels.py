@@ -18,12 +18,13 @@
    the norms into its own programs (a what-if kernel here, not the engine's) and against no norm at all.
 3e. the decode step of the 6-layer model below with each kind of small kernel left out (norms, the gate, attention):
    what each costs between the GEMVs.
+3f. the same step launched with PDL and without: without, a kernel profile gives each kernel's own GPU time.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
-        norm_prologue ablation engine] [--baseline OLD.py] [--slots N]
+        norm_prologue ablation pdl engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -504,6 +505,30 @@ def bench_ablation(frames: int, tokens: int) -> list:
     return rows
 
 
+def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
+    """The 6-layer int4 model's decode step launched with PDL (as the engine runs) and without (every kernel waits
+    for the one before to complete, gemma4_agent.pdl switched off): replayed ms a token, and a frame's kernel
+    profile each. Without PDL a kernel's profiled duration is its own GPU time; with PDL it also counts the time
+    its programs spend waiting for the kernel before."""
+    from unittest import mock
+
+    from gemma4_agent import pdl
+
+    torch._dynamo.config.recompile_limit = 64
+    model = six_layer_model("q4_0")
+    rows = []
+    for name, on in (("pdl", True), ("no_pdl", False)):
+        torch._dynamo.reset()
+        with mock.patch.object(pdl, "_sm90_or_later", pdl._sm90_or_later if on else lambda index: False):
+            r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
+                          compile=True, profile_to=out_dir / f"profile_6layer_int4_{name}.txt")
+        row = {"variant": name, **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_ms_per_token_p50",
+                                                          "prefill_ms_p50")}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -535,6 +560,8 @@ def main() -> int:
             report["ablation"] = bench_ablation(args.frames, args.image_tokens)
         elif part == "engine":
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
+        elif part == "pdl":
+            report["pdl"] = bench_pdl(out, args.frames, args.image_tokens)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
     return 0
 
