@@ -510,6 +510,7 @@ def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     for the one before to complete, gemma4_agent.pdl switched off): replayed ms a token, and a frame's kernel
     profile each. Without PDL a kernel's profiled duration is its own GPU time; with PDL it also counts the time
     its programs spend waiting for the kernel before."""
+    from contextlib import nullcontext
     from unittest import mock
 
     from gemma4_agent import pdl
@@ -517,9 +518,9 @@ def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     torch._dynamo.config.recompile_limit = 64
     model = six_layer_model("q4_0")
     rows = []
-    for name, on in (("pdl", True), ("no_pdl", False)):
+    for name, switch in (("pdl", nullcontext()), ("no_pdl", mock.patch.object(pdl, "_sm90_or_later", lambda i: False))):
         torch._dynamo.reset()
-        with mock.patch.object(pdl, "_sm90_or_later", pdl._sm90_or_later if on else lambda index: False):
+        with switch:
             r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
                           compile=True, profile_to=out_dir / f"profile_6layer_int4_{name}.txt")
         row = {"variant": name, **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_ms_per_token_p50",
