@@ -44,6 +44,7 @@ NODE = "/gemma4_agent"
 DIAG_NAME = "gemma4_agent: inference"
 START_TIMEOUT_S = 60.0   # process start + torch import + engine load, on a loaded 2-core CI machine
 REPLY_TIMEOUT_S = 30.0
+RESEND_S = 3.0  # a repeatable request unanswered this long is sent again (Harness.call)
 _SCRIPT = Path(sys.executable).with_name("gemma4_agent_node")
 NODE_COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gemma4_agent.ros.node"]
 
@@ -211,16 +212,27 @@ class Harness:
 
     # -- requests --
 
-    def call(self, client: Any, request: Any, timeout: float = REPLY_TIMEOUT_S) -> Any:
+    def call(self, client: Any, request: Any, timeout: float = REPLY_TIMEOUT_S, repeatable: bool = True) -> Any:
+        """The reply to `request`. Fast DDS drops a reply the node sends before its side has matched this client's
+        reply reader (the node logs "client will not receive response"; seen on a loaded 2-core machine at a
+        client's first call), so a request that is safe to repeat is sent again every RESEND_S until one is
+        answered."""
         assert client.wait_for_service(timeout_sec=timeout), f"no service {client.srv_name}"
-        done = threading.Event()
-        future = client.call_async(request)
-        future.add_done_callback(lambda _: done.set())
-        assert done.wait(timeout), f"no reply from {client.srv_name} in {timeout} s"
-        return future.result()
+        deadline = time.monotonic() + timeout
+        while True:
+            done = threading.Event()
+            future = client.call_async(request)
+            future.add_done_callback(lambda _: done.set())
+            left = deadline - time.monotonic()
+            if done.wait(min(RESEND_S, left) if repeatable else left):
+                return future.result()
+            client.remove_pending_request(future)
+            assert repeatable and time.monotonic() < deadline, f"no reply from {client.srv_name} in {timeout} s"
 
-    def transition(self, transition_id: int) -> bool:
-        return self.call(self.change_state, ChangeState.Request(transition=Transition(id=transition_id))).success
+    def transition(self, transition_id: int, repeatable: bool = False) -> bool:
+        """repeatable: the transition changes nothing when sent twice (one that fails), so it may be resent."""
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self.call(self.change_state, request, repeatable=repeatable).success
 
     def state(self) -> int:
         return self.call(self.get_state, GetState.Request()).current_state.id
@@ -400,7 +412,7 @@ def test_lifecycle_transitions(ros: Harness) -> None:
     # A bad engine: configure fails, the node stays unconfigured and says why on /diagnostics.
     engine = ros.get_param("engine").string_value
     assert ros.set_string("engine", "/nonexistent/engine")
-    assert not ros.transition(Transition.TRANSITION_CONFIGURE)
+    assert not ros.transition(Transition.TRANSITION_CONFIGURE, repeatable=True)  # the client's first call
     assert ros.state() == State.PRIMARY_STATE_UNCONFIGURED
     since = time.monotonic()
     diag = wait_until(lambda: ros.diagnostics(since), 3.0)
