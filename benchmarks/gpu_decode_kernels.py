@@ -5,6 +5,7 @@
    timing runs over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
+2a. the GEMM at chunk sizes (8 and 4 rows) autotuned without and with its wide-K configurations.
 2b. a frame's prefill matmuls as the engine runs them (each weight dequantized, then cuBLAS), against the same with
    the next weight's dequantization on a second stream beside this one's matmul, in one CUDA graph: whether the
    memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
@@ -23,7 +24,7 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill overlap attention norms timing
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm overlap attention norms timing
         norm_prologue ablation pdl engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
@@ -151,6 +152,34 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del mod, w
+    return rows
+
+
+def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
+    """The int4 GEMM at jump-forward chunk sizes, autotuned over its configurations without the wide-K ones (BLOCK_K
+    > 128, which _prune_gemm keeps for chunks only) and with them, in one process: us a matmul in a CUDA graph over
+    `copies` distinct weight sets, and the configuration each list's autotuning picked."""
+    every = list(triton_q4._gemm_kernel.configs)
+    lists = {"before": [c for c in every if c.kwargs["BLOCK_K"] <= 128], "wide_k": every}
+    rows = []
+    for m in row_counts:
+        for name, out, inp in SHAPES[:4]:
+            mods = int4_copies(out, inp, copies)
+            x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
+            calls = [(x, mod.qweight, mod.scales.view(torch.float16), mod.scales.view(torch.float16), y, 32, False)
+                     for mod in mods]
+            row = {"shape": name, "rows": m}
+            for label, configs in lists.items():
+                triton_q4._gemm_kernel.configs = configs
+                triton_q4._gemm_kernel.cache.clear()  # autotuned again over this list
+                triton_q4._gemm(*calls[0])
+                row[f"{label}_config"] = str(triton_q4._gemm_kernel.best_config)
+                row[f"{label}_us"] = graph_ms(lambda: [triton_q4._gemm(*c) for c in calls], copies) * 1e3
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del mods
+    triton_q4._gemm_kernel.configs = every
     return rows
 
 
@@ -547,6 +576,8 @@ def main() -> int:
             report["gemv"] = bench_gemv(report["ceilings"], load_baseline(args.baseline) if args.baseline else None)
         elif part == "prefill":
             report["prefill"] = bench_prefill(report["ceilings"])
+        elif part == "chunk_gemm":
+            report["chunk_gemm"] = bench_chunk_gemm()
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":

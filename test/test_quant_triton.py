@@ -88,6 +88,9 @@ SCRIPT = textwrap.dedent("""
                                                                          SPLIT=2)),
                                         (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
                                                                         SWAP=True, SPLIT=3)),
+                                        # a chunk's wide-K block: K = 384 ends in a half block
+                                        (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,
+                                                                        SWAP=True)),
                                         (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 xr = x.to(dtype).float()
@@ -101,11 +104,26 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 68
+    assert len(rows) == 72
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
         assert rel < tol, (scheme, out, inp, m, kernel, rel)
+
+
+def test_gemm_tries_its_wide_k_blocks_on_chunks_only():
+    # blocks of 256 along K for jump-forward chunks (up to 16 rows), whose few rows leave the walk along K exposed;
+    # a frame's prefill (here 286 rows) keeps the configurations it had
+    import torch
+
+    from gemma4_agent.quant import triton_q4 as T
+
+    def kept(rows):
+        args = {"M_BUCKET": 1 << (rows - 1).bit_length(), "N": 3840, "K": 15360, "x_ptr": torch.empty(1)}
+        return T._prune_gemm(T._gemm_configs(), args)
+
+    assert any(c.kwargs["BLOCK_K"] == 256 for c in kept(6))
+    assert not any(c.kwargs["BLOCK_K"] > 128 for c in kept(286)) and kept(286)
 
 
 DISPATCH = textwrap.dedent("""

@@ -41,6 +41,7 @@ MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequ
 MAX_SPLIT = 4  # of K, in the int8-x GEMV and the GEMM (their SPLIT configurations)
 SPLIT_MAX_BLOCKS = 1024  # row blocks (GEMV) or tiles (GEMM) up to which K may be split: an arrival count each
 SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partials: MAX_SPLIT x 8 MB at most)
+CHUNK_ROWS = 16  # rows up to which the GEMM also tries its wide-K configurations (jump-forward chunks)
 
 
 if triton is not None:
@@ -353,10 +354,14 @@ if triton is not None:
                    (64, 128, 64, 4), (128, 128, 64, 8))
         split_plain = ((64, 64, 64, 4), (64, 128, 64, 8), (16, 128, 128, 8))
         split_swapped = ((16, 128, 128, 4), (32, 128, 128, 8), (64, 128, 64, 8))  # 4 warps spill at SPLIT 4
+        # jump-forward chunks (up to CHUNK_ROWS rows, _prune_gemm): each program's walk along K is a chain of
+        # load-then-compute steps that few rows do not hide, so fewer, wider steps
+        chunk = ((16, 64, 256, 4), (16, 128, 256, 8))  # (16, 64, 512, 8) spills on sm_90
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "SPLIT": split},
                               num_warps=w, num_stages=3)
-                for split, kinds in ((1, ((False, plain), (True, swapped))),
-                                     *((sp, ((False, split_plain), (True, split_swapped))) for sp in (2, MAX_SPLIT)))
+                for split, kinds in ((1, ((False, plain), (True, swapped + chunk))),
+                                     *((sp, ((False, split_plain), (True, split_swapped + chunk)))
+                                       for sp in (2, MAX_SPLIT)))
                 for swap, shapes in kinds for bm, bn, bk, w in shapes]
 
     def _prune_gemm(configs, named_args, **kwargs):
@@ -369,6 +374,8 @@ if triton is not None:
         ok = []
         for c in configs:
             split, bm, bn, bk = (c.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if bk > 128 and m > CHUNK_ROWS:  # the chunks' configurations (_gemm_configs), not a frame's prefill
+                continue
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
             if split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles <= SPLIT_MAX_BLOCKS
                               and k >= split * bk):
