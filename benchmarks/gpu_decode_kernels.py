@@ -125,8 +125,8 @@ def bench_gemv(ceilings: dict, baseline=None) -> list:
 def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
     """Chunk matmuls: a frame's prefill (280 and 70 image tokens + 6 rows), where int4_matmul times dequantize +
     cuBLAS against the tl.dot GEMM on first use and takes the faster, and jump-forward chunks (4-8 rows), which
-    take the GEMM; against them, one GEMV per row (the GEMM dequantizes with ~12-20 instructions per weight, the
-    GEMV with ~5: at a few rows, rows of GEMVs may be cheaper)."""
+    take the GEMM; against them, one GEMV per row (at a few rows the GEMM's dequantization, paid once per weight
+    tile whatever the rows, may cost more than rows of GEMVs)."""
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
