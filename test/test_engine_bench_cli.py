@@ -53,6 +53,14 @@ def test_bench_cli_refuses_a_missing_config(tmp_path):
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message of a machine without CUDA")
+def test_bench_cli_says_when_there_is_no_cuda_device():
+    proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "bench", "--config",
+                           str(ROOT / "benchmarks" / "tiny-config.json"), "--device", "cuda", "--frames", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_floor_counts_the_prefill_flops_of_int4_layers_as_of_dense_ones():
     # int4 weights are buffers, not parameters: a count of parameters once left the int4 prefill out of the floor
     from gemma4_agent.engine.bench import floor_ms

@@ -83,6 +83,29 @@ def test_missing_folder_and_bad_config(tmp_path):
         load_model(tmp_path)
 
 
+def test_config_resolves_a_file_a_folder_or_a_preset(tmp_path):
+    # what `inspect` and `bench --config` take: a config.json, a checkpoint folder holding one, or a preset's name
+    preset = ModelConfig.preset("gemma4-12b")
+    (tmp_path / "config.json").write_text(preset.model_dump_json())
+    for given in (tmp_path / "config.json", tmp_path, str(tmp_path), "gemma4-12b"):
+        assert ModelConfig.resolve(given).fingerprint() == preset.fingerprint(), given
+    with pytest.raises(FileNotFoundError, match="not a preset .gemma4-12b"):
+        ModelConfig.resolve("gemma4-13b")
+
+
+def test_inspect_cli_names_what_is_wrong_without_a_traceback(tmp_path):
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "broken.json").write_text("{")
+    for given, says in ((tmp_path / "nope", "not a preset"), (tmp_path / "llama.json", "expected 'gemma4_unified'"),
+                        (tmp_path / "broken.json", "not valid JSON")):
+        proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "inspect", str(given)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "inspect", "gemma4-12b"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "11,957,272,576" in proc.stdout, proc.stderr
+
+
 def test_12b_preset_on_meta_device():
     cfg = ModelConfig.preset("gemma4-12b")
     model = build_model(cfg, device="meta")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model.config import PRESETS_DIR, ModelConfig
+from ..model.config import ModelConfig
 from ..model.network import build_model
 from ..quant.int4 import Int4Linear
 from .session import SessionConfig, StreamingSession
@@ -91,13 +91,7 @@ def load_for_bench(path: str, device: str, dtype: torch.dtype):
         from ..model.loader import load_model
 
         return load_model(p, dtype=dtype, device=device)
-    if p.exists():
-        return build_model(ModelConfig.from_json(p), device=device, dtype=dtype)
-    presets = sorted(f.stem for f in PRESETS_DIR.glob("*.json"))
-    if path not in presets:
-        raise FileNotFoundError(f"--config {path}: no such config.json or checkpoint folder, and not a preset "
-                                f"({', '.join(presets)})")
-    return build_model(ModelConfig.preset(path), device=device, dtype=dtype)
+    return build_model(ModelConfig.resolve(path), device=device, dtype=dtype)
 
 
 def frame_for(tokens: int, side: int) -> np.ndarray:
@@ -360,10 +354,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import sys
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gemma4-agent bench: error: --device cuda: no CUDA device here (use --device cpu)", file=sys.stderr)
+        return 2
     try:
         model = load_for_bench(args.config, args.device, bench_dtype(args.dtype, args.device))
     except (OSError, ValueError) as err:  # a wrong path or a malformed config: say so, no traceback
-        print(f"gemma4-agent bench: error: {err}", file=sys.stderr)
+        print(f"gemma4-agent bench: error: --config {err}", file=sys.stderr)
         return 2
     if args.quant:
         from ..quant.int4 import quantize_model

@@ -159,6 +159,17 @@ class ModelConfig(BaseModel):
     def preset(cls, name: str = "gemma4-12b") -> "ModelConfig":
         return cls.from_json(PRESETS_DIR / f"{name}.json")
 
+    @classmethod
+    def resolve(cls, path_or_preset: str | Path) -> "ModelConfig":
+        """A config.json, or a checkpoint folder holding one, where the path exists; otherwise a preset by name."""
+        if Path(path_or_preset).exists():
+            return cls.from_json(path_or_preset)
+        presets = sorted(f.stem for f in PRESETS_DIR.glob("*.json"))
+        if str(path_or_preset) not in presets:
+            raise FileNotFoundError(f"{path_or_preset}: no such config.json or checkpoint folder, and not a preset "
+                                    f"({', '.join(presets)})")
+        return cls.preset(str(path_or_preset))
+
     def fingerprint(self) -> str:
         """A short hash of everything that shapes the network (engine manifests pin it)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

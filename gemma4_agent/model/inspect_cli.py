@@ -1,7 +1,7 @@
 """`gemma4-agent inspect CHECKPOINT_OR_CONFIG`: config summary, parameter count, weight bytes."""
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 from .config import FULL, ModelConfig
 from .network import build_model
@@ -35,8 +35,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    path = Path(args.path)
-    cfg = ModelConfig.from_json(path) if path.exists() else ModelConfig.preset(args.path)
+    try:
+        cfg = ModelConfig.resolve(args.path)
+    except (OSError, ValueError) as err:  # a wrong path or a malformed config: say so, no traceback
+        print(f"gemma4-agent inspect: error: {err}", file=sys.stderr)
+        return 2
     info = summary(cfg)
     width = max(map(len, info))
     for key, value in info.items():
