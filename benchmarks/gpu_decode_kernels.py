@@ -507,12 +507,21 @@ ABLATIONS = {
 ABLATIONS["all three"] = {k: v for d in list(ABLATIONS.values()) for k, v in d.items()}
 
 
+def six_layer_decode(model, frames: int, tokens: int, switch, **kwargs) -> dict:
+    """run_bench on the 6-layer model, compiled afresh with `switch` (a context manager: patches, or nothing) in force
+    while it compiles and runs."""
+    torch._dynamo.reset()
+    with switch:
+        return run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
+                         compile=True, **kwargs)
+
+
 def bench_ablation(frames: int, tokens: int) -> list:
     """The decode step of the 6-layer int4 model (joined projections, compiled, graphed) with each kind of small
     kernel left out (ABLATIONS), decode ms a token as the GPU alone runs it (the step's graph replayed back to back):
     what each kind costs where it sits, between the GEMVs, which no kernel timed alone shows. With attention left
     out, o's input is q as it comes (the cache is still written)."""
-    from contextlib import ExitStack
+    from contextlib import nullcontext
     from unittest import mock
 
     from gemma4_agent.model import network
@@ -521,12 +530,8 @@ def bench_ablation(frames: int, tokens: int) -> list:
     model = six_layer_model("q4_0")
     rows = []
     for name, replaced in ABLATIONS.items():
-        torch._dynamo.reset()
-        with ExitStack() as patches:
-            for attr, stand_in in replaced.items():
-                patches.enter_context(mock.patch.object(network, attr, stand_in))
-            r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
-                          compile=True)
+        r = six_layer_decode(model, frames, tokens, mock.patch.multiple(network, **replaced) if replaced
+                             else nullcontext())
         row = {"left out": name, "layers": 6, "decode_graph_ms_per_token": r.get("decode_graph_ms_per_token"),
                "decode_ms_per_token_p50": r["decode_ms_per_token_p50"]}
         print(json.dumps(row), flush=True)
@@ -548,10 +553,7 @@ def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     model = six_layer_model("q4_0")
     rows = []
     for name, switch in (("pdl", nullcontext()), ("no_pdl", mock.patch.object(pdl, "_sm90_or_later", lambda i: False))):
-        torch._dynamo.reset()
-        with switch:
-            r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
-                          compile=True, profile_to=out_dir / f"profile_6layer_int4_{name}.txt")
+        r = six_layer_decode(model, frames, tokens, switch, profile_to=out_dir / f"profile_6layer_int4_{name}.txt")
         row = {"variant": name, **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_ms_per_token_p50",
                                                           "prefill_ms_p50")}}
         print(json.dumps(row), flush=True)
