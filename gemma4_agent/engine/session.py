@@ -135,35 +135,55 @@ class StreamingSession:
         # the rest (the prefix; a jump-forward length first seen mid-stream, which would otherwise stop the robot
         # for a recompile, ~10 s for the demo engine on CPU, minutes at the 12B, and past dynamo's cache limit run
         # eager). Specialised code may be faster; the any-length code serves only what the warm-up did not show.
-        self._compiled = self._compiled_any = None
+        self._eager = (self._shared, self._layers_and_head)
+        self._compiled = self._compiled_any = None  # (shared inputs, layers and head) compiled, see _forward
         self._static_lengths: set[int] = set()  # the chunk lengths the warm-up ran
         self._warming = False
         if self.config.compile:
             for mod in (model, *joined_modules(model)):
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
-            self._compiled = torch.compile(self._layers_and_head, dynamic=False)
+            self._compiled = (torch.compile(self._shared, dynamic=False),
+                              torch.compile(self._layers_and_head, dynamic=False))
             if self.config.compile_any_length:
-                self._compiled_any = torch.compile(self._layers_and_head_any_length, dynamic=True)
+                self._compiled_any = (torch.compile(self._shared_any_length, dynamic=True),
+                                      torch.compile(self._layers_and_head_any_length, dynamic=True))
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, h: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict,
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, slots: dict,
                  repeats: bool = True) -> torch.Tensor:
-        """`repeats`: a length seen every frame (compiled for that length), not one that varies."""
+        """x: token ids [1, n] or embeddings (model.embed). `repeats`: a length seen every frame (compiled for
+        that length), not one that varies."""
+        shared, layers = (self._eager if self._compiled is None else
+                          self._compiled if repeats else self._compiled_any or self._eager)
+        h, masks, rope = shared(x, positions, blocks, slots)
+        return layers(h, positions, masks, rope)
+
+    # Two functions, compiled apart. The first computes what every layer shares: the embeddings (token ids are
+    # embedded here: a decode step's int4 row lookup was ~10 eager kernels), the cache's new slots, each layer
+    # type's mask and RoPE; the layers' graph takes them as inputs. Compiled as one graph, Inductor computed masks
+    # and RoPE again for every few layers (its fusion groups end at each cache-writing op): 48 small kernels a
+    # decode step of the 12B, launched without PDL, each waiting for the one before to drain.
+    def _shared(self, x, positions, blocks, slots):
+        # x: token ids, or what the model's embed returned (a tensor; the compiled engines' own type)
+        h = self.model.embed(x) if isinstance(x, torch.Tensor) and not x.is_floating_point() else x
         self.cache.place(slots, positions, blocks)
-        if self._compiled is None:
-            return self._layers_and_head(h, positions, blocks)
-        return (self._compiled if repeats else self._compiled_any or self._layers_and_head)(h, positions, blocks)
-
-    def _layers_and_head_any_length(self, h, positions, blocks):
-        # its own code object, so that dynamo keeps its (dynamic) graph apart from the per-length ones
-        return self._layers_and_head(h, positions, blocks)
-
-    def _layers_and_head(self, h, positions, blocks):
         masks = {t: attention_mask(positions, self.cache.slot_pos[t], blocks[None], self.cache.slot_block[t][None], w)
                  for t, w in self.windows.items()}
-        hidden = self.model.decode(h, positions, masks, self.cache)
+        # the compiled engines (engines/) rotate inside
+        rope = self.model.rope(positions, h.dtype) if isinstance(self.model, torch.nn.Module) else None
+        return h, masks, rope
+
+    def _layers_and_head(self, h, positions, masks, rope):
+        hidden = self.model.decode(h, positions, masks, self.cache, rope)
         return self.model.logits(hidden[:, -1]).float()[0]
+
+    # their own code objects, so that dynamo keeps the (dynamic) any-length graphs apart from the per-length ones
+    def _shared_any_length(self, x, positions, blocks, slots):
+        return self._shared(x, positions, blocks, slots)
+
+    def _layers_and_head_any_length(self, h, positions, masks, rope):
+        return self._layers_and_head(h, positions, masks, rope)
 
     def _chunk(self, ids: list[int], image_embeds: torch.Tensor | None = None, prefix: bool = False,
                graph: bool = False) -> torch.Tensor:
@@ -184,19 +204,22 @@ class StreamingSession:
                 raise CacheFull(f"a chunk of {n} tokens exceeds the engine's max chunk {self.max_chunk}")
             self._check_room(n)
             slots = self.cache.ring_slots(n)
-        h = self.model.embed(id_tensor[None], image_embeds)
+        # token ids alone are embedded inside the forward (compiled with it); a frame's image embeddings, and what
+        # a frame chunk's graph takes, here
+        embed = image_embeds is not None or graph
+        x = self.model.embed(id_tensor[None], image_embeds) if embed else id_tensor[None]
         if self.record is not None:
             self.record.append({"ids": ids, "positions": positions.cpu(), "blocks": blocks.cpu(),
                                 "image_embeds": None if image_embeds is None else image_embeds.cpu(),
                                 "frame": self.frame_index, "evicted_at": None})
         self.next_pos += n
         if graph and self._graph_frames and self._graphs_on():
-            return self._replay(("h", n), {"h": h, "pos": positions, "blocks": blocks, "slots": slots})
+            return self._replay(("h", n), {"h": x, "pos": positions, "blocks": blocks, "slots": slots})
         if self._warming:
             self._static_lengths.add(n)
         # the prefix repeats every frame where nothing is cached (the peers' way, timed as such by the bench)
         repeats = graph or n == 1 or n in self._static_lengths or (prefix and self.config.mode == "none")
-        return self._forward(h, positions, blocks, slots, repeats=repeats)
+        return self._forward(x, positions, blocks, slots, repeats=repeats)
 
     def _check_room(self, n: int) -> None:
         for t, r in self.cache.ring_size.items():
@@ -455,8 +478,8 @@ class StreamingSession:
         # run is captured from the any-length code: capturing compiles nothing new
 
         def run():
-            h = self.model.embed(static["ids"]) if kind == "ids" else static["h"]
-            return self._forward(h, static["pos"], static["blocks"], static["slots"], repeats=repeats)
+            return self._forward(static["ids" if kind == "ids" else "h"], static["pos"], static["blocks"],
+                                 static["slots"], repeats=repeats)
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))

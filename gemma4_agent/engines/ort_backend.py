@@ -133,7 +133,8 @@ class OrtModel:
         self._kv_rows = rows
 
     @torch.no_grad()
-    def decode(self, h: Embedded, positions: torch.Tensor, masks: dict, cache) -> torch.Tensor:
+    def decode(self, h: Embedded, positions: torch.Tensor, masks: dict, cache, rope=None) -> torch.Tensor:
+        # rope: the session's (cos, sin) for the torch model; the exported graph computes its own
         if not isinstance(h, Embedded):
             raise TypeError("OrtModel.decode takes the output of OrtModel.embed")
         if cache is None:

@@ -268,7 +268,8 @@ class TrtModel:
         self._bound_cache = cache
 
     @torch.no_grad()
-    def decode(self, h, positions: torch.Tensor, masks: dict, cache) -> torch.Tensor:
+    def decode(self, h, positions: torch.Tensor, masks: dict, cache, rope=None) -> torch.Tensor:
+        # rope: the session's (cos, sin) for the torch model; the engine computes its own
         if cache is not self._bound_cache:
             self._bind_cache(cache)
         T = h.ids.shape[1]

@@ -299,10 +299,12 @@ class Gemma4(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
         return {t: rope_cos_sin(positions, getattr(self, f"inv_freq_{t}"), dtype) for t in set(self.layer_types)}
 
-    def decode(self, h: torch.Tensor, positions: torch.Tensor, masks: dict, cache=None) -> torch.Tensor:
+    def decode(self, h: torch.Tensor, positions: torch.Tensor, masks: dict, cache=None,
+               rope: dict | None = None) -> torch.Tensor:
         """Run the decoder layers over embeddings h [batch, seq, hidden] at `positions` [seq];
-        `masks` maps layer type -> boolean mask (see attention_mask). Returns final-normed hidden states."""
-        rope = self.rope(positions, h.dtype)
+        `masks` maps layer type -> boolean mask (see attention_mask), `rope` layer type -> (cos, sin) where the
+        caller has them (self.rope). Returns final-normed hidden states."""
+        rope = rope if rope is not None else self.rope(positions, h.dtype)
         x = self.layers[0].input_layernorm(h)
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
