@@ -20,12 +20,15 @@
 3e. the decode step of the 6-layer model below with each kind of small kernel left out (norms, the gate, attention):
    what each costs between the GEMVs.
 3f. the same step launched with PDL and without: without, a kernel profile gives each kernel's own GPU time.
+3g. what a grid-wide barrier costs in one persistent Triton kernel (one program an SM, an arrival count and a
+   spin), alone and between the phases of a streamed "layer" of the 12B's int4 decode step: what a persistent
+   decode kernel (one launch a step, a barrier where a kernel boundary is now) would pay per phase.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm overlap attention norms timing
-        norm_prologue ablation pdl engine] [--baseline OLD.py] [--slots N]
+        norm_prologue ablation pdl barrier engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -46,6 +49,7 @@ from gemma4_agent.engine.bench import measure_ceilings, run_bench  # noqa: E402
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 from gemma4_agent.quant import triton_q4  # noqa: E402
 from gemma4_agent.quant.int4 import Int4Linear, quantize_model, to_device_kernel  # noqa: E402
+from gemma4_agent.triton_env import tl, triton  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "gemma4_agent/model/presets/gemma4-12b.json"
 # (name, out, in) at the 12B's widths; qkv / gate_up as the engine joins them
@@ -561,6 +565,87 @@ def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     return rows
 
 
+@triton.jit
+def _grid_barrier(count_ptr, target):
+    # every program's stores issued, one arrival each, then spin until all have arrived (count reaches target)
+    tl.debug_barrier()
+    tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+    seen = tl.load(count_ptr, volatile=True)
+    while seen < target:
+        seen = tl.load(count_ptr, volatile=True)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _phases_kernel(count_ptr, data_ptr, phase_ptr, out_ptr, PHASES, REPS, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+    # REPS times over PHASES phases: each program streams its share of the phase's data (phase_ptr: int32 elements a
+    # program, a multiple of BLOCK), then, with BARRIER, waits for every program at a grid-wide barrier
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    acc = tl.zeros((BLOCK,), tl.int32)
+    base = 0
+    done = 0
+    for rep in range(REPS):
+        for p in range(PHASES):
+            elems = tl.load(phase_ptr + p)
+            for off in range(0, elems, BLOCK):
+                acc += tl.load(data_ptr + base + pid * elems + off + tl.arange(0, BLOCK))
+            base += n * elems
+            done += 1
+            if BARRIER:
+                _grid_barrier(count_ptr, done * n)
+    tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def persistent_phases_us(phases_mb: list, reps: int, barrier: bool, block: int = 2048) -> tuple[float, float]:
+    """One program an SM (all resident, or the barrier would never open) through `reps` x the phases: us a rep and
+    the bytes a rep streams. Checked: every element read once."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    per_program = [int(mb * 1e6 / 4 / sms) // block * block for mb in phases_mb]
+    total = sum(per_program) * sms * reps
+    data = torch.ones(max(total, 1), dtype=torch.int32, device="cuda")
+    phases = torch.tensor(per_program, dtype=torch.int32, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty(sms * block, dtype=torch.int32, device="cuda")
+
+    def run():
+        count.zero_()
+        _phases_kernel[(sms,)](count, data, phases, out, len(per_program), reps, BLOCK=block, BARRIER=barrier,
+                               num_warps=8)
+
+    run()
+    torch.cuda.synchronize()
+    assert int(out.sum()) == total, (int(out.sum()), total)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[2], total * 4 / reps
+
+
+# a layer of the 12B's int4 decode step as phases (MB of weights streamed): q/k/v, q/k norms, attention, o, gate/up,
+# down, the residual norms; a kernel boundary now between each
+LAYER_PHASES_MB = [17.7, 0, 0, 8.8, 66.4, 33.2, 0]
+
+
+def bench_barrier(ceilings: dict) -> list:
+    rows = []
+    us, _ = persistent_phases_us([0.0], 2000, True)
+    rows.append({"what": "grid barrier alone (2000 empty phases)", "us_per_barrier": us})
+    print(json.dumps(rows[-1]), flush=True)
+    for barrier in (False, True):
+        us, nbytes = persistent_phases_us(LAYER_PHASES_MB, 16, barrier)
+        rows.append({"what": "layer phases streamed", "barriers": len(LAYER_PHASES_MB) if barrier else 0,
+                     "us_per_layer": us, "mb_per_layer": nbytes / 1e6,
+                     "copy_bandwidth_us": nbytes / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -596,6 +681,8 @@ def main() -> int:
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         elif part == "pdl":
             report["pdl"] = bench_pdl(out, args.frames, args.image_tokens)
+        elif part == "barrier":
+            report["barrier"] = bench_barrier(report["ceilings"])
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
     return 0
 

@@ -130,8 +130,8 @@ class StreamingSession:
         # Frame chunks are graphed on the torch model, where that is tested on a GPU; the compiled engines
         # (engines/: TensorRT's prefill context) document and were checked for the decode step's capture only.
         self._graph_frames = isinstance(model, torch.nn.Module)
-        # Two compiled functions: one specialised per length, for the lengths that repeat (the frame chunk, the
-        # one-token step, and what the warm-up saw: jump-forward runs), and one for any length, compiled once, for
+        # Compiled twice (each time the pair of _forward): specialised per length, for the lengths that repeat (the
+        # frame chunk, the one-token step, and what the warm-up saw: jump-forward runs), and for any length, once, for
         # the rest (the prefix; a jump-forward length first seen mid-stream, which would otherwise stop the robot
         # for a recompile, ~10 s for the demo engine on CPU, minutes at the 12B, and past dynamo's cache limit run
         # eager). Specialised code may be faster; the any-length code serves only what the warm-up did not show.
