@@ -25,11 +25,11 @@ from gemma4_agent.quant import triton_q4 as T  # noqa: E402
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4):
+def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4, num_stages: int = 3):
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in divisible}
     src = ASTSource(fn=fn, signature=dict(signature), constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=SM90, options={"num_warps": num_warps})
+    return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_ptx(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4) -> str:
@@ -189,13 +189,17 @@ GEMM_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp1
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 
 
-def test_gemm_configurations_compile_without_spilling():
+def test_gemm_configurations_compile_without_spilling_in_the_tile_loop():
     for c in T._gemm_configs():
         for group, has_zeros in ((32, False), (128, True)):  # blocks of whole groups, and blocks inside a group
             s = dict(GEMM_SIG, z_ptr="*u8" if has_zeros else "*fp16")
             kernel = compile_kernel(T._gemm_kernel.fn, s, {"GROUP": group, "HAS_ZEROS": has_zeros, **c.kwargs},
-                                    ("N", "K", "K_WORDS"), c.num_warps)
-            assert stack_bytes(kernel) == 0, (c, group)  # spilled registers cost the tile loop its speed
+                                    ("N", "K", "K_WORDS"), c.num_warps, c.num_stages)
+            # spilled registers cost the tile loop its speed; the deep pipeline split four ways spills 8 bytes
+            # after its loop (two stores and loads a program, measured faster than without it: _gemm_configs)
+            loop = set(loop_opcodes(kernel))
+            assert not loop & {"STL", "LDL"}, (c, group)
+            assert stack_bytes(kernel) == (8 if c.num_stages == 4 and c.kwargs["SPLIT"] == 4 else 0), (c, group)
             if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
                 ptx = kernel.asm["ptx"]
                 assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
@@ -221,7 +225,7 @@ def test_gemm_dequantizes_without_int_to_float_conversions():
     per_weight = []
     for c in T._gemm_configs():
         kernel = compile_kernel(T._gemm_kernel.fn, GEMM_SIG, {"GROUP": 32, "HAS_ZEROS": False, **c.kwargs},
-                                ("N", "K", "K_WORDS"), c.num_warps)
+                                ("N", "K", "K_WORDS"), c.num_warps, c.num_stages)
         ops = loop_opcodes(kernel)
         assert "I2F" not in ops, c
         per_weight.append(len(ops) / (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps)))

@@ -42,6 +42,7 @@ MAX_SPLIT = 4  # of K, in the int8-x GEMV and the GEMM (their SPLIT configuratio
 SPLIT_MAX_BLOCKS = 1024  # row blocks (GEMV) or tiles (GEMM) up to which K may be split: an arrival count each
 SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partials: MAX_SPLIT x 8 MB at most)
 CHUNK_ROWS = 16  # rows up to which the GEMM also tries its wide-K configurations (jump-forward chunks)
+PIPELINED_MAX_ROWS = 128  # rows up to which the GEMM also tries a 4-stage pipeline (a 70-token frame, chunks)
 
 
 if triton is not None:
@@ -357,12 +358,17 @@ if triton is not None:
         # jump-forward chunks (up to CHUNK_ROWS rows, _prune_gemm): each program's walk along K is a chain of
         # load-then-compute steps that few rows do not hide, so fewer, wider steps
         chunk = ((16, 64, 256, 4), (16, 128, 256, 8))  # (16, 64, 512, 8) spills on sm_90
+        # up to PIPELINED_MAX_ROWS rows (_prune_gemm): a fourth stage of loads in flight. At a 70-token frame's 76 rows
+        # each program waits on its loads more than it computes; with it the 12B's q/k/v took 27.7 us (32.7), o 18.8
+        # (21.2), down 48.2 (60.3), gate/up 87.5 (88.2) (H200, one process, 2026-11-30)
+        deep = ((128, 128, 64, 8),)
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "SPLIT": split},
-                              num_warps=w, num_stages=3)
-                for split, kinds in ((1, ((False, plain), (True, swapped + chunk))),
-                                     *((sp, ((False, split_plain), (True, split_swapped + chunk)))
-                                       for sp in (2, MAX_SPLIT)))
-                for swap, shapes in kinds for bm, bn, bk, w in shapes]
+                              num_warps=w, num_stages=stages)
+                for split in (1, 2, MAX_SPLIT)
+                for swap, shapes, stages in ((False, plain if split == 1 else split_plain, 3),
+                                             (True, (swapped if split == 1 else split_swapped) + chunk, 3),
+                                             (True, deep, 4))
+                for bm, bn, bk, w in shapes]
 
     def _prune_gemm(configs, named_args, **kwargs):
         # splitting only where the tiles do not fill the GPU, and every split gets at least one block of K; for any
@@ -375,6 +381,8 @@ if triton is not None:
         for c in configs:
             split, bm, bn, bk = (c.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
             if bk > 128 and m > CHUNK_ROWS:  # the chunks' configurations (_gemm_configs), not a frame's prefill
+                continue
+            if c.num_stages > 3 and m > PIPELINED_MAX_ROWS:  # the deep pipeline: not measured at 286 rows
                 continue
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
             if split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles <= SPLIT_MAX_BLOCKS
