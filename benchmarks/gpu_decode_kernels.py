@@ -20,6 +20,8 @@
 3e. the decode step of the 6-layer model below with each kind of small kernel left out (norms, the gate, attention):
    what each costs between the GEMVs.
 3f. the same step launched with PDL and without: without, a kernel profile gives each kernel's own GPU time.
+3f'. the same step as the engine runs it, replayed twice in one process (`step`): run from two copies of the tree
+   (the one changed, one with the old files), it is the A/B of a change to the step, each in its own process.
 3g. what a grid-wide barrier costs in one persistent Triton kernel (one program an SM, an arrival count and a
    spin), alone and between the phases of a streamed "layer" of the 12B's int4 decode step: what a persistent
    decode kernel (one launch a step, a barrier where a kernel boundary is now) would pay per phase.
@@ -28,7 +30,7 @@
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm overlap attention norms timing
-        norm_prologue ablation pdl barrier engine] [--baseline OLD.py] [--slots N]
+        norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -543,6 +545,25 @@ def bench_ablation(frames: int, tokens: int) -> list:
     return rows
 
 
+def bench_step(frames: int, tokens: int, reps: int = 2) -> list:
+    """The 6-layer int4 step as the engine runs it (compiled, graphed), replayed ms a token, `reps` times."""
+    from contextlib import nullcontext
+
+    import gemma4_agent
+
+    torch._dynamo.config.recompile_limit = 64
+    model = six_layer_model("q4_0")
+    rows = []
+    for rep in range(reps):
+        r = six_layer_decode(model, frames, tokens, nullcontext())
+        row = {"rep": rep, "package": gemma4_agent.__file__,
+               **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_ms_per_token_p50", "prefill_ms_p50",
+                                        "no_hot_path_allocation")}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     """The 6-layer int4 model's decode step launched with PDL (as the engine runs) and without (every kernel waits
     for the one before to complete, gemma4_agent.pdl switched off): replayed ms a token, and a frame's kernel
@@ -681,6 +702,8 @@ def main() -> int:
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         elif part == "pdl":
             report["pdl"] = bench_pdl(out, args.frames, args.image_tokens)
+        elif part == "step":
+            report["step"] = bench_step(args.frames, args.image_tokens)
         elif part == "barrier":
             report["barrier"] = bench_barrier(report["ceilings"])
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
