@@ -20,9 +20,9 @@
 3e. the decode step of the 6-layer model below with each kind of small kernel left out (norms, the gate, attention):
    what each costs between the GEMVs.
 3f. the same step launched with PDL and without: without, a kernel profile gives each kernel's own GPU time.
-3f'. the same step as the engine runs it, replayed twice in one process (`step`): run from two copies of the tree
+3g. the same step as the engine runs it, replayed twice in one process (`step`): run from two copies of the tree
    (the one changed, one with the old files), it is the A/B of a change to the step, each in its own process.
-3g. what a grid-wide barrier costs in one persistent Triton kernel (one program an SM, an arrival count and a
+3h. what a grid-wide barrier costs in one persistent Triton kernel (one program an SM, an arrival count and a
    spin), alone and between the phases of a streamed "layer" of the 12B's int4 decode step: what a persistent
    decode kernel (one launch a step, a barrier where a kernel boundary is now) would pay per phase.
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
