@@ -95,3 +95,37 @@ def test_without_the_any_length_function_the_prefix_runs_uncompiled(tiny_checkpo
     outs = [s._chunk(list(range(10, 15))) for s in (eager, compiled)]  # a length no frame ran: uncompiled
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_layers_graph_takes_what_every_layer_shares_as_inputs(tiny_checkpoints, monkeypatch):
+    # Embedding, masks and RoPE are computed once a step in a graph of their own, which the layers' graph only
+    # reads: compiled together, Inductor recomputed masks and RoPE every few layers (48 small kernels a decode step
+    # of the 12B on CUDA). Each compiled function's graphs recorded by a pass-through backend.
+    graphs: dict[str, list] = {}
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        def backend(gm, example_inputs):
+            graphs.setdefault(fn.__name__, []).append(gm)
+            return gm.forward
+
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = load_model(tiny_checkpoints["kv_separate"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    torch_dynamo.reset()
+    session = StreamingSession(model, prompts, SessionConfig(mode="prefix", image_tokens=70, max_new_tokens=3,
+                                                             max_prefix=32, max_context=200, compile=True))
+    session.set_prefix("go to the red ball")
+    session.step(np.zeros((32, 40, 3), dtype=np.uint8), Replay([5, 6, 7]))
+
+    def calls(name):  # functions and tensor methods a function's graphs call, by name
+        return {getattr(node.target, "__name__", str(node.target)) for gm in graphs[name] for node in gm.graph.nodes
+                if node.op in ("call_function", "call_method")}
+
+    shared, layers = calls("_shared"), calls("_layers_and_head")
+    # RoPE's cos and sin, the embedding, the masks' causal comparison: computed once, in the shared graph
+    assert {"cos", "sin", "embedding", "le"} <= shared, shared
+    assert not {"cos", "sin", "embedding", "le"} & layers, layers
+    assert {"linear", "scaled_dot_product_attention"} <= layers, layers  # the layers are there
