@@ -112,8 +112,10 @@ class StreamingSession:
             join_projections(model)
         if self.device.type == "cuda" and self.config.triton_gemv:
             use_triton_gemv(model)
-        # compiled engines (engines/) fix the cache's shape at their build: padding only for the torch model on CUDA
-        align = CUDA_SLOT_ALIGN if self.device.type == "cuda" and isinstance(model, torch.nn.Module) else 1
+        # the torch model, or a compiled engine (engines/: onnxruntime, TensorRT)
+        self._torch_model = isinstance(model, torch.nn.Module)
+        # compiled engines fix the cache's shape at their build: padding only for the torch model on CUDA
+        align = CUDA_SLOT_ALIGN if self.device.type == "cuda" and self._torch_model else 1
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
                                    device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv,
                                    slot_align=align)
@@ -127,9 +129,8 @@ class StreamingSession:
         self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
         self.frame_index = 0
         self._graphs: dict[tuple[str, int], dict] = {}  # ("ids", 1): the decode step; ("h", n): a frame chunk
-        # Frame chunks are graphed on the torch model, where that is tested on a GPU; the compiled engines
-        # (engines/: TensorRT's prefill context) document and were checked for the decode step's capture only.
-        self._graph_frames = isinstance(model, torch.nn.Module)
+        # Frame chunks are graphed on the torch model only, where that is tested on a GPU; the compiled engines
+        # (TensorRT's prefill context) document and were checked for the decode step's capture only.
         # Compiled twice (each time the pair of _forward): specialised per length, for the lengths that repeat (the
         # frame chunk, the one-token step, and what the warm-up saw: jump-forward runs), and for any length, once, for
         # the rest (the prefix; a jump-forward length first seen mid-stream, which would otherwise stop the robot
@@ -171,7 +172,7 @@ class StreamingSession:
         masks = {t: attention_mask(positions, self.cache.slot_pos[t], blocks[None], self.cache.slot_block[t][None], w)
                  for t, w in self.windows.items()}
         # the compiled engines (engines/) rotate inside
-        rope = self.model.rope(positions, h.dtype) if isinstance(self.model, torch.nn.Module) else None
+        rope = self.model.rope(positions, h.dtype) if self._torch_model else None
         return h, masks, rope
 
     def _layers_and_head(self, h, positions, masks, rope):
@@ -213,7 +214,7 @@ class StreamingSession:
                                 "image_embeds": None if image_embeds is None else image_embeds.cpu(),
                                 "frame": self.frame_index, "evicted_at": None})
         self.next_pos += n
-        if graph and self._graph_frames and self._graphs_on():
+        if graph and self._torch_model and self._graphs_on():  # frame chunks: see __init__
             return self._replay(("h", n), {"h": x, "pos": positions, "blocks": blocks, "slots": slots})
         if self._warming:
             self._static_lengths.add(n)
@@ -408,7 +409,7 @@ class StreamingSession:
 
     def _graph_chunks_on(self) -> bool:
         # the warm-up runs its chunks eagerly, so that their lengths compile specialised (see __init__)
-        return self.config.graph_chunks and self._graph_frames and not self._warming
+        return self.config.graph_chunks and self._torch_model and not self._warming
 
     def _graph_ids(self, ids: list[int]) -> torch.Tensor:
         """The decode step (one token) or a jump-forward chunk, replayed from its length's graph. Its inputs (ids,
