@@ -251,11 +251,12 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
         assert stack_bytes(kernel) == 0, block_s
         assert_pdl_order(kernel)
     merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
-             "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr",
+             "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr",
              "PDL": "constexpr"}
+    block_d = A.merge_block_d(dim)
     for splits in (32, 64):  # up to 62 splits of a 982-slot cache at 16 slots each
-        kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits, "PDL": True}, ("so_h", "so_r"),
-                                A.merge_warps(splits, dim))
+        kernel = compile_kernel(A._merge_kernel, merge, {"D": dim, "BLOCK_SPLITS": splits, "BLOCK_D": block_d,
+                                                         "PDL": True}, ("so_h", "so_r"), A.merge_warps(splits, block_d))
         assert stack_bytes(kernel) == 0, splits
         assert_pdl_order(kernel)
 

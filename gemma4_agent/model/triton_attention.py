@@ -78,21 +78,23 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        # only the real rows: a decode step's 2 query rows a KV head fill 2 of the 16 the MMA needs, and the
+        # padding's partials, never merged, were 8x the bytes the merge reads
         base = (h * SPLITS + split) * R_PAD
-        tl.store(acc_ptr + (base + r[:, None]) * D + d[None, :], acc)
-        tl.store(ml_ptr + (base + r) * 2, m_i)
-        tl.store(ml_ptr + (base + r) * 2 + 1, l_i)
+        tl.store(acc_ptr + (base + r[:, None]) * D + d[None, :], acc, mask=r_ok[:, None])
+        tl.store(ml_ptr + (base + r) * 2, m_i, mask=r_ok)
+        tl.store(ml_ptr + (base + r) * 2 + 1, l_i, mask=r_ok)
 
     @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, o_ptr, R_PAD, SPLITS, so_h, so_r,
-                      D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
-        # one (KV head, row): the splits' partial sums rescaled to the common maximum
+                      D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        # one (KV head, row, BLOCK_D of the head's dims): the splits' partial sums rescaled to the common maximum
         wait_then_release(PDL)  # pdl.py
         h = tl.program_id(0)
         r = tl.program_id(1)
         sp = tl.arange(0, BLOCK_SPLITS)
         sp_ok = sp < SPLITS
-        d = tl.arange(0, D)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         rows = (h * SPLITS + sp) * R_PAD + r
         m = tl.load(ml_ptr + rows * 2, mask=sp_ok, other=float("-inf"))
         lsum = tl.load(ml_ptr + rows * 2 + 1, mask=sp_ok, other=0)
@@ -127,9 +129,15 @@ def block_shape(rows: int, dim: int) -> tuple[int, int]:
     return block_r, 4 if block_r <= 32 and block_r * dim <= 8192 else 8
 
 
-def merge_warps(block_splits: int, dim: int) -> int:
-    """Warps for merging: the splits' partial sums (block_splits x dim floats) in registers without spilling."""
-    return 8 if block_splits * dim > 16384 else 4
+def merge_block_d(dim: int) -> int:
+    """Dims a merging program takes: a decode step has only 16 (KV head, row) pairs on the 12B's sliding layers,
+    each with 16-64 splits of the whole head to read, so the head's dims are shared out among programs too."""
+    return min(dim, 64)
+
+
+def merge_warps(block_splits: int, block_d: int) -> int:
+    """Warps for merging: the splits' partial sums (block_splits x block_d floats) in registers without spilling."""
+    return 8 if block_splits * block_d > 16384 else 4
 
 
 def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
@@ -153,8 +161,10 @@ def _launch(q, k, v, mask, block_s: int = 32, programs: int = 128):
                                            SPLIT_LEN=per_split, num_warps=warps, **launch)
     out = torch.empty(h, rows, dim, device=q.device, dtype=q.dtype)
     block_splits = max(2, triton.next_power_of_2(splits))
-    _merge_kernel[(h, rows)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
-                             BLOCK_SPLITS=block_splits, num_warps=merge_warps(block_splits, dim), **launch)
+    block_d = merge_block_d(dim)
+    _merge_kernel[(h, rows, dim // block_d)](acc, ml, out, r_pad, splits, out.stride(0), out.stride(1), D=dim,
+                                             BLOCK_SPLITS=block_splits, BLOCK_D=block_d,
+                                             num_warps=merge_warps(block_splits, block_d), **launch)
     return out
 
 
