@@ -49,7 +49,7 @@ def test_graphed_session_equals_the_eager_one(mode, scheme):
         assert max(errors) < 1e-5, errors
     frame = np.zeros((48, 64, 3), dtype=np.uint8)
     frame_len = graphed.encode_frame(frame)[0].shape[0] + 2 + 4  # <|image> patches <image|> + the suffix
-    assert set(graphed._graphs) == {("h", frame_len), ("ids", 1)} and not eager._graphs
+    assert set(graphed._graphs) == {("frame", frame_len), ("ids", 1)} and not eager._graphs
 
 
 def test_bf16_session_with_the_triton_gemv_equals_the_one_without():

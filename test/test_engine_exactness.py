@@ -120,25 +120,19 @@ def test_warm_up_frame_leaves_no_trace(tiny_checkpoints, mode):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
 
 
-def test_ring_slot_numbers_wrap_per_layer_type_and_equal_ring_slots():
-    """The host-side slot claim (what the CUDA-graphed decode step stages in one copy) wraps each layer type's ring on
-    its own, advances ring_written as ring_slots does, and ring_slots is the same numbers as int64 tensors."""
+def test_ring_slot_numbers_wrap_per_layer_type():
+    """The host-side slot claim (what a CUDA-graphed chunk stages in one copy, and an eager one turns into tensors)
+    wraps each layer type's ring on its own and advances ring_written."""
     model = build_model(ModelConfig.from_json(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"))
     # sliding ring: window 256 + max_chunk 4 = 260 slots; full ring: 300 - 8 = 292
-    numbers, tensors = (StaticKVCache(model, max_context=300, max_prefix=8, max_chunk=4) for _ in range(2))
+    numbers = StaticKVCache(model, max_context=300, max_prefix=8, max_chunk=4)
     assert numbers.ring_size[SLIDING] == 260 and len(set(numbers.ring_size.values())) == 2
     written = 0
     for length in [1, 3, 4, 2] * 40 + [0, 1]:  # 401 tokens: past both rings' ends
         claimed = numbers.ring_slot_numbers(length)
         assert claimed == {t: [8 + (written + i) % r for i in range(length)] for t, r in numbers.ring_size.items()}
-        slots = tensors.ring_slots(length)
-        assert slots.keys() == claimed.keys()
-        for t, s in slots.items():
-            assert s.dtype == torch.long and s.device == numbers.device
-            assert torch.equal(s, torch.tensor(claimed[t], dtype=torch.long))
-            assert torch.equal(s, 8 + torch.arange(written, written + length) % numbers.ring_size[t])  # as it was
         written += length
-        assert numbers.ring_written == tensors.ring_written == written
+        assert numbers.ring_written == written
     assert claimed[SLIDING] == [8 + 400 % 260] and max(max(c) for c in claimed.values()) < 300
     numbers.rewind()
     assert numbers.ring_slot_numbers(2) == {t: [8, 9] for t in numbers.ring_size}

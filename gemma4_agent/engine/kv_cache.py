@@ -70,10 +70,6 @@ class StaticKVCache:
         self.ring_written += length
         return {t: [self.prefix_capacity + (start + i) % r for i in range(length)] for t, r in self.ring_size.items()}
 
-    def ring_slots(self, length: int) -> dict[str, torch.Tensor]:
-        return {t: torch.tensor(s, dtype=torch.long, device=self.device)
-                for t, s in self.ring_slot_numbers(length).items()}
-
     def place(self, slots: dict[str, torch.Tensor], positions: torch.Tensor, blocks: torch.Tensor) -> None:
         """Claim `slots` for a chunk of tokens at `positions` with image-block ids `blocks`."""
         for t, s in slots.items():

@@ -128,7 +128,7 @@ class StreamingSession:
         self.pending: list[int] = []  # window mode: tokens chosen last frame, not yet in the cache
         self.record: list[dict] | None = None  # set to [] to log every chunk written (tests)
         self.frame_index = 0
-        self._graphs: dict[tuple[str, int], dict] = {}  # ("ids", 1): the decode step; ("h", n): a frame chunk
+        self._graphs: dict[tuple[str, int], dict] = {}  # ("ids", 1): the decode step; ("frame", n): a frame chunk
         # Frame chunks are graphed on the torch model only, where that is tested on a GPU; the compiled engines
         # (TensorRT's prefill context) document and were checked for the decode step's capture only.
         # Compiled twice (each time the pair of _forward): specialised per length, for the lengths that repeat (the
@@ -186,41 +186,51 @@ class StreamingSession:
     def _layers_and_head_any_length(self, h, positions, masks, rope):
         return self._layers_and_head(h, positions, masks, rope)
 
-    def _chunk(self, ids: list[int], image_embeds: torch.Tensor | None = None, prefix: bool = False,
+    def _chunk(self, ids: list[int], frame: tuple[torch.Tensor, torch.Tensor] | None = None, prefix: bool = False,
                graph: bool = False) -> torch.Tensor:
-        """Prefill a run of tokens at the next positions; returns the last position's logits. `graph`: a chunk
-        whose length repeats every frame, replayed from a CUDA graph where graphs are on."""
+        """Prefill a run of tokens at the next positions; returns the last position's logits. `frame`: the image its
+        image tokens stand for, as encode_frame gives it (uint8 patches, positions), embedded here. `graph`: a frame
+        chunk, whose length repeats every frame, replayed from a CUDA graph where graphs are on."""
         n = len(ids)
-        positions = torch.arange(self.next_pos, self.next_pos + n, device=self.device)
-        id_tensor = torch.tensor(ids, device=self.device)
+        start = self.next_pos
         # image-block ids worked out on the host: asking the GPU would wait for the vision embedder to finish
         image = [i == self.prompts.image_id for i in ids]
-        blocks = torch.tensor([self.next_block if m else -1 for m in image], dtype=torch.long, device=self.device)
-        if any(image):
-            self.next_block += 1
+        blocks = [self.next_block if m else -1 for m in image]
         if prefix:
-            slots = {t: self.cache.prefix_slots(self.next_pos, n) for t in self.cache.capacity}
+            slots = {t: self.cache.prefix_slots(start, n) for t in self.cache.capacity}
         else:
             if n > self.max_chunk:
                 raise CacheFull(f"a chunk of {n} tokens exceeds the engine's max chunk {self.max_chunk}")
             self._check_room(n)
-            slots = self.cache.ring_slots(n)
+            slots = self.cache.ring_slot_numbers(n)
+        if any(image):
+            self.next_block += 1
+        if graph and frame is not None and self._torch_model and self._graphs_on():  # frame chunks: see __init__
+            return self._replay_ids(("frame", n), ids, slots, blocks, frame)
+        self.next_pos += n
+        positions = torch.arange(start, start + n, device=self.device)
+        id_tensor = torch.tensor(ids, device=self.device)
+        block_tensor = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        if not prefix:
+            slots = {t: torch.tensor(s, dtype=torch.long, device=self.device) for t, s in slots.items()}
+        image_embeds = None
+        if frame is not None:
+            patches, patch_positions = frame
+            image_embeds = self.model.vision(scale_patches(patches, self.device, self.dtype),
+                                             patch_positions.to(self.device))
         # token ids alone are embedded inside the forward (compiled with it); a frame's image embeddings, and what
-        # a frame chunk's graph takes, here
+        # a frame chunk takes, here
         embed = image_embeds is not None or graph
         x = self.model.embed(id_tensor[None], image_embeds) if embed else id_tensor[None]
         if self.record is not None:
-            self.record.append({"ids": ids, "positions": positions.cpu(), "blocks": blocks.cpu(),
+            self.record.append({"ids": ids, "positions": positions.cpu(), "blocks": block_tensor.cpu(),
                                 "image_embeds": None if image_embeds is None else image_embeds.cpu(),
                                 "frame": self.frame_index, "evicted_at": None})
-        self.next_pos += n
-        if graph and self._torch_model and self._graphs_on():  # frame chunks: see __init__
-            return self._replay(("h", n), {"h": x, "pos": positions, "blocks": blocks, "slots": slots})
         if self._warming:
             self._static_lengths.add(n)
         # the prefix repeats every frame where nothing is cached (the peers' way, timed as such by the bench)
         repeats = graph or n == 1 or n in self._static_lengths or (prefix and self.config.mode == "none")
-        return self._forward(x, positions, blocks, slots, repeats=repeats)
+        return self._forward(x, positions, block_tensor, slots, repeats=repeats)
 
     def _check_room(self, n: int) -> None:
         for t, r in self.cache.ring_size.items():
@@ -285,10 +295,9 @@ class StreamingSession:
         selector = selector or GreedySelector()
         self.frame_index += 1
         t0 = time.perf_counter()
-        patches, positions = self.encode_frame(rgb)
+        frame = self.encode_frame(rgb)
         t1 = time.perf_counter()
-        image_embeds = self.model.vision(scale_patches(patches, self.device, self.dtype), positions.to(self.device))
-        frame_ids = self.prompts.image(patches.shape[0]) + self.prompts.suffix()
+        frame_ids = self.prompts.image(frame[0].shape[0]) + self.prompts.suffix()
         mode = self.config.mode
         if mode == "none":
             self.cache.clear()
@@ -296,13 +305,13 @@ class StreamingSession:
             if self.record is not None:
                 self.record.clear()
             self._chunk(self.prefix_ids, prefix=True)  # the whole prompt again, every frame
-            logits = self._chunk(frame_ids, image_embeds, graph=True)
+            logits = self._chunk(frame_ids, frame, graph=True)
         elif mode == "prefix":
             self.cache.rewind()
             self.next_pos = self.prefix_len
             if self.record is not None:
                 del self.record[1:]
-            logits = self._chunk(frame_ids, image_embeds, graph=True)
+            logits = self._chunk(frame_ids, frame, graph=True)
         else:
             self._make_room()
             tail = self.pending + (self.prompts.next_turn() if self.blocks else [])
@@ -311,7 +320,7 @@ class StreamingSession:
                 self.blocks[-1] = (self.blocks[-1][0], self.next_pos)
             self.pending = []
             start = self.next_pos
-            logits = self._chunk(frame_ids, image_embeds, graph=True)
+            logits = self._chunk(frame_ids, frame, graph=True)
             self.blocks.append((start, self.next_pos))
         self._sync()
         t2 = time.perf_counter()
@@ -363,7 +372,9 @@ class StreamingSession:
     def _decode_chunk(self, ids: list[int]) -> torch.Tensor:
         n = len(ids)
         if self._graphs_on() and (n == 1 or self._graph_chunks_on() and n <= GRAPHED_CHUNK_MAX):
-            return self._graph_ids(ids)
+            if n > 1:
+                self._check_room(n)
+            return self._replay_ids(("ids", n), ids, self.cache.ring_slot_numbers(n))
         return self._chunk(ids)
 
     def _make_room(self) -> None:
@@ -401,9 +412,9 @@ class StreamingSession:
 
     # --- CUDA graphs: the decode step and the frame chunk ----------------------------------------
     # Each replays the whole decoder as launched once, so a step costs the GPU's time and not the launches from
-    # Python (~190 kernels a frame, most of a prefill's time at the 12B's int4 shape). Inputs are copied into
-    # the graph's static tensors (the "ids" graphs': one copy from pinned memory); the session's state (positions,
-    # cache slots) stays on the Python side.
+    # Python (~190 kernels a frame, most of a prefill's time at the 12B's int4 shape). Inputs are written on the host
+    # into pinned buffers and copied into the graph's static tensors asynchronously: nothing between the host and the
+    # replay waits for the GPU. The session's state (positions, cache slots) stays on the Python side.
     def _graphs_on(self) -> bool:
         return self.device.type == "cuda" and self.config.cuda_graph and self.record is None
 
@@ -411,18 +422,24 @@ class StreamingSession:
         # the warm-up runs its chunks eagerly, so that their lengths compile specialised (see __init__)
         return self.config.graph_chunks and self._torch_model and not self._warming
 
-    def _graph_ids(self, ids: list[int]) -> torch.Tensor:
-        """The decode step (one token) or a jump-forward chunk, replayed from its length's graph. Its inputs (ids,
-        positions, slots) are written on the host into a pinned buffer and go over in one asynchronous copy: the GPU
-        waits on the host between steps (the selector reads each token), so one copy instead of ~9 tiny launches."""
+    def _replay_ids(self, key: tuple[str, int], ids: list[int], slots: dict[str, list[int]],
+                    blocks: list[int] | None = None, frame: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """The tokens `ids` at the next positions, written at `slots` (host numbers per layer type), replayed from
+        the graph of `key`: ("ids", n) a decode step or jump-forward chunk, ("frame", n) a frame chunk, with its
+        `frame` (uint8 patches, positions) and image-block ids `blocks`. The numbers go over in one asynchronous copy
+        from a pinned buffer (the GPU waits on the host between decode steps: one copy instead of ~9 tiny launches),
+        a frame's patches in another: the frame's vision embedding runs inside the graph."""
         n = len(ids)
-        if n > 1:
-            self._check_room(n)
-        slots = self.cache.ring_slot_numbers(n)
-        g = self._graph(("ids", n))
-        g["staged"].synchronize()  # the last copy out of the staging buffer is done (a selector need not sync)
-        g["host"][:, :n] = [ids, list(range(self.next_pos, self.next_pos + n)), *(slots[t] for t in g["order"])]
+        g = self._graphs.get(key) or self._capture(key[0], n, frame)
+        g["staged"].synchronize()  # the last copies out of the staging buffers are done (a selector need not sync)
+        g["host"][:, :n] = [ids, list(range(self.next_pos, self.next_pos + n)), blocks or [-1] * n,
+                            *(slots[t] for t in g["order"])]
         g["packed"].copy_(g["staging"], non_blocking=True)
+        if frame is not None:
+            for name, value in zip(("patches", "patch_pos"), frame):
+                g[name + "_staging"].copy_(value)
+                g[name].copy_(g[name + "_staging"], non_blocking=True)
         g["staged"].record()
         g["graph"].replay()
         self.next_pos += n
@@ -434,53 +451,37 @@ class StreamingSession:
         g = self._graphs.get(("ids", 1))
         return g["graph"] if g else None
 
-    def _replay(self, key: tuple[str, int], inputs: dict) -> torch.Tensor:
-        """Replay the graph of `key` (captured on first use) on `inputs`: tensors copied into its static ones;
-        "slots" per layer type."""
-        g = self._graph(key)
-        for name, value in inputs.items():
-            if name == "slots":
-                for t, s in value.items():
-                    g["slots"][t].copy_(s)
-            else:
-                g[name].copy_(value.view_as(g[name]))
-        g["graph"].replay()
-        return g["logits"]
-
-    def _graph(self, key: tuple[str, int]) -> dict:
-        return self._graphs.get(key) or self._capture(*key)
-
-    def _capture(self, kind: str, n: int) -> dict:
-        """Capture the forward over n tokens given as ids ("ids": the embedding inside the graph) or as
-        embeddings ("h": a frame chunk, whose image embeddings come from outside)."""
+    def _capture(self, kind: str, n: int, frame: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Capture the forward over n tokens given as ids: "ids", embedded inside the graph; "frame", a frame chunk,
+        with the vision embedding of `frame`'s patches (their count and size fixed from then on) inside too."""
         dev = self.device
-        static = {"blocks": torch.full((n,), -1, dtype=torch.long, device=dev)}
-        if kind == "ids":
-            # ids, positions and each layer type's slots: rows of one buffer, filled by one copy from a pinned twin
-            # (_graph_ids). Rows padded to 32 numbers start 256-byte aligned, what TensorRT requires of the
-            # addresses it binds (inductor assumes 16).
-            order = sorted(self.cache.capacity)
-            packed = torch.zeros(2 + len(order), -(-n // 32) * 32, dtype=torch.long, device=dev)
-            packed[2:] = self.cache.prefix_capacity
-            staging = torch.zeros(packed.shape, dtype=torch.long, pin_memory=True)
-            static.update(ids=packed[0, :n].view(1, n), pos=packed[1, :n],
-                          slots={t: packed[2 + i, :n] for i, t in enumerate(order)},
-                          packed=packed, staging=staging, host=staging.numpy(), order=order,
-                          staged=torch.cuda.Event())
-        else:
-            static.update(pos=torch.zeros(n, dtype=torch.long, device=dev),
-                          slots={t: torch.full((n,), self.cache.prefix_capacity, dtype=torch.long, device=dev)
-                                 for t in self.cache.capacity},
-                          h=torch.zeros(1, n, self.model.config.text_config.hidden_size, dtype=self.dtype, device=dev))
+        # ids, positions, image-block ids and each layer type's slots: rows of one buffer, filled by one copy from a
+        # pinned twin (_replay_ids). Rows padded to 32 numbers start 256-byte aligned, what TensorRT requires of the
+        # addresses it binds (inductor assumes 16).
+        order = sorted(self.cache.capacity)
+        packed = torch.zeros(3 + len(order), -(-n // 32) * 32, dtype=torch.long, device=dev)
+        packed[2] = -1
+        packed[3:] = self.cache.prefix_capacity
+        staging = torch.zeros(packed.shape, dtype=torch.long, pin_memory=True)
+        static = dict(ids=packed[0, :n].view(1, n), pos=packed[1, :n], blocks=packed[2, :n],
+                      slots={t: packed[3 + i, :n] for i, t in enumerate(order)},
+                      packed=packed, staging=staging, host=staging.numpy(), order=order, staged=torch.cuda.Event())
+        if kind == "frame":
+            for name, value in zip(("patches", "patch_pos"), frame):
+                static[name] = torch.zeros(value.shape, dtype=value.dtype, device=dev)
+                static[name + "_staging"] = torch.zeros(value.shape, dtype=value.dtype, pin_memory=True)
         saved = {t: (self.cache.slot_pos[t].clone(), self.cache.slot_block[t].clone()) for t in self.cache.capacity}
         k_saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.k, self.cache.v)]
 
-        repeats = kind == "h" or n == 1 or n in self._static_lengths  # a jump-forward length the warm-up did not
-        # run is captured from the any-length code: capturing compiles nothing new
+        repeats = kind == "frame" or n == 1 or n in self._static_lengths  # a jump-forward length the warm-up did
+        # not run is captured from the any-length code: capturing compiles nothing new
 
         def run():
-            return self._forward(static["ids" if kind == "ids" else "h"], static["pos"], static["blocks"],
-                                 static["slots"], repeats=repeats)
+            x = static["ids"]
+            if kind == "frame":
+                image_embeds = self.model.vision(scale_patches(static["patches"], dev, self.dtype), static["patch_pos"])
+                x = self.model.embed(x, image_embeds)
+            return self._forward(x, static["pos"], static["blocks"], static["slots"], repeats=repeats)
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))

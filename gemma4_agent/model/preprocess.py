@@ -66,7 +66,9 @@ def scale_patches(patches: torch.Tensor, device=None, dtype: torch.dtype = torch
     runs, then cast. The divisor is a tensor on that device because CUDA turns a division by a Python number into
     a multiplication by its reciprocal, which differs from the CPU's division in the last bit."""
     patches = patches.to(device)
-    return (patches.float() / torch.tensor(255.0, device=patches.device)).to(dtype)
+    # filled on the device, not copied from the host: inside a CUDA graph's capture (the session's frame chunk) a
+    # copy from pageable memory is not allowed
+    return (patches.float() / torch.full((), 255.0, device=patches.device)).to(dtype)
 
 
 def preprocess_frame(rgb: np.ndarray, max_soft_tokens: int = 280, patch_size: int = 16, pooling: int = 3):
