@@ -462,14 +462,15 @@ class StreamingSession:
         packed = torch.zeros(3 + len(order), -(-n // 32) * 32, dtype=torch.long, device=dev)
         packed[2] = -1
         packed[3:] = self.cache.prefix_capacity
-        staging = torch.zeros(packed.shape, dtype=torch.long, pin_memory=True)
+        pinned = dev.type == "cuda"  # (the staging runs on CPU in test_engine_graph_staging.py)
+        staging = torch.zeros(packed.shape, dtype=torch.long, pin_memory=pinned)
         static = dict(ids=packed[0, :n].view(1, n), pos=packed[1, :n], blocks=packed[2, :n],
                       slots={t: packed[3 + i, :n] for i, t in enumerate(order)},
                       packed=packed, staging=staging, host=staging.numpy(), order=order, staged=torch.cuda.Event())
         if kind == "frame":
             for name, value in zip(("patches", "patch_pos"), frame):
                 static[name] = torch.zeros(value.shape, dtype=value.dtype, device=dev)
-                static[name + "_staging"] = torch.zeros(value.shape, dtype=value.dtype, pin_memory=True)
+                static[name + "_staging"] = torch.zeros(value.shape, dtype=value.dtype, pin_memory=pinned)
         saved = {t: (self.cache.slot_pos[t].clone(), self.cache.slot_block[t].clone()) for t in self.cache.capacity}
         k_saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.k, self.cache.v)]
 
@@ -483,15 +484,7 @@ class StreamingSession:
                 x = self.model.embed(x, image_embeds)
             return self._forward(x, static["pos"], static["blocks"], static["slots"], repeats=repeats)
 
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = run()
+        graph, logits = self._record(run)
         # warm-up and capture wrote into the cache: put it back as it was
         for t, (p, b) in saved.items():
             self.cache.slot_pos[t].copy_(p)
@@ -502,3 +495,16 @@ class StreamingSession:
         del k_saved
         self._graphs[(kind, n)] = {**static, "graph": graph, "logits": logits}
         return self._graphs[(kind, n)]
+
+    def _record(self, run) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """`run` warmed up on a side stream (twice), then captured: (the graph, the tensor its replays write)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return graph, out
