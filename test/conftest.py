@@ -154,6 +154,21 @@ class Runs:
         return self.i >= len(self.runs) and not self._forced
 
 
+def stepped_alike(reference, other, frames: int, selector=None):
+    """Two streaming sessions prefixed alike and stepped over the same random frames: yields (reference's result,
+    other's result) a frame, logits kept. `selector`: makes the selector each step takes (a fresh one a step);
+    by default reference decodes greedily and `other` replays its tokens (Replay), whatever its near-ties."""
+    import numpy as np
+
+    for s in (reference, other):
+        s.set_prefix("go")
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        a = reference.step(frame, selector() if selector else None, keep_logits=True)
+        yield a, other.step(frame, selector() if selector else Replay(a.tokens), keep_logits=True)
+
+
 def run_in_triton_interpreter(script: str) -> list:
     """Run `script` in a fresh Python with TRITON_INTERPRET=1 (kernels on the CPU, the same source the GPU
     compiles; the flag is read at import, hence the subprocess) and return the JSON list it prints last."""

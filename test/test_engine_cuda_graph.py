@@ -12,26 +12,18 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import Replay, Runs
+from conftest import Runs, stepped_alike
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
 
 
 def replayed(reference, other, frames: int) -> list:
-    """Both sessions prefixed alike and stepped over the same random frames, `other` replaying `reference`'s tokens:
-    per frame (reference's result, other's result, the relative logit error of each step)."""
-    for s in (reference, other):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(frames):
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = reference.step(frame, keep_logits=True)
-        b = other.step(frame, Replay(a.tokens), keep_logits=True)
-        out.append((a, b, [((lb.float() - la.float()).norm() / la.float().norm()).item()
-                           for la, lb in zip(a.logits_log, b.logits_log)]))
-    return out
+    """stepped_alike, with the relative logit error of each step: per frame (reference's result, other's result,
+    errors)."""
+    return [(a, b, [((lb.float() - la.float()).norm() / la.float().norm()).item()
+                    for la, lb in zip(a.logits_log, b.logits_log)])
+            for a, b in stepped_alike(reference, other, frames)]
 
 
 @pytest.mark.parametrize("scheme", [None, "q4_0"])
@@ -88,13 +80,7 @@ def test_jump_forward_chunks_replayed_from_graphs_equal_the_eager_session(compil
     graphed.set_prefix("go")
     graphed.warm_up(Runs(runs[:2]))  # feeds [5, 7, 9]; the last run is never fed
     assert ("ids", 3) in graphed._graphs and ("ids", 5) not in graphed._graphs
-    for s in (eager, graphed):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = eager.step(frame, Runs(runs), keep_logits=True)
-        b = graphed.step(frame, Runs(runs), keep_logits=True)
+    for a, b in stepped_alike(eager, graphed, 3, lambda: Runs(runs)):
         assert a.tokens == b.tokens == [5, 7, 9, 11, 13, 2, 4, 6, 8, 3, 1, 12]
         assert b.decode_steps == 3 and len(a.logits_log) == len(b.logits_log) == 4
         errors = [((lb.float() - la.float()).norm() / la.float().norm()).item()

@@ -14,7 +14,7 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import Replay, Runs
+from conftest import Runs, stepped_alike
 
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
 
@@ -69,18 +69,14 @@ def test_staged_graph_inputs_give_the_eager_session(mode, scheme):
         quantize_model(model, scheme, progress=False)
     eager, staged = sessions(model, mode=mode, image_tokens=70, max_new_tokens=4, max_prefix=48, max_context=600,
                              window_frames=2)
-    for s in (eager, staged):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(5):  # window mode: evictions from the third frame on, the frame chunk at new positions
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = eager.step(frame, keep_logits=True)
-        b = staged.step(frame, Replay(a.tokens), keep_logits=True)
+    # window mode: evictions from the third frame on, the frame chunk at new positions
+    for a, b in stepped_alike(eager, staged, 5):
         assert b.tokens == a.tokens and len(b.logits_log) == len(a.logits_log) == 4
         for la, lb in zip(a.logits_log, b.logits_log):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
         assert staged.next_pos == eager.next_pos and staged.cache.ring_written == eager.cache.ring_written
-    frame_len = staged.encode_frame(frame)[0].shape[0] + 2 + 4  # <|image> patches <image|> + the suffix
+    patches = staged.encode_frame(np.zeros((48, 64, 3), np.uint8))[0]
+    frame_len = patches.shape[0] + 2 + 4  # <|image> patches <image|> + the suffix
     assert set(staged._graphs) == {("frame", frame_len), ("ids", 1)} and not eager._graphs
 
 
@@ -89,13 +85,7 @@ def test_jump_forward_chunks_staged_like_the_decode_step():
     eager, staged = sessions(model, image_tokens=70, max_new_tokens=16, max_prefix=48, max_context=600,
                              graph_chunks=True)
     runs = [(5, [7, 9]), (11, []), (13, [2, 4, 6, 8]), (3, [1, 12])]
-    for s in (eager, staged):
-        s.set_prefix("go")
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        a = eager.step(frame, Runs(runs), keep_logits=True)
-        b = staged.step(frame, Runs(runs), keep_logits=True)
+    for a, b in stepped_alike(eager, staged, 3, lambda: Runs(runs)):
         assert a.tokens == b.tokens == [5, 7, 9, 11, 13, 2, 4, 6, 8, 3, 1, 12]
         for la, lb in zip(a.logits_log, b.logits_log):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
