@@ -213,11 +213,7 @@ class StreamingSession:
         block_tensor = torch.tensor(blocks, dtype=torch.long, device=self.device)
         if not prefix:
             slots = {t: torch.tensor(s, dtype=torch.long, device=self.device) for t, s in slots.items()}
-        image_embeds = None
-        if frame is not None:
-            patches, patch_positions = frame
-            image_embeds = self.model.vision(scale_patches(patches, self.device, self.dtype),
-                                             patch_positions.to(self.device))
+        image_embeds = self._image_embeds(*frame) if frame is not None else None
         # token ids alone are embedded inside the forward (compiled with it); a frame's image embeddings, and what
         # a frame chunk takes, here
         embed = image_embeds is not None or graph
@@ -231,6 +227,10 @@ class StreamingSession:
         # the prefix repeats every frame where nothing is cached (the peers' way, timed as such by the bench)
         repeats = graph or n == 1 or n in self._static_lengths or (prefix and self.config.mode == "none")
         return self._forward(x, positions, block_tensor, slots, repeats=repeats)
+
+    def _image_embeds(self, patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
+        """A frame's uint8 patches and their positions (encode_frame) through the vision embedder, on the device."""
+        return self.model.vision(scale_patches(patches, self.device, self.dtype), patch_positions.to(self.device))
 
     def _check_room(self, n: int) -> None:
         for t, r in self.cache.ring_size.items():
@@ -480,8 +480,7 @@ class StreamingSession:
         def run():
             x = static["ids"]
             if kind == "frame":
-                image_embeds = self.model.vision(scale_patches(static["patches"], dev, self.dtype), static["patch_pos"])
-                x = self.model.embed(x, image_embeds)
+                x = self.model.embed(x, self._image_embeds(static["patches"], static["patch_pos"]))
             return self._forward(x, static["pos"], static["blocks"], static["slots"], repeats=repeats)
 
         graph, logits = self._record(run)
