@@ -6,6 +6,8 @@
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
 2a. the GEMM at chunk sizes (8 and 4 rows) autotuned without and with its wide-K configurations.
+2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
+   SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
 2b. a frame's prefill matmuls as the engine runs them (each weight dequantized, then cuBLAS), against the same with
    the next weight's dequantization on a second stream beside this one's matmul, in one CUDA graph: whether the
    memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
@@ -29,8 +31,8 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm overlap attention norms timing
-        norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap overlap attention
+        norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -186,6 +188,65 @@ def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
             rows.append(row)
             del mods
     triton_q4._gemm_kernel.configs = every
+    return rows
+
+
+# layers of each joined shape in the 12B (40 sliding, 8 full): a frame's prefill runs each once a layer
+LAYERS_OF = {"qkv": 40, "o": 40, "gate_up": 48, "down": 48, "qk_full": 8, "o_full": 8}
+
+
+def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
+    """The GEMM's deep tile (128 x 128 x 64, 8 warps, 4 stages, SWAP: a 70-token frame's pick) holds ~155 registers
+    a thread on sm_90, so one program runs an SM and its dequantization and its MMAs take turns. The same tile
+    capped at 128 registers (no spill in its loop: test_kernels_compile.py) lets two programs share an SM. Timed at
+    a frame's prefill rows, each tile forced (a one-configuration autotuner), beside the engine's own pick and
+    dequantize + cuBLAS; the deep tile at 286 rows too (the engine prunes it there: PIPELINED_MAX_ROWS, raised for
+    this part). us a matmul in a CUDA graph over `copies` weight sets, and ms a frame (LAYERS_OF)."""
+    every = list(triton_q4._gemm_kernel.configs)
+    base = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}
+    tiles = {f"deep{'_split2' if split > 1 else ''}{'_cap128' if cap else ''}":
+             triton.Config(dict(base, SPLIT=split), num_warps=8, num_stages=4, maxnreg=cap)
+             for split in (1, 2) for cap in (None, 128)}
+    pipelined = triton_q4.PIPELINED_MAX_ROWS
+    triton_q4.PIPELINED_MAX_ROWS = max(row_counts)
+    rows = []
+    try:
+        for m in row_counts:
+            for name, out, inp in SHAPES:
+                mods = int4_copies(out, inp, copies)
+                x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+                y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
+                calls = [(x, mod.qweight, mod.scales.view(torch.float16), mod.scales.view(torch.float16), y, 32, False)
+                         for mod in mods]
+                row = {"shape": name, "rows": m,
+                       "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6,
+                       "dequant_cublas_us": graph_ms(lambda: [triton_q4._dequant_matmul(*c) for c in calls],
+                                                     copies) * 1e3}
+                # a one-configuration autotuner skips the pruning, which also keeps a split's partials inside
+                # their buffer: ask it here, and leave out a tile it would not run
+                shape_args = {"M_BUCKET": 1 << (m - 1).bit_length(), "N": out, "K": inp, "x_ptr": x}
+                for label, configs in [("engine", every)] + [(k, [c]) for k, c in tiles.items()
+                                                             if triton_q4._prune_gemm([c], shape_args)]:
+                    triton_q4._gemm_kernel.configs = configs
+                    triton_q4._gemm_kernel.cache.clear()
+                    triton_q4._gemm(*calls[0])  # autotunes (the engine's list) or compiles (one tile)
+                    row[f"{label}_us"] = graph_ms(lambda: [triton_q4._gemm(*c) for c in calls], copies) * 1e3
+                    if label == "engine":
+                        row["engine_config"] = str(triton_q4._gemm_kernel.best_config)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del mods
+    finally:
+        triton_q4._gemm_kernel.configs = every
+        triton_q4._gemm_kernel.cache.clear()
+        triton_q4.PIPELINED_MAX_ROWS = pipelined
+    for m in row_counts:  # a frame's prefill matmuls, each way
+        per_frame = {}
+        for row in (r for r in rows if r["rows"] == m):
+            for key, us in row.items():
+                if key.endswith("_us") and key != "ideal_matmul_us":
+                    per_frame[key[:-3]] = per_frame.get(key[:-3], 0.0) + us * LAYERS_OF[row["shape"]] / 1e3
+        print(json.dumps({"rows": m, "ms_a_frame": per_frame}), flush=True)
     return rows
 
 
@@ -686,6 +747,8 @@ def main() -> int:
             report["prefill"] = bench_prefill(report["ceilings"])
         elif part == "chunk_gemm":
             report["chunk_gemm"] = bench_chunk_gemm()
+        elif part == "register_cap":
+            report["register_cap"] = bench_register_cap(report["ceilings"])
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":
