@@ -542,6 +542,7 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
     # every session compiles its own chunk lengths into the one code object: room for all of them
     torch._dynamo.config.recompile_limit = 64
     rows = []
+    profiles = []  # taken once every variant is timed (run_bench's profile_later)
     model, built = None, "nothing"
     for scheme, join in VARIANTS:
         if built != scheme or not join:  # joining mutates the model: a separate-projection run needs a fresh one
@@ -552,7 +553,8 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
         tag = f"{scheme or 'bf16'}_{'joined' if join else 'separate'}"
         t0 = time.time()
         r = run_bench("six-layer", "cuda", frames, tokens, 12, "prefix", 600, "bfloat16", warmup=3, model=model,
-                      compile=True, join_projections=join, profile_to=out_dir / f"profile_6layer_{tag}.txt")
+                      compile=True, join_projections=join, profile_to=out_dir / f"profile_6layer_{tag}.txt",
+                      profile_later=profiles)
         row = {"variant": tag, "layers": 6, "image_tokens": tokens, "per_frame_ms_p50": r["per_frame_ms"]["p50"],
                "prefill_ms_p50": r["prefill_ms_p50"], "decode_ms_per_token_p50": r["decode_ms_per_token_p50"],
                **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
@@ -560,6 +562,8 @@ def bench_engine(out_dir: Path, frames: int, tokens: int) -> list:
                "no_hot_path_allocation": r.get("no_hot_path_allocation"), "wall_s": time.time() - t0}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    for take_profile in profiles:
+        take_profile()
     return rows
 
 
@@ -629,7 +633,9 @@ def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     """The 6-layer int4 model's decode step launched with PDL (as the engine runs) and without (every kernel waits
     for the one before to complete, gemma4_agent.pdl switched off): replayed ms a token, and a frame's kernel
     profile each. Without PDL a kernel's profiled duration is its own GPU time; with PDL it also counts the time
-    its programs spend waiting for the kernel before."""
+    its programs spend waiting for the kernel before. The second variant is timed after the first one's profile
+    (each profile must run under its own switch), which leaves CUPTI attached (run_bench): compare the replayed
+    GPU times, not the host's."""
     from contextlib import nullcontext
     from unittest import mock
 

@@ -111,3 +111,18 @@ def test_timed_choices_report_what_each_choice_picked():
         del triton_q4._CHUNK.picks[key]
     assert choices["int4_matmul (N, K, rows, zero-points)"]["(3840, 15360, 1, False)"] == "gemv_q8"
     assert len(choices) == 4 and all(isinstance(v, dict) for v in choices.values())
+
+
+def test_a_profile_left_for_later_is_taken_when_called_and_not_before(tmp_path):
+    # the 12B scripts time every row first and profile after (the profiler slows what runs after it in the process)
+    from gemma4_agent.engine.bench import run_bench
+
+    config = str(ROOT / "benchmarks" / "tiny-config.json")
+    now, later = tmp_path / "now.txt", tmp_path / "later.txt"
+    r_now = run_bench(config, "cpu", 2, 70, 2, "prefix", 40, warmup=1, profile_to=now)
+    assert now.exists() and r_now["profile_s"] > 0
+    pending = []
+    r = run_bench(config, "cpu", 2, 70, 2, "prefix", 40, warmup=1, profile_to=later, profile_later=pending)
+    assert not later.exists() and "profile_s" not in r and len(pending) == 1
+    pending[0]()
+    assert "Self CPU" in later.read_text() and r["profile_s"] > 0

@@ -156,9 +156,15 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
               join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True,
-              selector: str = "fixed", compile_any_length: bool = True) -> dict:
+              selector: str = "fixed", compile_any_length: bool = True, profile_later: list | None = None) -> dict:
     """selector "fixed": greedy for exactly `decode_tokens` tokens a frame; "grammar": an action a frame
-    (grammar_selector), `decode_tokens` its cap."""
+    (grammar_selector), `decode_tokens` its cap.
+
+    `profile_to`: a kernel profile of a few more frames, after the timed ones. With `profile_later` (a list) it is
+    not taken now: a function taking it is appended, to be called once every run of the process is timed. The
+    profiler leaves CUPTI attached to the process (pytorch/pytorch#144455), which slows every later launch and
+    synchronisation: a second run timed after a first one's profile paid 0.1-0.2 ms more a decoded token at the 12B
+    (BENCHMARKS.md, sixteenth session). The session stays alive until then."""
     torch_dtype = bench_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
@@ -217,9 +223,15 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
             report["decode_host_wait_ms_per_token"] = report["decode_ms_per_token_p50"] - report[
                 "decode_graph_ms_per_token"]
     if profile_to is not None:
-        t0 = time.perf_counter()
-        write_profile(lambda: session.step(frame, chooser), profile_to)
-        report["profile_s"] = time.perf_counter() - t0
+        def take_profile():
+            t0 = time.perf_counter()
+            write_profile(lambda: session.step(frame, chooser), profile_to)
+            report["profile_s"] = time.perf_counter() - t0
+
+        if profile_later is None:
+            take_profile()
+        else:
+            profile_later.append(take_profile)
     return report
 
 
