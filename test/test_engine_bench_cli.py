@@ -114,7 +114,7 @@ def test_timed_choices_report_what_each_choice_picked():
 
 
 def test_a_profile_left_for_later_is_taken_when_called_and_not_before(tmp_path):
-    # the 12B scripts time every row first and profile after (the profiler slows what runs after it in the process)
+    # the 12B int4 script times every row first and profiles after (the profiler slows what runs after it)
     from gemma4_agent.engine.bench import run_bench
 
     config = str(ROOT / "benchmarks" / "tiny-config.json")
