@@ -207,8 +207,8 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
     tiles = {f"deep{'_split2' if split > 1 else ''}{'_cap128' if cap else ''}":
              triton.Config(dict(base, SPLIT=split), num_warps=8, num_stages=4, maxnreg=cap)
              for split in (1, 2) for cap in (None, 128)}
-    pipelined = triton_q4.PIPELINED_MAX_ROWS
-    triton_q4.PIPELINED_MAX_ROWS = max(row_counts)
+    pipelined = triton_q4.PIPELINED_MAX_ROWS  # the engine's; raised for the forced tiles (pruned per row bucket)
+    raised = 1 << (max(row_counts) - 1).bit_length()
     rows = []
     try:
         for m in row_counts:
@@ -225,8 +225,10 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
                 # a one-configuration autotuner skips the pruning, which also keeps a split's partials inside
                 # their buffer: ask it here, and leave out a tile it would not run
                 shape_args = {"M_BUCKET": 1 << (m - 1).bit_length(), "N": out, "K": inp, "x_ptr": x}
-                for label, configs in [("engine", every)] + [(k, [c]) for k, c in tiles.items()
-                                                             if triton_q4._prune_gemm([c], shape_args)]:
+                triton_q4.PIPELINED_MAX_ROWS = raised
+                forced = [(k, [c]) for k, c in tiles.items() if triton_q4._prune_gemm([c], shape_args)]
+                for label, configs in [("engine", every)] + forced:
+                    triton_q4.PIPELINED_MAX_ROWS = pipelined if label == "engine" else raised
                     triton_q4._gemm_kernel.configs = configs
                     triton_q4._gemm_kernel.cache.clear()
                     triton_q4._gemm(*calls[0])  # autotunes (the engine's list) or compiles (one tile)
