@@ -6,11 +6,11 @@
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
    GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
 2a. the GEMM at chunk sizes (8 and 4 rows) autotuned without and with its wide-K configurations.
-2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
-   SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
 2b. a frame's prefill matmuls as the engine runs them (each weight dequantized, then cuBLAS), against the same with
    the next weight's dequantization on a second stream beside this one's matmul, in one CUDA graph: whether the
    memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
+2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
+   SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
