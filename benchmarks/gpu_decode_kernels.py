@@ -163,6 +163,24 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
     return rows
 
 
+def gemm_calls(mods: list, rows: int) -> list:
+    """_gemm's arguments for `rows` random rows times each of the int4 modules (one x and one output for all)."""
+    inp, out = mods[0].in_features, mods[0].out_features
+    x = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(rows, out, device="cuda", dtype=torch.bfloat16)
+    return [(x, mod.qweight, mod.scales.view(torch.float16), mod.scales.view(torch.float16), y, 32, False)
+            for mod in mods]
+
+
+def gemm_us_over(configs: list, calls: list, copies: int) -> tuple[float, str]:
+    """The GEMM autotuned afresh over `configs` (one configuration: compiled, not timed against others), then us a
+    matmul over the weight sets of `calls` in a CUDA graph, and the configuration it ran."""
+    triton_q4._gemm_kernel.configs = configs
+    triton_q4._gemm_kernel.cache.clear()
+    triton_q4._gemm(*calls[0])
+    return graph_ms(lambda: [triton_q4._gemm(*c) for c in calls], copies) * 1e3, str(triton_q4._gemm_kernel.best_config)
+
+
 def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
     """The int4 GEMM at jump-forward chunk sizes, autotuned over its configurations without the wide-K ones (BLOCK_K
     > 128, which _prune_gemm keeps for chunks only) and with them, in one process: us a matmul in a CUDA graph over
@@ -173,17 +191,10 @@ def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
     for m in row_counts:
         for name, out, inp in SHAPES[:4]:
             mods = int4_copies(out, inp, copies)
-            x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
-            y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
-            calls = [(x, mod.qweight, mod.scales.view(torch.float16), mod.scales.view(torch.float16), y, 32, False)
-                     for mod in mods]
+            calls = gemm_calls(mods, m)
             row = {"shape": name, "rows": m}
             for label, configs in lists.items():
-                triton_q4._gemm_kernel.configs = configs
-                triton_q4._gemm_kernel.cache.clear()  # autotuned again over this list
-                triton_q4._gemm(*calls[0])
-                row[f"{label}_config"] = str(triton_q4._gemm_kernel.best_config)
-                row[f"{label}_us"] = graph_ms(lambda: [triton_q4._gemm(*c) for c in calls], copies) * 1e3
+                row[f"{label}_us"], row[f"{label}_config"] = gemm_us_over(configs, calls, copies)
             print(json.dumps(row), flush=True)
             rows.append(row)
             del mods
@@ -214,27 +225,20 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
         for m in row_counts:
             for name, out, inp in SHAPES:
                 mods = int4_copies(out, inp, copies)
-                x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
-                y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
-                calls = [(x, mod.qweight, mod.scales.view(torch.float16), mod.scales.view(torch.float16), y, 32, False)
-                         for mod in mods]
+                calls = gemm_calls(mods, m)
                 row = {"shape": name, "rows": m,
                        "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6,
                        "dequant_cublas_us": graph_ms(lambda: [triton_q4._dequant_matmul(*c) for c in calls],
                                                      copies) * 1e3}
                 # a one-configuration autotuner skips the pruning, which also keeps a split's partials inside
                 # their buffer: ask it here, and leave out a tile it would not run
-                shape_args = {"M_BUCKET": 1 << (m - 1).bit_length(), "N": out, "K": inp, "x_ptr": x}
+                shape_args = {"M_BUCKET": 1 << (m - 1).bit_length(), "N": out, "K": inp, "x_ptr": calls[0][0]}
+                row["engine_us"], row["engine_config"] = gemm_us_over(every, calls, copies)
                 triton_q4.PIPELINED_MAX_ROWS = raised
-                forced = [(k, [c]) for k, c in tiles.items() if triton_q4._prune_gemm([c], shape_args)]
-                for label, configs in [("engine", every)] + forced:
-                    triton_q4.PIPELINED_MAX_ROWS = pipelined if label == "engine" else raised
-                    triton_q4._gemm_kernel.configs = configs
-                    triton_q4._gemm_kernel.cache.clear()
-                    triton_q4._gemm(*calls[0])  # autotunes (the engine's list) or compiles (one tile)
-                    row[f"{label}_us"] = graph_ms(lambda: [triton_q4._gemm(*c) for c in calls], copies) * 1e3
-                    if label == "engine":
-                        row["engine_config"] = str(triton_q4._gemm_kernel.best_config)
+                for label, tile in tiles.items():
+                    if triton_q4._prune_gemm([tile], shape_args):
+                        row[f"{label}_us"] = gemm_us_over([tile], calls, copies)[0]
+                triton_q4.PIPELINED_MAX_ROWS = pipelined
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 del mods
@@ -242,12 +246,11 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
         triton_q4._gemm_kernel.configs = every
         triton_q4._gemm_kernel.cache.clear()
         triton_q4.PIPELINED_MAX_ROWS = pipelined
-    for m in row_counts:  # a frame's prefill matmuls, each way
-        per_frame = {}
-        for row in (r for r in rows if r["rows"] == m):
-            for key, us in row.items():
-                if key.endswith("_us") and key != "ideal_matmul_us":
-                    per_frame[key[:-3]] = per_frame.get(key[:-3], 0.0) + us * LAYERS_OF[row["shape"]] / 1e3
+    for m in row_counts:  # a frame's prefill matmuls, each way that ran every shape (the splits run on a few)
+        of_m = [r for r in rows if r["rows"] == m]
+        ways = [k[:-3] for k in of_m[0] if k.endswith("_us") and k != "ideal_matmul_us"
+                and all(k in r for r in of_m)]
+        per_frame = {w: sum(r[f"{w}_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3 for w in ways}
         print(json.dumps({"rows": m, "ms_a_frame": per_frame}), flush=True)
     return rows
 
