@@ -1,6 +1,8 @@
 """`gemma4-agent` command line: one subcommand per module, imported only when used.
 
-Each module named here defines `add_arguments(parser)` and `run(args) -> int`.
+Each module named here defines `add_arguments(parser)` and `run(args) -> int`. An error a user can
+cause (a bad path, a malformed file, a wrong value) ends the command with one `error:` line and exit
+code 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +26,20 @@ COMMANDS = {
 }
 
 
+def positive(kind: type = float):
+    """argparse type: a number > 0 (a frame count, a rate, a budget): 0 or less is refused before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"gemma4-agent {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    from pydantic import ValidationError
+
+    from .errors import one_line
+
+    try:
+        return int(module.run(args) or 0)
+    except (ValidationError, OSError) as err:
+        # what a subcommand did not catch itself: a value refused by one of the pydantic configs at
+        # the edge (AgentConfig, SessionConfig, ...) or a path that cannot be read or written
+        print(f"gemma4-agent {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

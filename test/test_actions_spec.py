@@ -113,6 +113,22 @@ def test_invalid_specs_are_rejected(mutate, match):
         ActionSpec.from_dict(d)
 
 
+def test_file_errors_are_one_line_naming_the_place(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text("actions:\n  move: [unclosed\n")
+    with pytest.raises(SpecError) as err:
+        load_action_spec(p)
+    assert str(err.value) == f"{p}: not valid YAML: line 3, column 1: expected ',' or ']', but got '<stream end>'"
+    p.write_text("actions:\n  move:\n    fields:\n      speed: {type: float, min: 0, max: 1}\n")
+    with pytest.raises(SpecError) as err:
+        load_action_spec(p)
+    assert "\n" not in str(err.value) and "actions.move.fields.speed.type: Input should be" in str(err.value)
+    assert "(got 'float')" in str(err.value)
+    for missing in (tmp_path / "missing.yaml", tmp_path):  # a wrong path, or a folder
+        with pytest.raises(FileNotFoundError, match="action file not found"):
+            load_action_spec(missing)
+
+
 def test_yaml_file_errors(tmp_path):
     p = tmp_path / "a.yaml"
     p.write_text("actions: [1, 2")

@@ -29,6 +29,24 @@ def test_sim_cli_report(engine, tmp_path):
     assert "success rate" in (out / "report.md").read_text()
 
 
+def test_sim_cli_refuses_bad_numbers_and_report_path_before_running(engine, tmp_path, capsys):
+    for option, value in (("--episodes", "0"), ("--rate", "0"), ("--max-duration-s", "-1")):
+        with pytest.raises(SystemExit) as stop:
+            main(["sim", "--engine", str(engine), option, value, "--report", str(tmp_path / "r"), "--no-progress"])
+        assert stop.value.code == 2 and f"argument {option}: {value} must be greater than 0" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert main(["sim", "--engine", str(engine), "--episodes", "1", "--report", str(taken), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"gemma4-agent sim: error: --report {taken}: cannot create the output folder here (File exists)"
+    assert taken.read_text() == "keep me"
+    # a value one of the configs refuses: its field and reason on one line
+    assert main(["sim", "--engine", str(engine), "--episodes", "1", "--width", "8", "--report", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "gemma4-agent sim: error: WorldConfig: width: Input should be greater than or equal to 16 (got 8)"
+
+
 def test_episode_success_is_reaching_the_radius_and_stopping_there_is_reported(engine):
     agent = load_agent(engine, 60_000.0)
     world = WorldConfig(width=64, height=48, success_radius=10.0)  # the robot starts "at" the target

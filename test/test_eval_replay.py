@@ -165,3 +165,67 @@ def test_realtime_deadline_misses_with_a_tiny_budget(engine, bags, tmp_path):
     acted = report["processed"]
     assert report["deadline_misses"] == acted
     assert report["fallbacks"] + report["dropped_stale"] >= 1
+
+
+def _repinned(src: Path, dst: Path, edit) -> Path:
+    """A copy of engine `src` with `edit(folder)` applied and its manifest pinned again: a user's own build whose
+    hashes match but whose files are malformed."""
+    from gemma4_agent.engines.manifest import read_manifest, write_manifest
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    manifest = read_manifest(dst, verify_files=False)
+    write_manifest(dst, manifest, list(manifest.files))
+    return dst
+
+
+def _edit_json(name: str, change):
+    def edit(folder: Path) -> None:
+        path = folder / name
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(change(data)))
+    return edit
+
+
+def _one_line_error(args, capsys) -> str:
+    rc = main(["replay", *map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "error:" in err, err
+    return err
+
+
+def test_user_mistakes_give_one_line_before_any_work(engine, bags, tmp_path, capsys):
+    bag = bags["mcap_raw"]
+    # a count, a rate or a budget of 0 or less: refused by the parser, before the engine loads
+    for option, value in (("--speed", "0"), ("--max-frames", "0"), ("--budget-ms", "-5")):
+        with pytest.raises(SystemExit) as stop:
+            main(["replay", str(bag), "--engine", str(engine), "--realtime", option, value,
+                  "--report", str(tmp_path / "r"), "--no-progress"])
+        assert stop.value.code == 2
+        assert f"argument {option}: {value} must be greater than 0" in capsys.readouterr().err
+    # options the agent's config refuses together: its reason on one line, not pydantic's report
+    err = _one_line_error([bag, "--engine", engine, "--backend", "onnxruntime", "--compile",
+                           "--report", tmp_path / "r"], capsys)
+    assert "compile applies to the torch backend only" in err
+    # a --report path that cannot be a folder: refused before the replay, the file kept
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    err = _one_line_error([bag, "--engine", engine, "--report", taken], capsys)
+    assert f"--report {taken}: cannot create the output folder" in err
+    assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name, edit, says", [
+    ("agent_not_json", lambda d: (d / "agent.json").write_text('{"image_tokens": '), "agent.json: Expecting value"),
+    ("agent_bad_tokens", _edit_json("agent.json", lambda a: dict(a, image_tokens=100)),
+     "agent.json: AgentDefaults: image_tokens: Input should be 70, 140, 280, 560 or 1120 (got 100)"),
+    ("config_bad_field", _edit_json("config.json", lambda c: dict(c, text_config=dict(c["text_config"],
+                                                                                     num_hidden_layers="three"))),
+     "config.json: ModelConfig: text_config.num_hidden_layers: Input should be a valid integer"),
+    ("config_a_list", lambda d: (d / "config.json").write_text("[1, 2]"), "expected a JSON object"),
+])
+def test_malformed_engine_files_are_named(engine, bags, tmp_path, capsys, name, edit, says):
+    broken = _repinned(engine, tmp_path / name, edit)
+    err = _one_line_error([bags["mcap_raw"], "--engine", broken, "--report", tmp_path / "r"], capsys)
+    assert says in err and "rebuild the engine" in err, err

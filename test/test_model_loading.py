@@ -83,6 +83,26 @@ def test_missing_folder_and_bad_config(tmp_path):
         load_model(tmp_path)
 
 
+def test_corrupt_weights_and_malformed_index_are_named(tmp_path):
+    from gemma4_agent.evaluation.dev_engine import write_random_engine
+    from gemma4_agent.model.loader import checkpoint_metadata
+
+    ck = write_random_engine(tmp_path / "ck")
+    weights = ck / "model.safetensors"
+    good = weights.read_bytes()
+    for broken in (good[:1000], b"\xff" * 5000):  # cut short; garbage (a header length past the end)
+        weights.write_bytes(broken)
+        for call in (load_model, checkpoint_metadata):
+            with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file .*corrupt"):
+                call(ck)
+    weights.write_bytes(good)
+    load_model(ck)
+    for index in ('{"weight_map": [1]}', "{", '{"weight_map": {}}'):
+        (ck / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(CheckpointError, match="index"):
+            load_model(ck)
+
+
 def test_config_resolves_a_file_a_folder_or_a_preset(tmp_path):
     # what `inspect` and `bench --config` take: a config.json, a checkpoint folder holding one, or a preset's name
     preset = ModelConfig.preset("gemma4-12b")
@@ -96,11 +116,18 @@ def test_config_resolves_a_file_a_folder_or_a_preset(tmp_path):
 def test_inspect_cli_names_what_is_wrong_without_a_traceback(tmp_path):
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "broken.json").write_text("{")
+    preset = json.loads(ModelConfig.preset("gemma4-12b").model_dump_json())
+    (tmp_path / "field.json").write_text(json.dumps(dict(preset, text_config=dict(preset["text_config"],
+                                                                                  hidden_size="big"))))
+    (tmp_path / "list.json").write_text("[]")
     for given, says in ((tmp_path / "nope", "not a preset"), (tmp_path / "llama.json", "expected 'gemma4_unified'"),
-                        (tmp_path / "broken.json", "not valid JSON")):
+                        (tmp_path / "broken.json", "not valid JSON"),
+                        (tmp_path / "field.json", "text_config.hidden_size: Input should be a valid integer"),
+                        (tmp_path / "list.json", "expected a JSON object")):
         proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "inspect", str(given)], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "inspect", "gemma4-12b"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "11,957,272,576" in proc.stdout, proc.stderr

@@ -172,3 +172,34 @@ def test_quantize_cli_calibration_source_errors(engine_dir, tmp_path, capsys):
                  "--calib", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()  # nothing half-written
+
+
+def test_quantize_cli_refuses_a_used_dst_and_corrupt_weights(engine_dir, tmp_path):
+    """Run as a user does (a subprocess): one error line, exit 2, nothing of what is there overwritten."""
+    import shutil
+    import subprocess
+    import sys
+
+    def quantize(src, dst):
+        proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "quantize", str(src), str(dst),
+                               "--scheme", "q4_0"], capture_output=True, text=True, timeout=300)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        return err
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert "exists and is not empty" in quantize(engine_dir, used)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+    before = {p.name: p.read_bytes() for p in engine_dir.iterdir()}
+    assert "exists and is not empty" in quantize(engine_dir, engine_dir)  # into its own source
+    assert {p.name: p.read_bytes() for p in engine_dir.iterdir()} == before
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert "exists and is not a folder" in quantize(engine_dir, a_file)
+    cut = tmp_path / "cut"
+    shutil.copytree(engine_dir, cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
+    assert "is not a readable safetensors file" in quantize(cut, tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -458,6 +458,29 @@ def test_lifecycle_transitions(ros: Harness) -> None:
     assert_clean_exit(ros, signal.SIGTERM)
 
 
+def test_invalid_start_parameters_leave_the_node_up_and_unconfigured(ros: Harness) -> None:
+    """A wrong value from the params file or `-p` (rclpy raises it out of the node's constructor): the node
+    stays up and unconfigured, says why in one line on /diagnostics, commands nothing, and configures once
+    the values are fixed at runtime."""
+    ros.start(image_tokens=100, budget_ms=500, command_timeout_s=30.0)  # 500: an int where a double is declared
+    diag = wait_until(lambda: ros.diagnostics(), START_TIMEOUT_S)
+    assert ros.proc.poll() is None, ros.log()
+    assert diag and diag["_level"] == DiagnosticStatus.ERROR, (diag, ros.log())
+    assert diag["_message"] == ("configure failed: ValueError: invalid parameter(s): image_tokens=100 is not one of "
+                                "0, 70, 140, 280, 560, 1120; budget_ms must be a double, got int 500 (write 500.0)")
+    assert ros.state() == State.PRIMARY_STATE_UNCONFIGURED
+    ros.send_until(lambda i: raw_msg(scene(i)), lambda: False, timeout=1.0)
+    assert not ros.got("cmd_vel") and not ros.actions()
+    # still refused while one of them is wrong
+    assert ros.set_param("image_tokens", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=0))
+    assert not ros.transition(Transition.TRANSITION_CONFIGURE, repeatable=True)
+    assert ros.set_double("budget_ms", 5000.0)
+    assert ros.transition(Transition.TRANSITION_CONFIGURE) and ros.transition(Transition.TRANSITION_ACTIVATE)
+    ros.wait_active()
+    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel"))
+    assert_clean_exit(ros)
+
+
 def test_watchdog_publishes_zero_when_frames_stop(ros: Harness) -> None:
     timeout_s, period_s = 1.0, 0.1
     ros.start(command_timeout_s=timeout_s, budget_ms=5000.0)

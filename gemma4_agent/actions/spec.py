@@ -18,6 +18,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
+from ..errors import one_line
+
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ENUM_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 TWIST_FIELDS = ("linear_x", "angular_z")
@@ -324,7 +326,7 @@ class ActionSpec:
         try:
             file = ActionFile.model_validate(data)
         except Exception as exc:  # pydantic.ValidationError or a bad type
-            raise SpecError(f"invalid action spec{' ' + source if source else ''}: {exc}") from exc
+            raise SpecError(f"invalid action spec{' ' + source if source else ''}: {one_line(exc)}") from exc
         return cls(file, source)
 
     def _model(self, action: str) -> type:
@@ -434,13 +436,15 @@ def load_action_spec(path: Union[str, Path, None] = None) -> ActionSpec:
     and modification time. Raises SpecError / FileNotFoundError."""
     p = Path(path) if path is not None else default_actions_path()
     p = p.resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"action file not found: {p} (give an actions.yaml; see config/actions.yaml)")
     key = (str(p), p.stat().st_mtime)
     spec = _CACHE.get(key)
     if spec is None:
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise SpecError(f"{p}: not valid YAML: {exc}") from exc
+            raise SpecError(f"{p}: not valid YAML: {one_line(exc)}") from exc
         spec = ActionSpec.from_dict(data, source=str(p))
         _CACHE[key] = spec
     return spec

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import one_line
 from ..model.config import ModelConfig
 from ..model.tokenizer import PromptBuilder, load_tokenizer
 from .manifest import EngineError, check_manifest, read_manifest
@@ -26,18 +28,50 @@ class Engine:
     agent_defaults: dict = field(default_factory=dict)
 
 
+class AgentDefaults(BaseModel):
+    """agent.json: what the agent uses where its config leaves a value open. Other keys (e.g. training
+    notes) are allowed and kept."""
+    model_config = ConfigDict(extra="allow")
+    # defaults as the agent's when a key is absent (only the file's own values are kept); null is refused
+    image_tokens: Literal[70, 140, 280, 560, 1120] = 280
+    instruction: str = "go to the red ball"
+    system: str = ""
+    max_prefix: int = Field(256, ge=1)
+    max_context: int = Field(1024, ge=1)
+
+
+def read_agent_defaults(folder: Path) -> dict:
+    """agent.json as a dict ({} when absent); EngineError, naming the file and field, when malformed."""
+    path = folder / "agent.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        AgentDefaults.model_validate(data)
+    except (ValueError, ValidationError) as exc:  # bad JSON, or a value the agent cannot use
+        raise EngineError(f"{path}: {one_line(exc)} (fix it or rebuild the engine)") from exc
+    return data
+
+
 def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu", dtype=torch.float32) -> Engine:
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_manifest(manifest, folder, backend=backend)
-    config = ModelConfig.from_json(folder)
+    try:
+        config = ModelConfig.from_json(folder)
+    except (OSError, ValueError) as exc:  # missing or malformed config.json
+        raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     check_manifest(manifest, folder, config=config)
+    defaults = read_agent_defaults(folder)  # before the weights load: a bad file fails in a second
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("device 'cuda' asked for, but torch sees no CUDA device on this machine")
     if backend == "torch":
-        from ..model.loader import load_model
+        from ..model.loader import CheckpointError, load_model
 
-        model = load_model(folder, dtype=dtype, device=device)
+        try:
+            model = load_model(folder, dtype=dtype, device=device)
+        except (OSError, CheckpointError) as exc:  # weights that do not fit the config, or unreadable
+            raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     elif backend == "onnxruntime":
         if device != "cpu":
             raise EngineError("the onnxruntime backend runs on the CPU here (device 'cpu'); use tensorrt on the Jetson")
@@ -50,8 +84,9 @@ def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu",
         model = load_trt_model(folder, config, manifest, device=device)
     else:
         raise EngineError(f"backend {backend!r} is not available for {folder}")
-    tokenizer = load_tokenizer(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     prompts = PromptBuilder(tokenizer, config.image_token_id, config.boi_token_id, config.eoi_token_id)
-    defaults_path = folder / "agent.json"
-    defaults = json.loads(defaults_path.read_text()) if defaults_path.is_file() else {}
     return Engine(model, tokenizer, prompts, config, defaults)

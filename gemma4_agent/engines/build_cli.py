@@ -71,8 +71,10 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     if backend == "tensorrt" and (checkpoint / "prefill.onnx").is_file() and (checkpoint / ENGINE_INFO).is_file():
         return _plans_from_export(checkpoint, out, config, name, log)
     defaults = dict(agent_defaults or {})
-    if not defaults and (checkpoint / "agent.json").is_file():
-        defaults = json.loads((checkpoint / "agent.json").read_text())
+    if not defaults:
+        from .backends import read_agent_defaults
+
+        defaults = read_agent_defaults(checkpoint)
     image_tokens = image_tokens or defaults.get("image_tokens", 280)
     max_prefix = max_prefix or defaults.get("max_prefix", 256)
     max_context = max_context or defaults.get("max_context", 1024)
@@ -157,7 +159,7 @@ def run(args) -> int:
     try:
         build_engine(args.checkpoint, args.out, args.backend, args.quant, args.max_context, args.max_prefix,
                      args.image_tokens, args.name, dtype=args.dtype, export_only=args.export_only)
-    except (EngineError, FileNotFoundError) as exc:
+    except (EngineError, OSError, ValueError) as exc:  # also a malformed config.json or checkpoint
         print(f"error: {exc}")
         return 1
     return 0

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from ..errors import one_line
 from ..model.config import ModelConfig
 
 MANIFEST = "manifest.json"
@@ -69,7 +70,7 @@ def read_manifest(folder: Path, verify_files: bool = True) -> Manifest:
     try:
         manifest = Manifest.model_validate_json(path.read_text())
     except (ValidationError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{path} is not a valid engine manifest: {exc}") from exc
+        raise EngineError(f"{path} is not a valid engine manifest: {one_line(exc)} (rebuild the engine)") from exc
     if verify_files:
         for name, entry in manifest.files.items():
             file = folder / name

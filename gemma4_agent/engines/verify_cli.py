@@ -163,7 +163,7 @@ def run(args) -> int:
         if args.bench:
             report["benchmark"] = benchmark(args.engine, args.checkpoint, frames=args.frames, mode=args.mode,
                                             max_new_tokens=args.max_new_tokens)
-    except (EngineError, FileNotFoundError) as exc:
+    except (EngineError, OSError, ValueError) as exc:  # also a malformed config.json or checkpoint
         print(f"error: {exc}")
         return 1
     print(json.dumps({k: v for k, v in report.items() if k != "benchmark"}, indent=2))

@@ -78,15 +78,17 @@ def run_closed_loop_episode(agent, seed: int, world_config=None, episode_config=
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import positive
+
     parser.add_argument("--engine", type=Path, default=None, help="engine folder (default: the bundled demo engine)")
-    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--episodes", type=positive(int), default=20)
     parser.add_argument("--seed", type=int, default=888888, help="episode i uses world seed SEED*100003+i")
     parser.add_argument("--report", type=Path, default=Path("out/sim"))
-    parser.add_argument("--max-duration-s", type=float, default=40.0, help="episode time limit (s)")
-    parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
+    parser.add_argument("--max-duration-s", type=positive(float), default=40.0, help="episode time limit (s)")
+    parser.add_argument("--rate", type=positive(float), default=10.0, help="camera frames per second")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--budget-ms", type=float, default=500.0, help="nominal budget for deadline_misses")
+    parser.add_argument("--budget-ms", type=positive(float), default=500.0, help="nominal budget for deadline_misses")
     parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--no-progress", action="store_true")
@@ -97,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sim import EpisodeConfig, WorldConfig
     from ..sim.generate_bags import episode_seed
     from .replay import OFFLINE_AGENT_BUDGET_MS, engine_name, load_agent, machine_info
-    from .report import write_report
+    from .report import make_report_folder, write_report
 
+    make_report_folder(args.report)  # before the episodes: a bad --report path fails at once
     try:
         agent = load_agent(args.engine, OFFLINE_AGENT_BUDGET_MS, image_tokens=args.image_tokens, device=args.device)
     except (EngineError, FileNotFoundError) as err:

@@ -200,23 +200,28 @@ def engine_name(agent) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import positive
+
     parser.add_argument("bag", type=Path, help="bag folder, storage file (.mcap/.db3) or a folder of bags")
     parser.add_argument("--engine", type=Path, default=None, help="engine folder (default: the bundled demo engine)")
     parser.add_argument("--report", type=Path, default=Path("out/replay"), help="output folder (default out/replay)")
     parser.add_argument("--realtime", action="store_true",
                         help="deliver frames at their recorded times (latest wins; drops and misses counted)")
-    parser.add_argument("--speed", type=float, default=1.0, help="realtime playback speed factor (default 1.0)")
+    parser.add_argument("--speed", type=positive(float), default=1.0,
+                        help="realtime playback speed factor (default 1.0)")
     parser.add_argument("--image-topic", default=None, help="image topic (default: the first Image/CompressedImage)")
     parser.add_argument("--cmd-topic", default="/cmd_vel", help="recorded command topic (Twist/TwistStamped)")
     parser.add_argument("--instruction-topic", default="/instruction")
     parser.add_argument("--instruction", default=None, help="fixed instruction (overrides the bag's)")
-    parser.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the agent's, 500)")
+    parser.add_argument("--budget-ms", type=positive(float), default=None,
+                        help="latency budget (default: the agent's, 500)")
     parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
     parser.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"])
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch backend: torch.compile the decoder first (a slow start, faster frames)")
-    parser.add_argument("--max-frames", type=int, default=None, help="replay at most this many frames per bag")
+    parser.add_argument("--max-frames", type=positive(int), default=None,
+                        help="replay at most this many frames per bag")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -224,12 +229,14 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from ..engines.manifest import EngineError
+    from .report import make_report_folder
 
     # frames decoded from a bag are read-only arrays; preprocessing only reads them
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     try:
         bags = find_bags(args.bag)  # fail on a bad path before loading the engine
+        make_report_folder(args.report)  # and on a report path that cannot be a folder, before the replay
         budget = args.budget_ms if args.budget_ms is not None else 500.0
         agent = load_agent(args.engine, budget if args.realtime else OFFLINE_AGENT_BUDGET_MS,
                            image_tokens=args.image_tokens, backend=args.backend, device=args.device,
@@ -241,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                               cmd_topic=args.cmd_topic, instruction_topic=args.instruction_topic,
                               instruction=args.instruction, max_frames=args.max_frames,
                               progress=not args.no_progress, speed=args.speed)
-    except (BagError, EngineError, FileNotFoundError) as err:
+    except (BagError, EngineError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     records = [r for recs in by_bag.values() for r in recs]
@@ -270,7 +277,6 @@ def run(args: argparse.Namespace) -> int:
             extra.append(f"| {name} | {s['frames']} | {s['processed']} | {s['dropped']} | "
                          f"{s['action_type_agreement']} | {s['angular_sign_agreement']} | {s['latency_ms']['p50']} |")
         extra.append("")
-    args.report.mkdir(parents=True, exist_ok=True)
     with open(args.report / "frames.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r.to_dict()) + "\n")

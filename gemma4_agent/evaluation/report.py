@@ -112,6 +112,15 @@ def stage_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def make_report_folder(out: Path, option: str = "--report") -> Path:
+    """Create the output folder before the run: a path that cannot be a folder fails at once, not after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"{option} {out}: cannot create the output folder here ({err.strerror or err})") from err
+    return out
+
+
 def write_report(out: Path, report: dict[str, Any], records: Sequence[FrameRecord], title: str,
                  header_lines: Sequence[str] = (), by_bag: dict[str, Sequence[FrameRecord]] | None = None,
                  extra_sections: Sequence[str] = ()) -> dict[str, Path]:

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import one_line
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -151,9 +153,14 @@ class ModelConfig(BaseModel):
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object (a model config), got a {type(data).__name__}")
         if data.get("model_type") != "gemma4_unified":
             raise ValueError(f"{path}: model_type is {data.get('model_type')!r}, expected 'gemma4_unified'")
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:  # one line naming the file and the field, for every caller
+            raise ValueError(f"{path}: {one_line(exc)}") from exc
 
     @classmethod
     def preset(cls, name: str = "gemma4-12b") -> "ModelConfig":

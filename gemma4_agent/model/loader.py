@@ -7,7 +7,9 @@ built on the meta device, so a 24 GB checkpoint never sits whole in RAM twice.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -48,18 +50,36 @@ def to_checkpoint_name(module_name: str) -> str:
     raise KeyError(module_name)
 
 
+@contextmanager
+def _open_weights(file: Path, device: str = "cpu") -> Iterator:
+    """safe_open, with a truncated or corrupt file named as such (safetensors raises its own error type)."""
+    try:
+        handle = safe_open(str(file), "pt", device=device)
+    except Exception as exc:  # SafetensorError (bad header), or OSError
+        raise CheckpointError(f"{file} is not a readable safetensors file ({' '.join(str(exc).split())}): "
+                              "truncated or corrupt, copy or export it again") from exc
+    with handle as f:
+        yield f
+
+
 def checkpoint_files(path: Path) -> dict[str, list[str]]:
     """safetensors file -> tensor names in it."""
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(file, []).append(name)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                files.setdefault(file, []).append(name)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, or no {name: file} weight_map
+            raise CheckpointError(f"{index} is not a safetensors index (JSON with a weight_map of tensor name -> "
+                                  f"file): {type(exc).__name__}: {exc}") from exc
+        if not files:
+            raise CheckpointError(f"{index}: its weight_map is empty")
         return files
     if single.is_file():
-        with safe_open(str(single), "pt") as f:
+        with _open_weights(single) as f:
             return {"model.safetensors": list(f.keys())}
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -68,7 +88,7 @@ def checkpoint_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of the (first) weights file, e.g. a quantization block."""
     path = Path(path)
     first = sorted(checkpoint_files(path))[0]
-    with safe_open(str(path / first), "pt") as f:
+    with _open_weights(path / first) as f:
         return dict(f.metadata() or {})
 
 
@@ -95,7 +115,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         file_path = path / file
         if not file_path.is_file():
             raise FileNotFoundError(f"{path}: shard {file} listed in the index is missing")
-        with safe_open(str(file_path), "pt", device="cpu") as f:
+        with _open_weights(file_path) as f:
             for ckpt_name in names:
                 name = to_module_name(ckpt_name)
                 if name is None:

@@ -20,15 +20,18 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser) -> None:
+    from ..cli import positive
+
     parser.add_argument("src", help="source checkpoint (or torch engine) folder")
-    parser.add_argument("dst", help="output folder")
+    parser.add_argument("dst", help="output folder (new or empty)")
     parser.add_argument("--scheme", required=True, choices=["q4_0", "awq-g128"])
     parser.add_argument("--calib", help="ROS 2 bag or image folder with calibration frames (required for awq-g128)")
     parser.add_argument("--embedding", action="store_true", help="also quantize the tied embedding / LM head")
-    parser.add_argument("--frames", type=int, default=16, help="calibration frames to use (evenly spaced)")
-    parser.add_argument("--image-tokens", type=int, default=None, help="soft tokens per frame (default: agent.json or 70)")
+    parser.add_argument("--frames", type=positive(int), default=16, help="calibration frames to use (evenly spaced)")
+    parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
+                        help="soft tokens per frame (default: agent.json or 70)")
     parser.add_argument("--instruction", default=None, help="calibration instruction (default: agent.json's)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="activation rows kept per layer for AWQ")
+    parser.add_argument("--max-tokens", type=positive(int), default=512, help="activation rows kept per layer for AWQ")
     parser.add_argument("--dtype", choices=["source", *_DTYPES], default="source",
                         help="float dtype to load and save the unquantized tensors in")
 
@@ -99,8 +102,10 @@ def calibration_batches(model, frames: list, folder: str | Path | None = None, i
     cfg = model.config
     folder = Path(folder) if folder is not None else None
     defaults = {}
-    if folder is not None and (folder / "agent.json").is_file():
-        defaults = json.loads((folder / "agent.json").read_text())
+    if folder is not None:
+        from ..engines.backends import read_agent_defaults
+
+        defaults = read_agent_defaults(folder)
     image_tokens = image_tokens or defaults.get("image_tokens", 70)
     prompts = None
     if folder is not None and (folder / "tokenizer.json").is_file():
@@ -139,6 +144,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, calib: st
     from .int4 import METADATA_KEY, SCHEMES, quantize_model, save_quantized, weight_bytes
 
     src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):  # never overwrite (or write into) what is there
+        raise ValueError(f"{dst} exists and is {'not empty' if dst.is_dir() else 'not a folder'}: quantize into a "
+                         "new or empty folder")
     if METADATA_KEY in checkpoint_metadata(src):
         raise ValueError(f"{src} is already quantized")
     if not SCHEMES[scheme]["symmetric"] and calib is None:

@@ -38,6 +38,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from gemma4_agent.agent import ActResult, Agent, AgentConfig
+from gemma4_agent.errors import one_line
 from gemma4_agent.ros.frame_slot import LatestSlot
 from gemma4_agent.ros.image_convert import BadImage, to_rgb
 from gemma4_agent.ros.params import BY_NAME, PARAMETERS, SAFETY_PARAMETERS, ParamSpec
@@ -91,6 +92,7 @@ class AgentNode(LifecycleNode):
         self._agent = None
         self._agent_config = None
         self._configure_error: Optional[str] = None
+        self._bad_params: Dict[str, str] = {}  # name -> why its value at start-up was refused
         self._worker: Optional[threading.Thread] = None
         self._worker_stop = threading.Event()
         self._pending: Dict[str, Any] = {}   # agent updates the worker applies between frames
@@ -104,7 +106,11 @@ class AgentNode(LifecycleNode):
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in PARAMETERS:
-            self.declare_parameter(spec.name, spec.default, descriptor(spec))
+            why = self._refused_override(spec)
+            # a refused value is set aside (the default declared), not raised out of the constructor
+            self.declare_parameter(spec.name, spec.default, descriptor(spec), ignore_override=why is not None)
+            if why is not None and spec.when != "startup":  # after declaring: that sets the default, which
+                self._bad_params[spec.name] = why          # _on_set_parameters takes as a fix
         self._answer_invalid_transitions()
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
         self.create_timer(WATCHDOG_PERIOD_S, self._on_watchdog)
@@ -131,6 +137,21 @@ class AgentNode(LifecycleNode):
 
     # ---- parameters --------------------------------------------------------------------------
 
+    def _refused_override(self, spec: ParamSpec) -> Optional[str]:
+        """Why the value the params file or `-p` gives this parameter is refused, or None. rclpy would raise
+        on a wrong type or range out of the constructor (a traceback, the node gone): instead the default is
+        declared, the reason said once, and configure refused until a valid value is set (`ros2 param set`)."""
+        given = getattr(self, "_parameter_overrides", {}).get(spec.name)  # rclpy's, read before declaring
+        why = spec.check(given.value) if given is not None else None
+        if why is None:
+            return None
+        if spec.when == "startup":  # read-only: cannot be fixed at runtime, so the default stands
+            self.get_logger().error(f"parameter {why}: using the default {spec.default!r}")
+        else:
+            self.get_logger().error(f"parameter {why}: the node stays unconfigured until {spec.name} is set "
+                                    f"to a valid value (fix the params file or -p, or `ros2 param set`)")
+        return why
+
     def param(self, name: str) -> Any:
         return self.get_parameter(name).value
 
@@ -145,6 +166,7 @@ class AgentNode(LifecycleNode):
             if p.name == "instruction" and not p.value.strip() and self._agent is not None:
                 return SetParametersResult(successful=False, reason="instruction must not be empty")
         for p in params:
+            self._bad_params.pop(p.name, None)  # a valid value replaces one refused at start-up
             spec = BY_NAME.get(p.name)
             if spec is None or self._agent is None:
                 continue
@@ -172,11 +194,13 @@ class AgentNode(LifecycleNode):
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         try:
+            if self._bad_params:
+                raise ValueError("invalid parameter(s): " + "; ".join(self._bad_params.values()))
             self._agent_config = AgentConfig(**self._agent_config_kwargs())
             started = time.monotonic()
             self._agent = Agent(self._agent_config)
         except Exception as err:  # a bad engine or config leaves the node unconfigured, not dead
-            self._configure_error = f"{type(err).__name__}: {err}"
+            self._configure_error = f"{type(err).__name__}: {one_line(err)}"
             self.get_logger().error(f"configure failed: {self._configure_error}")
             self._agent = self._agent_config = None
             return TransitionCallbackReturn.FAILURE

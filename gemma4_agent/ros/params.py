@@ -34,7 +34,8 @@ class ParamSpec:
     def check(self, value: Value) -> Optional[str]:
         """Why `value` is not acceptable for this parameter, or None if it is."""
         if type(value) is not type(self.default):
-            return f"{self.name} must be a {self.type_name}, got {type(value).__name__}"
+            hint = f" (write {float(value)!r})" if isinstance(self.default, float) and type(value) is int else ""
+            return f"{self.name} must be a {self.type_name}, got {type(value).__name__} {value!r}{hint}"
         if self.range is not None and not (self.range[0] <= value <= self.range[1]):
             return f"{self.name}={value!r} is outside [{self.range[0]}, {self.range[1]}]"
         if self.choices is not None and value not in self.choices:
