@@ -6,8 +6,9 @@
   into kinds of work, and the rest of the frame: the GPU idle, waiting on the host);
 - on stdout, a Markdown table of the latest run of each series.
 
-The series are the files named `gpu_12b_h200_*` and `gpu_12b_int4_h200_*`; the runs of an experiment that was
-measured and dropped are kept as `gpu_12b_int4_experiment_h200_*`, outside them.
+The series are the files named `gpu_12b_h200_*` and `gpu_12b_int4_h200_*`, and `gpu_12b_int4_h100_*` for the leases
+that lent an H100 (its floor is its own: measured on it); the runs of an experiment that was measured and dropped are
+kept as `gpu_12b_int4_experiment_{h200,h100}_*`, outside them.
 
     python benchmarks/gpu_12b_report.py [--results benchmarks/results] [--out benchmarks/results]
 """
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SERIES = {"bf16": "gpu_12b_h200_", "int4": "gpu_12b_int4_h200_"}
+SERIES = {"bf16": "gpu_12b_h200_", "int4": "gpu_12b_int4_h200_", "H100 int4": "gpu_12b_int4_h100_"}
 # kernel name pattern -> kind of work, first match wins (names as torch.profiler reports them)
 # (cuBLAS's kernels do not say whose matmul they run: since the 2026-11-29s run the prefill attention's q k^T and
 # p v are among them, beside its softmax kernel)
@@ -95,7 +96,7 @@ def _pyplot():
 
 def plot_progress(runs: dict[str, list[dict]], path: Path) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(12, 4.2), sharey=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), sharey=False)
     for ax, (series, rows) in zip(axes, runs.items()):
         labels = list(dict.fromkeys(r["label"] for r in rows))
         for tokens, color in ((280, "tab:blue"), (70, "tab:orange")):

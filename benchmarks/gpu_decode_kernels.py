@@ -212,7 +212,9 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
     capped at 128 registers (no spill in its loop: test_kernels_compile.py) lets two programs share an SM. Timed at
     a frame's prefill rows, each tile forced (a one-configuration autotuner), beside the engine's own pick and
     dequantize + cuBLAS; the deep tile at 286 rows too (the engine prunes it there: PIPELINED_MAX_ROWS, raised for
-    this part). us a matmul in a CUDA graph over `copies` weight sets, and ms a frame (LAYERS_OF)."""
+    this part). us a matmul in a CUDA graph over `copies` weight sets, ms a frame (LAYERS_OF), and each forced tile's
+    relative error against dequantize + cuBLAS. Measured on an H100 (2026-12-07, BENCHMARKS.md): no faster capped,
+    and its split-two products wrong at 286 rows, so the engine does not use it."""
     every = list(triton_q4._gemm_kernel.configs)
     base = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}
     tiles = {f"deep{'_split2' if split > 1 else ''}{'_cap128' if cap else ''}":
@@ -233,11 +235,16 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
                 # a one-configuration autotuner skips the pruning, which also keeps a split's partials inside
                 # their buffer: ask it here, and leave out a tile it would not run
                 shape_args = {"M_BUCKET": 1 << (m - 1).bit_length(), "N": out, "K": inp, "x_ptr": calls[0][0]}
+                # the last weight set's product, for each forced tile's output (the graph's last call writes y)
+                want = torch.empty_like(calls[-1][4])
+                triton_q4._dequant_matmul(*calls[-1][:4], want, *calls[-1][5:])
                 row["engine_us"], row["engine_config"] = gemm_us_over(every, calls, copies)
                 triton_q4.PIPELINED_MAX_ROWS = raised
                 for label, tile in tiles.items():
                     if triton_q4._prune_gemm([tile], shape_args):
                         row[f"{label}_us"] = gemm_us_over([tile], calls, copies)[0]
+                        got = calls[-1][4].float()
+                        row[f"{label}_rel_err"] = ((got - want.float()).norm() / want.float().norm()).item()
                 triton_q4.PIPELINED_MAX_ROWS = pipelined
                 print(json.dumps(row), flush=True)
                 rows.append(row)

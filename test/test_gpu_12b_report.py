@@ -27,6 +27,8 @@ def test_report_lists_the_latest_run_of_each_series_and_draws_its_plots(tmp_path
     row = next(line for line in out.splitlines() if line.startswith("| int4 | 280 "))
     assert f"| {run['per_frame_ms']['p50']:.1f} |" in row and newest.name in row
     assert len([line for line in out.splitlines() if line.startswith("| bf16 ") or line.startswith("| int4 ")]) == 4
+    if any(results.glob("gpu_12b_int4_h100_*.json")):  # the H100 leases' series, its own rows
+        assert any(line.startswith("| H100 int4 | 280 ") for line in out.splitlines()), out
     for png in ("gpu_12b_progress.png", "gpu_12b_int4_breakdown.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
