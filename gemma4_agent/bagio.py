@@ -5,7 +5,9 @@ read the same way: the image topic is found by type when not given (sensor_msgs 
 CompressedImage, any encoding, returned as RGB uint8), and the command and instruction topics
 are optional (a bag without them just yields no such records).
 
-Every failure to read a bag surfaces as `BagError` with a message that says what to fix.
+Every failure to read a bag surfaces as `BagError` with a message that says what to fix. An image
+that cannot be decoded is not a failure of the bag: its frame comes with no pixels and the reason
+(`Frame.error`), for the reader to count and skip, as the node does with a bad camera message.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ class BagError(ValueError):
 class Frame:
     t_ns: int  # bag (receive) time
     stamp_ns: int  # header stamp (capture time)
-    rgb: np.ndarray  # uint8 (H, W, 3)
+    rgb: np.ndarray | None  # uint8 (H, W, 3); None: the message could not be decoded (`error` says why)
     topic: str
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,12 @@ def iter_records(
             for conn, t_ns, raw in reader.messages(connections=wanted):
                 msg = reader.deserialize(raw, conn.msgtype)
                 if conn.topic == image_topic:
-                    yield Frame(t_ns, msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, _to_rgb(msg, bag, t_ns), conn.topic)
+                    stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+                    try:
+                        rgb, error = _to_rgb(msg, bag, t_ns), None
+                    except BagError as bad:  # one bad image is that frame's problem, not the bag's
+                        rgb, error = None, str(bad)
+                    yield Frame(t_ns, stamp_ns, rgb, conn.topic, error)
                 elif conn.topic == cmd_topic:
                     twist = msg.twist if conn.msgtype.endswith("TwistStamped") else msg
                     yield Command(t_ns, float(twist.linear.x), float(twist.angular.z))

@@ -42,8 +42,9 @@ def bags(tmp_path_factory):
     return out
 
 
-def _write_bag(path: Path, with_images: bool = True, frames: int = 5) -> Path:
-    """A hand-made bag: rgb8 images only (no /cmd_vel, no /instruction), or only a Twist topic."""
+def _write_bag(path: Path, with_images: bool = True, frames: int = 5, cut: tuple = ()) -> Path:
+    """A hand-made bag: rgb8 images only (no /cmd_vel, no /instruction), or only a Twist topic. Images whose index is
+    in `cut` lose half their pixel data (a message broken on the way: it cannot be decoded)."""
     ts = get_typestore(Stores.ROS2_JAZZY)
     T = ts.types
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
@@ -55,7 +56,7 @@ def _write_bag(path: Path, with_images: bool = True, frames: int = 5) -> Path:
         for k in range(frames):
             t = 10**18 + k * 100_000_000
             if with_images:
-                data = rng.integers(0, 256, 48 * 64 * 3, dtype=np.uint8)
+                data = rng.integers(0, 256, 48 * 64 * 3 // (2 if k in cut else 1), dtype=np.uint8)
                 header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9),
                                                   frame_id="cam")
                 msg = T["sensor_msgs/msg/Image"](header=header, height=48, width=64, encoding="rgb8", is_bigendian=0,
@@ -115,6 +116,23 @@ def test_bag_without_commands_is_latency_only(engine, tmp_path):
         assert report[key] is None
     assert report["latency_ms"]["p50"] > 0
     assert "latency-only" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_undecodable_images_are_bad_frames_and_the_replay_goes_on(engine, tmp_path, capsys):
+    bag = _write_bag(tmp_path / "imgs", cut=(1, 3))
+    report = _replay([bag, "--engine", engine, "--instruction", "go to the blue cube"], tmp_path / "r")
+    assert report["frames"] == 5 and report["processed"] == 3 and report["bad_frames"] == 2
+    records = [json.loads(line) for line in (tmp_path / "r" / "frames.jsonl").read_text().splitlines()]
+    assert [r["status"] == "bad_frame" for r in records] == [False, True, False, True, False]
+    for r in records:  # the bad ones say why and carry no command; the others were acted on
+        assert ("cannot be decoded" in r["error"] and r["linear_x"] is None) if r["status"] == "bad_frame" \
+            else (r["error"] is None and r["linear_x"] is not None)
+    assert "2 bad frames (not acted on)" in capsys.readouterr().out
+    assert "| bad frames (not acted on: frames.jsonl says why) | 2 |" in (tmp_path / "r" / "report.md").read_text()
+    # every image bad: nothing to replay, said in one line
+    err = _error([_write_bag(tmp_path / "all_bad", cut=range(5)), "--engine", engine, "--report", tmp_path / "r2"],
+                 capsys)
+    assert "none of its 5 images can be decoded" in err and "cannot be decoded" in err
 
 
 def _error(args, capsys) -> str:

@@ -345,9 +345,11 @@ def add_compile_any_length(parser) -> None:
 
 
 def add_arguments(parser) -> None:
+    from ..cli import positive
+
     parser.add_argument("--config", required=True, help="config.json, checkpoint folder, or preset name (gemma4-12b)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--frames", type=positive(int), default=50)
     parser.add_argument("--image-tokens", type=int, choices=sorted(GRIDS), default=280)
     parser.add_argument("--decode-tokens", type=int, default=12,
                         help="tokens a frame (--selector fixed) or an action's cap (--selector grammar)")

@@ -39,6 +39,7 @@ class FrameRecord:
     decode_steps: int = 0
     deadline_hit: bool = False
     instruction: str | None = None
+    error: str | None = None  # why a bad_frame was not acted on (e.g. an image that cannot be decoded)
 
     @property
     def acted(self) -> bool:

@@ -13,6 +13,8 @@ agent drops frames older than the budget (`dropped_stale`) and cuts a decode at 
 (fallback); `deadline_misses` counts commands later than the budget after the frame's capture.
 
 BAG may be a bag folder, its storage file, or a folder of bags (results aggregated, and per bag).
+An image that cannot be decoded is a `bad_frame` (not acted on, its reason in frames.jsonl), as the node
+counts a bad camera message; the replay goes on.
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ def _record(agent, bag: str, k: int, lf: LabelledFrame, t0_ns: int, result, late
                       instruction=agent.instruction)
     if lf.command is not None:
         rec.rec_linear_x, rec.rec_angular_z = lf.command.linear_x, lf.command.angular_z
+    if result.status == "bad_frame":  # the bag's own reason (an undecodable image) before the agent's
+        rec.error = lf.frame.error or result.error
     if result.status in ("ok", "fallback"):
         rec.raw_linear_x, rec.raw_angular_z = _raw_twist(agent, result.action)
         rec.linear_x, rec.angular_z = float(result.twist["linear_x"]), float(result.twist["angular_z"])
@@ -162,8 +166,11 @@ def replay(bag_path: str | Path, agent, *, realtime: bool = False, image_topic: 
             labels = labels[:max_frames]
         name = bag.name if bag.name not in by_bag else str(bag)
         if not warmed:  # first call pays one-time costs (allocation, kernels): keep it out of the numbers
-            _set_instruction(agent, labels[0], instruction)
-            agent.act(labels[0].frame.rgb)
+            first = next((lf for lf in labels if lf.frame.rgb is not None), None)
+            if first is None:
+                raise BagError(f"{bag}: none of its {len(labels)} images can be decoded ({labels[0].frame.error})")
+            _set_instruction(agent, first, instruction)
+            agent.act(first.frame.rgb)
             warmed = True
         agent.safety.reset()
         by_bag[name] = (replay_realtime(agent, labels, name, instruction, progress, speed) if realtime
@@ -289,5 +296,7 @@ def run(args: argparse.Namespace) -> int:
 def summary_line(s: dict[str, Any]) -> str:
     lat = s["latency_ms"]
     agree = agreement_text(s) if s.get("has_recorded_commands") else "no recorded commands: latency only"
-    return (f"{s['frames']} frames, {s['processed']} processed, {s['dropped']} dropped, {s['deadline_misses']} deadline "
-            f"misses, {s['fallbacks']} fallbacks; {agree}; latency p50/p90/p99 {lat['p50']}/{lat['p90']}/{lat['p99']} ms")
+    bad = f", {s['bad_frames']} bad frames (not acted on)" if s.get("bad_frames") else ""
+    return (f"{s['frames']} frames, {s['processed']} processed, {s['dropped']} dropped{bad}, {s['deadline_misses']} "
+            f"deadline misses, {s['fallbacks']} fallbacks; {agree}; latency p50/p90/p99 {lat['p50']}/{lat['p90']}/"
+            f"{lat['p99']} ms")

@@ -87,6 +87,7 @@ def metrics_table(summary: dict[str, Any]) -> list[str]:
         ("dropped (replaced / stale)", f"{summary.get('dropped')} ({summary.get('dropped_replaced')} / "
                                        f"{summary.get('dropped_stale')})"),
         ("deadline misses", summary.get("deadline_misses")), ("fallbacks", summary.get("fallbacks")),
+        ("bad frames (not acted on: frames.jsonl says why)", summary.get("bad_frames") or None),
         ("decode steps (mean)", summary.get("decode_steps_mean")),
         ("action type agreement", summary.get("action_type_agreement")),
         (f"angular sign agreement ({summary.get('turning_frames', 0)} turning frames)",

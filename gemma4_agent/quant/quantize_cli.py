@@ -78,9 +78,10 @@ def load_frames(path: str | Path, max_frames: int = 16) -> list[tuple[np.ndarray
     labelled = []
     for bag in bags:
         episode = read_episode(bag)
-        labelled += pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
+        labelled += [lf for lf in pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)
+                     if lf.frame.rgb is not None]  # an undecodable image calibrates nothing
     if not labelled:
-        raise ValueError(f"{path}: no image frames")
+        raise ValueError(f"{path}: no image frames (none that can be decoded)")
     return [(labelled[i].frame.rgb, labelled[i].instruction) for i in _spaced(len(labelled), max_frames)]
 
 
