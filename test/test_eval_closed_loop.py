@@ -40,9 +40,10 @@ def test_sim_cli_refuses_bad_numbers_and_report_path_before_running(engine, tmp_
     err = capsys.readouterr().err.strip()
     assert err == f"gemma4-agent sim: error: --report {taken}: cannot create the output folder here (File exists)"
     assert taken.read_text() == "keep me"
-    # a value one of the configs refuses: its field and reason on one line
-    assert main(["sim", "--engine", str(engine), "--episodes", "1", "--width", "8", "--report", str(tmp_path / "r"),
-                 "--no-progress"]) == 2
+    # a value one of the configs refuses: its field and reason on one line, before the engine loads (here there is
+    # none to load, which would be the error after it)
+    assert main(["sim", "--engine", str(tmp_path / "no_engine"), "--episodes", "1", "--width", "8", "--report",
+                 str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gemma4-agent sim: error: WorldConfig: width: Input should be greater than or equal to 16 (got 8)"
 

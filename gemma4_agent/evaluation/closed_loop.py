@@ -101,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from .replay import OFFLINE_AGENT_BUDGET_MS, engine_name, load_agent, machine_info
     from .report import make_report_folder, write_report
 
-    make_report_folder(args.report)  # before the episodes: a bad --report path fails at once
+    # before the engine loads: a bad --report path or world size fails at once
+    make_report_folder(args.report)
+    wcfg = WorldConfig(width=args.width, height=args.height)
+    ecfg = EpisodeConfig(rate_hz=args.rate, max_duration_s=args.max_duration_s)
     try:
         agent = load_agent(args.engine, OFFLINE_AGENT_BUDGET_MS, image_tokens=args.image_tokens, device=args.device)
     except (EngineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    wcfg = WorldConfig(width=args.width, height=args.height)
-    ecfg = EpisodeConfig(rate_hz=args.rate, max_duration_s=args.max_duration_s)
     agent.act(np.zeros((args.height, args.width, 3), np.uint8))  # warm-up, out of the numbers
     rows, by_ep, all_records = [], {}, []
     bar = tqdm(range(args.episodes), desc="sim", unit="ep", disable=args.no_progress)
