@@ -203,6 +203,14 @@ def test_cli_build_and_verify(tiny_checkpoints, tmp_path, capsys):
     # verify against a checkpoint of another config: refused with a clear message
     assert main(["verify-engine", str(out), "--checkpoint", str(tiny_checkpoints["gqa_window3"])]) == 1
     assert "different model config" in capsys.readouterr().out
+    # sizes and counts of 0 or less: refused by the parser before any work (were a tensor error's traceback, or
+    # "no median for empty data")
+    for args in (["build-engine", "--checkpoint", str(ckpt), "--out", str(tmp_path / "neg"), "--max-context", "-5"],
+                 ["verify-engine", str(out), "--checkpoint", str(ckpt), "--frames", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2 and f"{args[-1]} must be greater than 0" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()
     # tensorrt cannot be built here: a clear error, nothing half-written claimed as an engine
     try:
         import tensorrt  # noqa: F401

@@ -141,12 +141,14 @@ def _plans_from_export(src: Path, out: Path, config: ModelConfig, name: str | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import positive
+
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (or torch engine) folder")
     parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     parser.add_argument("--quant", choices=["none", "q4_0"], default="none")
     parser.add_argument("--out", required=True, type=Path, help="engine folder to write (e.g. engines/NAME)")
-    parser.add_argument("--max-context", type=int, default=None, help="default: agent.json's, else 1024")
-    parser.add_argument("--max-prefix", type=int, default=None, help="default: agent.json's, else 256")
+    parser.add_argument("--max-context", type=positive(int), default=None, help="default: agent.json's, else 1024")
+    parser.add_argument("--max-prefix", type=positive(int), default=None, help="default: agent.json's, else 256")
     parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
     parser.add_argument("--name", default=None)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,

@@ -144,11 +144,13 @@ def benchmark(engine_dir: str | Path, checkpoint: str | Path, frames: int = 20, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import positive
+
     parser.add_argument("engine", type=Path, help="engine folder (manifest.json inside)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint the engine was built from")
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", type=positive(int), default=8)
     parser.add_argument("--mode", choices=["prefix", "window"], default="prefix")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive(int), default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the torch reference")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch reference dtype")
     parser.add_argument("--float-reference", action="store_true", help="q4_0 engine vs the unquantized model")
