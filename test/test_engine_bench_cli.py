@@ -53,6 +53,14 @@ def test_bench_cli_refuses_a_missing_config(tmp_path):
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("option", ["--frames", "--prefix-tokens", "--decode-tokens"])
+def test_bench_cli_refuses_counts_of_zero_before_any_work(option):
+    proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "bench", "--config",
+                           str(ROOT / "benchmarks" / "tiny-config.json"), option, "0"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and f"argument {option}: 0 must be greater than 0" in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message of a machine without CUDA")
 def test_bench_cli_says_when_there_is_no_cuda_device():
     proc = subprocess.run([sys.executable, "-m", "gemma4_agent.cli", "bench", "--config",

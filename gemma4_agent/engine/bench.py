@@ -351,12 +351,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--frames", type=positive(int), default=50)
     parser.add_argument("--image-tokens", type=int, choices=sorted(GRIDS), default=280)
-    parser.add_argument("--decode-tokens", type=int, default=12,
+    parser.add_argument("--decode-tokens", type=positive(int), default=12,
                         help="tokens a frame (--selector fixed) or an action's cap (--selector grammar)")
     parser.add_argument("--selector", choices=["fixed", "grammar"], default="fixed",
                         help="greedy for a fixed count of tokens, or an action of the action grammar (jump-forward)")
     parser.add_argument("--cache", choices=["prefix", "window", "none"], default="prefix")
-    parser.add_argument("--prefix-tokens", type=int, default=600)
+    parser.add_argument("--prefix-tokens", type=positive(int), default=600)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--ceilings", action="store_true", help="CUDA: measure bandwidth/matmul rate and the floor")
     parser.add_argument("--compile", action="store_true",
