@@ -23,6 +23,7 @@ from .actions import ActionParser, SafetyFilter, action_to_twist, load_action_sp
 from .actions.grammar import GrammarSelector
 from .engine.session import SessionConfig, StreamingSession
 from .engines.backends import load_engine
+from .model.config import ImageTokens
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ class AgentConfig(BaseModel):
     compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with "
                           "a throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x "
                           "faster")
-    image_tokens: Literal[70, 140, 280, 560, 1120] | None = None  # None: the engine's default
+    image_tokens: ImageTokens | None = None  # None: the engine's default
     budget_ms: float = Field(500.0, gt=0, description="frame age at which a command is no longer useful")
     actions: Path | None = None  # None: the package's config/actions.yaml
     instruction: str | None = None  # None: the engine's default instruction

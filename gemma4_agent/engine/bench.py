@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model.config import ModelConfig
+from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
 from ..model.network import build_model
 from ..quant.int4 import Int4Linear
 from .session import SessionConfig, StreamingSession
@@ -350,7 +350,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="config.json, checkpoint folder, or preset name (gemma4-12b)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--frames", type=positive(int), default=50)
-    parser.add_argument("--image-tokens", type=int, choices=sorted(GRIDS), default=280)
+    parser.add_argument("--image-tokens", type=int, choices=IMAGE_TOKEN_COUNTS, default=280)
     parser.add_argument("--decode-tokens", type=positive(int), default=12,
                         help="tokens a frame (--selector fixed) or an action's cap (--selector grammar)")
     parser.add_argument("--selector", choices=["fixed", "grammar"], default="fixed",

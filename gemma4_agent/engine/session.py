@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from ..model.config import SLIDING
+from ..model.config import SLIDING, ImageTokens
 from ..model.network import Gemma4, attention_mask
 from ..model.preprocess import frame_patches, scale_patches
 from ..model.tokenizer import PromptBuilder
@@ -37,7 +37,7 @@ CUDA_SLOT_ALIGN = 64  # the KV cache's slots, a multiple of this on CUDA (kv_cac
 
 class SessionConfig(BaseModel):
     mode: Literal["prefix", "window", "none"] = "prefix"
-    image_tokens: Literal[70, 140, 280, 560, 1120] = 280
+    image_tokens: ImageTokens = 280
     max_new_tokens: int = Field(32, ge=1, le=512)
     max_prefix: int = Field(1024, ge=8)
     max_context: int = Field(4096, ge=64)

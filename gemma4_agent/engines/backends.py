@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import one_line
-from ..model.config import ModelConfig
+from ..model.config import ImageTokens, ModelConfig
 from ..model.tokenizer import PromptBuilder, load_tokenizer
 from .manifest import EngineError, check_manifest, read_manifest
 
@@ -33,7 +33,7 @@ class AgentDefaults(BaseModel):
     notes) are allowed and kept."""
     model_config = ConfigDict(extra="allow")
     # defaults as the agent's when a key is absent (only the file's own values are kept); null is refused
-    image_tokens: Literal[70, 140, 280, 560, 1120] = 280
+    image_tokens: ImageTokens = 280
     instruction: str = "go to the red ball"
     system: str = ""
     max_prefix: int = Field(256, ge=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import ModelConfig
+from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
 from .manifest import EngineError, Manifest, write_manifest
 from .onnx_export import export_graphs, fake_quantize_model  # noqa: F401  (re-exported for tests)
 from .ort_backend import ENGINE_INFO
@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="engine folder to write (e.g. engines/NAME)")
     parser.add_argument("--max-context", type=positive(int), default=None, help="default: agent.json's, else 1024")
     parser.add_argument("--max-prefix", type=positive(int), default=None, help="default: agent.json's, else 256")
-    parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
+    parser.add_argument("--image-tokens", type=int, default=None, choices=IMAGE_TOKEN_COUNTS)
     parser.add_argument("--name", default=None)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="activation/weight type of the graphs (default: float32 for onnxruntime, bfloat16 for tensorrt)")

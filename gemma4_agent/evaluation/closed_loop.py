@@ -79,6 +79,7 @@ def run_closed_loop_episode(agent, seed: int, world_config=None, episode_config=
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import positive
+    from ..model.config import IMAGE_TOKEN_COUNTS
 
     parser.add_argument("--engine", type=Path, default=None, help="engine folder (default: the bundled demo engine)")
     parser.add_argument("--episodes", type=positive(int), default=20)
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--budget-ms", type=positive(float), default=500.0, help="nominal budget for deadline_misses")
-    parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
+    parser.add_argument("--image-tokens", type=int, default=None, choices=IMAGE_TOKEN_COUNTS)
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--no-progress", action="store_true")
 

@@ -208,6 +208,7 @@ def engine_name(agent) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import positive
+    from ..model.config import IMAGE_TOKEN_COUNTS
 
     parser.add_argument("bag", type=Path, help="bag folder, storage file (.mcap/.db3) or a folder of bags")
     parser.add_argument("--engine", type=Path, default=None, help="engine folder (default: the bundled demo engine)")
@@ -222,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", default=None, help="fixed instruction (overrides the bag's)")
     parser.add_argument("--budget-ms", type=positive(float), default=None,
                         help="latency budget (default: the agent's, 500)")
-    parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120])
+    parser.add_argument("--image-tokens", type=int, default=None, choices=IMAGE_TOKEN_COUNTS)
     parser.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"])
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", default=None,

@@ -113,12 +113,12 @@ def stage_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def make_report_folder(out: Path, option: str = "--report") -> Path:
+def make_report_folder(out: Path) -> Path:
     """Create the output folder before the run: a path that cannot be a folder fails at once, not after it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"{option} {out}: cannot create the output folder here ({err.strerror or err})") from err
+        raise OSError(f"--report {out}: cannot create the output folder here ({err.strerror or err})") from err
     return out
 
 

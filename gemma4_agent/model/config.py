@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -16,6 +16,9 @@ from ..errors import one_line
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 SLIDING, FULL = "sliding_attention", "full_attention"
+# soft tokens a frame may become (the merged-patch grids the model was trained with); every config and CLI takes these
+ImageTokens = Literal[70, 140, 280, 560, 1120]
+IMAGE_TOKEN_COUNTS = get_args(ImageTokens)
 
 
 class RopeParameters(BaseModel):

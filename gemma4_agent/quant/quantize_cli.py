@@ -21,6 +21,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def add_arguments(parser) -> None:
     from ..cli import positive
+    from ..model.config import IMAGE_TOKEN_COUNTS
 
     parser.add_argument("src", help="source checkpoint (or torch engine) folder")
     parser.add_argument("dst", help="output folder (new or empty)")
@@ -28,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib", help="ROS 2 bag or image folder with calibration frames (required for awq-g128)")
     parser.add_argument("--embedding", action="store_true", help="also quantize the tied embedding / LM head")
     parser.add_argument("--frames", type=positive(int), default=16, help="calibration frames to use (evenly spaced)")
-    parser.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
+    parser.add_argument("--image-tokens", type=int, default=None, choices=IMAGE_TOKEN_COUNTS,
                         help="soft tokens per frame (default: agent.json or 70)")
     parser.add_argument("--instruction", default=None, help="calibration instruction (default: agent.json's)")
     parser.add_argument("--max-tokens", type=positive(int), default=512, help="activation rows kept per layer for AWQ")
