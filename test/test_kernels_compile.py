@@ -234,8 +234,8 @@ def test_gemm_dequantizes_without_int_to_float_conversions():
 
 REGS_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s2_ptr": "*i32", "y_ptr": "*bf16", "part_ptr": "*fp32",
             "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_PAIRS": "i32",
-            "M_BUCKET": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "SPLIT": "constexpr", "ORDER": "constexpr"}
+            "M_BUCKET": "i32", "BLOCK_M": "constexpr", "TAIL_M": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_K": "constexpr", "SPLIT": "constexpr", "ORDER": "constexpr"}
 
 
 def test_register_order_gemm_feeds_the_mma_without_a_round_trip_through_shared_memory():
@@ -250,7 +250,8 @@ def test_register_order_gemm_feeds_the_mma_without_a_round_trip_through_shared_m
         ops = loop_opcodes(kernel)
         assert stack_bytes(kernel) == 0 and "I2F" not in ops and "HGMMA" in ops, c
         assert re.search(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", kernel.asm["ptx"]), c  # A given as registers
-        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.num_stages)
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["TAIL_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps,
+                c.num_stages)
         clean[tile] = clean.get(tile, False) or "STS" not in ops
     assert all(clean.values()), clean
 

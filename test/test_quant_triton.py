@@ -45,13 +45,13 @@ SCRIPT = textwrap.dedent("""
             y = x @ w.t()
         else:
             split = cfg.get("SPLIT", 1)
-            tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+            tiles = triton.cdiv(m, cfg["BLOCK_M"] + cfg.get("TAIL_M", 0)) * triton.cdiv(n, cfg["BLOCK_N"])
             part = torch.full((split, m, n), float("nan"))
-            counts = torch.zeros(tiles, dtype=torch.int32)
+            counts = torch.zeros(2 * tiles, dtype=torch.int32)
             if gemv == "gemm_regs":  # x with its columns reordered, the scales read in pairs
                 T._gemm_regs_kernel.fn[(tiles, split)](T.regs_order(x), mod.qweight.view(torch.int32),
                                                        s.view(torch.int32), y, part, counts, m, n, k, k // 8, k // 64,
-                                                       1, BLOCK_K=64, **dict(cfg, SPLIT=split))
+                                                       1, BLOCK_K=64, **{"TAIL_M": 0, **cfg, "SPLIT": split})
             else:
                 T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, z, y, part, counts, m, n, k,
                                                   k // 8, k // mod.group_size, 1, **common)
@@ -102,7 +102,12 @@ SCRIPT = textwrap.dedent("""
                                         (20, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, ORDER=0)),
                                         (5, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, ORDER=1)),
                                         (20, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, ORDER=1,
-                                                                              SPLIT=3))):
+                                                                              SPLIT=3)),
+                                        # tiles of 16 + 16 rows: 40 rows in two, the second partial, whole and split
+                                        (40, "gemm_regs", torch.float32, dict(BLOCK_M=16, TAIL_M=16, BLOCK_N=16,
+                                                                              ORDER=0)),
+                                        (40, "gemm_regs", torch.float32, dict(BLOCK_M=16, TAIL_M=16, BLOCK_N=32,
+                                                                              ORDER=1, SPLIT=2))):
                 if gemv == "gemm_regs" and scheme != "q4_0":
                     continue
                 x = torch.randn(m, inp)
@@ -117,7 +122,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 78
+    assert len(rows) == 82
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
@@ -165,8 +170,8 @@ DISPATCH = textwrap.dedent("""
     T._gemv_kernel.configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=1)]
     T._gemv_q8_kernel.configs = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT": 2}, num_warps=1)]
     T._gemm_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
-    T._gemm_regs_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 1,
-                                                  "ORDER": 0}, num_warps=1)]
+    T._gemm_regs_kernel.configs = [triton.Config({"BLOCK_M": 16, "TAIL_M": 0, "BLOCK_N": 16, "BLOCK_K": 64,
+                                                  "SPLIT": 1, "ORDER": 0}, num_warps=1)]
     timed = []
     def fake_kernel_ms(fn, **kwargs):
         timed.append(fn.func.__name__)

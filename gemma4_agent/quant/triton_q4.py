@@ -381,9 +381,10 @@ if triton is not None:
         sms = torch.cuda.get_device_properties(named_args["x_ptr"].device).multi_processor_count \
             if named_args["x_ptr"].is_cuda else 1 << 30
         split, bm, bn, bk = (config.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        return split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles <= SPLIT_MAX_BLOCKS
-                              and k >= split * bk)
+        tail = config.kwargs.get("TAIL_M", 0)  # _gemm_regs_kernel's: an arrival count of its own
+        tiles = triton.cdiv(m, bm + tail) * triton.cdiv(n, bn)
+        return split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles * (2 if tail else 1)
+                              <= SPLIT_MAX_BLOCKS and k >= split * bk)
 
     def _prune_gemm(configs, named_args, **kwargs):
         m = named_args["M_BUCKET"]
@@ -464,12 +465,14 @@ if triton is not None:
                     pid, M * N, SPLIT)
 
     def _gemm_regs_configs():
-        # (BLOCK_M, BLOCK_N, warps, stages), each in both ORDERs (see _gemm_regs_kernel) and split as _gemm's (128-row
-        # tiles spill registers at SPLIT 4 on sm_90)
-        shapes = ((128, 128, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT": split, "ORDER": order},
-                              num_warps=w, num_stages=stages)
-                for split in (1, 2, MAX_SPLIT) for order in (0, 1) for bm, bn, w, stages in shapes
+        # (BLOCK_M, TAIL_M, BLOCK_N, warps, stages), each in both ORDERs (see _gemm_regs_kernel) and split as _gemm's
+        # (128-row tiles spill registers at SPLIT 4 on sm_90). TAIL_M: tiles of 64 + 16 rows fit a 70-token frame's
+        # 76 in one tile, 128 + 16 a 280-token frame's 286 in two, without MMAs on 52 or 98 rows of padding
+        shapes = ((128, 0, 128, 8, 4), (128, 0, 128, 8, 3), (64, 0, 128, 8, 4), (128, 0, 64, 4, 4), (64, 0, 64, 4, 4),
+                  (64, 16, 128, 8, 4), (128, 16, 128, 8, 3))
+        return [triton.Config({"BLOCK_M": bm, "TAIL_M": tail, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT": split,
+                               "ORDER": order}, num_warps=w, num_stages=stages)
+                for split in (1, 2, MAX_SPLIT) for order in (0, 1) for bm, tail, bn, w, stages in shapes
                 if split < MAX_SPLIT or bm < 128]
 
     @triton.autotune(configs=_gemm_regs_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph,
@@ -477,8 +480,8 @@ if triton is not None:
                          c for c in configs if _split_fits(c, named_args)]}, **_AUTOTUNE_CACHE)
     @triton.jit
     def _gemm_regs_kernel(x_ptr, qw_ptr, s2_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_WORDS, K_PAIRS, M_BUCKET,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                          ORDER: tl.constexpr):
+                          BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SPLIT: tl.constexpr, ORDER: tl.constexpr):
         # y^T = W x^T for q4_0 (group 32, K a multiple of 64), each thread dequantizing exactly the weights that the
         # tensor cores' register operand (sm_90 wgmma, the weight tile first) wants it to hold, so the tile reaches
         # the MMA without the round trip through shared memory that _gemm_kernel's pays (its SASS: BENCHMARKS.md).
@@ -491,10 +494,13 @@ if triton is not None:
         # between non-contiguous dimensions by their index, ascending in some versions (3.6) and descending in
         # others (3.8): only one order puts the lanes and warps where the MMA wants them (the other converts
         # through shared memory); the autotuner keeps the faster.
+        # TAIL_M > 0: a tile of x is BLOCK_M + TAIL_M rows (power-of-two MMAs both), each weight tile dequantized once
+        # for the two.
         pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_m = tl.cdiv(M, BLOCK_M + TAIL_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = pid_m * (BLOCK_M + TAIL_M) + tl.arange(0, BLOCK_M)
+        rt = pid_m * (BLOCK_M + TAIL_M) + BLOCK_M + tl.arange(0, max(TAIL_M, 16))
         R: tl.constexpr = BLOCK_N // 16
         if ORDER == 0:  # [h8, R, r8, c, w]
             h8 = tl.arange(0, 2)[:, None, None, None, None]
@@ -512,6 +518,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)  # see _gemm_kernel
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, max(TAIL_M, 16)), dtype=tl.float32)
         k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K
         k_start = tl.program_id(1) * k_len
         for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
@@ -534,11 +541,17 @@ if triton is not None:
                 t = tl.permute(t, (1, 0, 2, 4, 7, 6, 3, 5))
             else:  # [c, r8, R, h8, w, e, h, jlo] -> the same
                 t = tl.permute(t, (2, 3, 1, 4, 7, 6, 0, 5))
-            acc = tl.dot(tl.reshape(t, (BLOCK_N, BLOCK_K)), tl.trans(x), acc)
-        acc = tl.trans(acc)
+            t = tl.reshape(t, (BLOCK_N, BLOCK_K))
+            acc = tl.dot(t, tl.trans(x), acc)
+            if TAIL_M > 0:
+                x_t = tl.load(x_ptr + rt[:, None] * K + (k0 + rk)[None, :], mask=(rt < M)[:, None], other=0)
+                acc_t = tl.dot(t, tl.trans(x_t), acc_t)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _sum_splits(acc, rm[:, None] * N + rn[None, :], (rm < M)[:, None] & (rn < N)[None, :], y_ptr, part_ptr,
-                    count_ptr, pid, M * N, SPLIT)
+        _sum_splits(tl.trans(acc), rm[:, None] * N + rn[None, :], (rm < M)[:, None] & (rn < N)[None, :], y_ptr,
+                    part_ptr, count_ptr, pid, M * N, SPLIT)
+        if TAIL_M > 0:  # its own arrival count, after every tile's
+            _sum_splits(tl.trans(acc_t), rt[:, None] * N + rn[None, :], (rt < M)[:, None] & (rn < N)[None, :], y_ptr,
+                        part_ptr, count_ptr, pid + tl.num_programs(0), M * N, SPLIT)
 
 
 def _partials(m: int, n: int, device: torch.device) -> torch.Tensor:
@@ -549,7 +562,8 @@ def _partials(m: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _gemm_grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta.get("SPLIT", 1))
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"] + meta.get("TAIL_M", 0)) * triton.cdiv(n, meta["BLOCK_N"]),
+                         meta.get("SPLIT", 1))
 
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
