@@ -11,8 +11,6 @@
    memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
 2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
    SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
-2d. the register-order GEMM (q4_0) at a frame's prefill rows against the GEMM and dequantize + cuBLAS, each
-   autotuned as the engine autotunes it.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -33,7 +31,7 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap regs overlap attention
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap overlap attention
         norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
@@ -208,16 +206,6 @@ def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
 LAYERS_OF = {"qkv": 40, "o": 40, "gate_up": 48, "down": 48, "qk_full": 8, "o_full": 8}
 
 
-def frame_ms(rows: list, row_counts) -> None:
-    """Prints, per row count, ms a frame's prefill matmuls take each way that ran every shape (LAYERS_OF)."""
-    for m in row_counts:
-        of_m = [r for r in rows if r["rows"] == m]
-        ways = [k[:-3] for k in of_m[0] if k.endswith("_us") and k != "ideal_matmul_us"
-                and all(k in r for r in of_m)]
-        per_frame = {w: sum(r[f"{w}_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3 for w in ways}
-        print(json.dumps({"rows": m, "ms_a_frame": per_frame}), flush=True)
-
-
 def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
     """The GEMM's deep tile (128 x 128 x 64, 8 warps, 4 stages, SWAP: a 70-token frame's pick) holds ~155 registers
     a thread on sm_90, so one program runs an SM and its dequantization and its MMAs take turns. The same tile
@@ -265,36 +253,12 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
         triton_q4._gemm_kernel.configs = every
         triton_q4._gemm_kernel.cache.clear()
         triton_q4.PIPELINED_MAX_ROWS = pipelined
-    frame_ms(rows, row_counts)  # each way that ran every shape (the splits run on a few)
-    return rows
-
-
-def bench_regs(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
-    """The register-order GEMM (triton_q4._gemm_regs: the weight tile dequantized in the layout wgmma takes it from
-    registers) at a frame's prefill rows, against the engine's GEMM and dequantize + cuBLAS, each autotuned as the
-    engine does: us a matmul in a CUDA graph over `copies` weight sets, ms a frame, each GEMM's pick and its
-    relative error against dequantize + cuBLAS."""
-    ways = {"dequant_cublas": triton_q4._dequant_matmul, "gemm": triton_q4._gemm, "gemm_regs": triton_q4._gemm_regs}
-    rows = []
-    for m in row_counts:
-        for name, out, inp in SHAPES:
-            mods = int4_copies(out, inp, copies)
-            calls = gemm_calls(mods, m)
-            want = torch.empty_like(calls[-1][4])  # the last weight set's product (the graph's last call writes y)
-            triton_q4._dequant_matmul(*calls[-1][:4], want, *calls[-1][5:])
-            row = {"shape": name, "rows": m,
-                   "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6}
-            for label, fn in ways.items():
-                fn(*calls[0])  # autotunes
-                row[f"{label}_us"] = graph_ms(lambda: [fn(*c) for c in calls], copies) * 1e3
-                got = calls[-1][4].float()
-                row[f"{label}_rel_err"] = ((got - want.float()).norm() / want.float().norm()).item()
-            row["gemm_config"] = str(triton_q4._gemm_kernel.best_config)
-            row["gemm_regs_config"] = str(triton_q4._gemm_regs_kernel.best_config)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            del mods
-    frame_ms(rows, row_counts)
+    for m in row_counts:  # a frame's prefill matmuls, each way that ran every shape (the splits run on a few)
+        of_m = [r for r in rows if r["rows"] == m]
+        ways = [k[:-3] for k in of_m[0] if k.endswith("_us") and k != "ideal_matmul_us"
+                and all(k in r for r in of_m)]
+        per_frame = {w: sum(r[f"{w}_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3 for w in ways}
+        print(json.dumps({"rows": m, "ms_a_frame": per_frame}), flush=True)
     return rows
 
 
@@ -803,8 +767,6 @@ def main() -> int:
             report["chunk_gemm"] = bench_chunk_gemm()
         elif part == "register_cap":
             report["register_cap"] = bench_register_cap(report["ceilings"])
-        elif part == "regs":
-            report["regs"] = bench_regs(report["ceilings"])
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":

@@ -232,30 +232,6 @@ def test_gemm_dequantizes_without_int_to_float_conversions():
     assert sum(per_weight) / len(per_weight) < 6.5, per_weight
 
 
-REGS_SIG = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s2_ptr": "*i32", "y_ptr": "*bf16", "part_ptr": "*fp32",
-            "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_WORDS": "i32", "K_PAIRS": "i32",
-            "M_BUCKET": "i32", "BLOCK_M": "constexpr", "TAIL_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr", "SPLIT": "constexpr", "ORDER": "constexpr"}
-
-
-def test_register_order_gemm_feeds_the_mma_without_a_round_trip_through_shared_memory():
-    # _gemm_kernel's tile goes from the registers it is dequantized in to shared memory and back (STS, barrier,
-    # LDSM) to reach wgmma's register layout. _gemm_regs_kernel dequantizes in that layout: for every tile, one of
-    # its two ORDERs (which one depends on the Triton version) stores nothing to shared memory in its loop (the
-    # pipeline's copies are LDGSTS), without I2F, spills, or wgmma's operand from shared memory
-    clean = {}
-    for c in T._gemm_regs_kernel.configs:
-        kernel = compile_kernel(T._gemm_regs_kernel.fn, REGS_SIG, dict(c.kwargs), ("N", "K", "K_WORDS"), c.num_warps,
-                                c.num_stages)
-        ops = loop_opcodes(kernel)
-        assert stack_bytes(kernel) == 0 and "I2F" not in ops and "HGMMA" in ops, c
-        assert re.search(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", kernel.asm["ptx"]), c  # A given as registers
-        tile = (c.kwargs["BLOCK_M"], c.kwargs["TAIL_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps,
-                c.num_stages)
-        clean[tile] = clean.get(tile, False) or "STS" not in ops
-    assert all(clean.values()), clean
-
-
 @pytest.mark.parametrize("dim, block", sorted({(d, A.block_shape(r, d)) for d in (32, 64, 128, 256, 512)
                                                 for r in (2, 16, 32, 300, 5000)}))
 def test_cache_attention_kernels_compile_without_spilling(dim, block):

@@ -45,16 +45,11 @@ SCRIPT = textwrap.dedent("""
             y = x @ w.t()
         else:
             split = cfg.get("SPLIT", 1)
-            tiles = triton.cdiv(m, cfg["BLOCK_M"] + cfg.get("TAIL_M", 0)) * triton.cdiv(n, cfg["BLOCK_N"])
+            tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
             part = torch.full((split, m, n), float("nan"))
-            counts = torch.zeros(2 * tiles, dtype=torch.int32)
-            if gemv == "gemm_regs":  # x with its columns reordered, the scales read in pairs
-                T._gemm_regs_kernel.fn[(tiles, split)](T.regs_order(x), mod.qweight.view(torch.int32),
-                                                       s.view(torch.int32), y, part, counts, m, n, k, k // 8, k // 64,
-                                                       1, BLOCK_K=64, **{"TAIL_M": 0, **cfg, "SPLIT": split})
-            else:
-                T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, z, y, part, counts, m, n, k,
-                                                  k // 8, k // mod.group_size, 1, **common)
+            counts = torch.zeros(tiles, dtype=torch.int32)
+            T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, z, y, part, counts, m, n, k, k // 8,
+                                              k // mod.group_size, 1, **common)
             assert not counts.any()  # as the GEMV's
         return y
 
@@ -96,20 +91,7 @@ SCRIPT = textwrap.dedent("""
                                         # a chunk's wide-K block: K = 384 ends in a half block
                                         (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,
                                                                         SWAP=True)),
-                                        (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256)),
-                                        # q4_0 only: both orders of its words, 40 rows a partial tile, and K = 256
-                                        # in three splits (the third empty)
-                                        (20, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, ORDER=0)),
-                                        (5, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=32, ORDER=1)),
-                                        (20, "gemm_regs", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, ORDER=1,
-                                                                              SPLIT=3)),
-                                        # tiles of 16 + 16 rows: 40 rows in two, the second partial, whole and split
-                                        (40, "gemm_regs", torch.float32, dict(BLOCK_M=16, TAIL_M=16, BLOCK_N=16,
-                                                                              ORDER=0)),
-                                        (40, "gemm_regs", torch.float32, dict(BLOCK_M=16, TAIL_M=16, BLOCK_N=32,
-                                                                              ORDER=1, SPLIT=2))):
-                if gemv == "gemm_regs" and scheme != "q4_0":
-                    continue
+                                        (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 xr = x.to(dtype).float()
                 ref = (T.round_x_int8(xr) if gemv == "gemv_q8" else xr) @ ref_w.t()
@@ -122,7 +104,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 82
+    assert len(rows) == 72
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
@@ -170,8 +152,6 @@ DISPATCH = textwrap.dedent("""
     T._gemv_kernel.configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=1)]
     T._gemv_q8_kernel.configs = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT": 2}, num_warps=1)]
     T._gemm_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
-    T._gemm_regs_kernel.configs = [triton.Config({"BLOCK_M": 16, "TAIL_M": 0, "BLOCK_N": 16, "BLOCK_K": 64,
-                                                  "SPLIT": 1, "ORDER": 0}, num_warps=1)]
     timed = []
     def fake_kernel_ms(fn, **kwargs):
         timed.append(fn.func.__name__)
@@ -185,8 +165,8 @@ DISPATCH = textwrap.dedent("""
     rows = []
     for m, TIMES in ((1, {"_gemv": 2.0, "_gemv_q8": 1.0}), (3, {"_gemm": 2.0, "_dequant_matmul": 3.0, "_gemv_rows": 1.0}), (4, None),
                      (5, {"_gemm": 1.0, "_dequant_matmul": 3.0, "_gemv_rows": 2.0}),
-                     (20, {"_gemm": 2.0, "_dequant_matmul": 1.0, "_gemm_regs": 3.0}), (30, None),
-                     (40, {"_gemm": 1.0, "_dequant_matmul": 3.0, "_gemm_regs": 0.5}), (600, None)):
+                     (20, {"_gemm": 2.0, "_dequant_matmul": 1.0}), (30, None),
+                     (40, {"_gemm": 1.0, "_dequant_matmul": 3.0}), (600, None)):
         timed.clear()
         x = torch.randn(m, 256)
         y = T._launch(x, mod.qweight, mod.scales, None, 32)
@@ -209,7 +189,7 @@ def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
     assert sorted(named) == ["dequant", "gemm", "rows"] and named_timed == []
     assert all(rel < (GEMV_FP32_TOL if p == "rows" else EXACT_TOL) for p, rel in named.items()), named
     assert picks == [[[48, 256, 1, False], "gemv_q8"], [[48, 256, 4, False], "rows"], [[48, 256, 8, False], "gemm"], [[48, 256, 32, False], "dequant"],
-                     [[48, 256, 64, False], "gemm_regs"]]
+                     [[48, 256, 64, False], "gemm"]]
     for m, timed, rel in runs:
         # float32 activations: the paths of one GEMV per row (3 and 4 rows) round as the GEMV does; one row took
         # the int8-x GEMV (x rounded to 8 bits: ~5e-3)
@@ -217,8 +197,7 @@ def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
         # the candidates timed (twice each, fastest.py) once per (shape, rows rounded up to a power of two): 4 rows
         # reuses 3's pick, 30 rows 20's; > 512 rows have one path
         expected = {1: ["_gemv", "_gemv_q8"], 3: ["_dequant_matmul", "_gemm", "_gemv_rows"], 5: ["_dequant_matmul", "_gemm", "_gemv_rows"],
-                    20: ["_dequant_matmul", "_gemm", "_gemm_regs"],
-                    40: ["_dequant_matmul", "_gemm", "_gemm_regs"]}.get(m, [])
+                    20: ["_dequant_matmul", "_gemm"], 40: ["_dequant_matmul", "_gemm"]}.get(m, [])
         assert timed == sorted(expected * 2), (m, timed)
 
 

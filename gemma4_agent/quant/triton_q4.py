@@ -12,16 +12,13 @@ Chosen by the number of rows of x:
              on first use.
     gemm     x tiles times weight tiles dequantized in registers, on the tensor cores (tl.dot); where its tiles
              would leave SMs idle, its autotuner may also split K over 2-4 programs a tile, as the int8-x GEMV.
-    gemm_regs  the same for q4_0 with x's columns reordered (a copy a call) so that each thread dequantizes just the
-             weights the tensor cores' register operand wants from it (sm_90): the tile reaches the MMA without
-             the round trip through shared memory that gemm's pays.
     dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
              best matmul there is.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
-gemm, gemm_regs (q4_0) and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes
-4x the int4 bytes whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; none wins
+gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
+whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins
 everywhere (H200, BENCHMARKS.md: the GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and
 on every shape at 8).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
@@ -373,28 +370,23 @@ if triton is not None:
                                              (True, deep, 4))
                 for bm, bn, bk, w in shapes]
 
-    def _split_fits(config, named_args) -> bool:
+    def _prune_gemm(configs, named_args, **kwargs):
         # splitting only where the tiles do not fill the GPU, and every split gets at least one block of K; for any
-        # row count of the bucket (the pick is kept per bucket), the partials fit their buffer (_partials) and the
+        # row count of the bucket (the pick is kept per bucket), the partials fit their buffer (see _gemm) and the
         # tiles their arrival counts
         m, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
         sms = torch.cuda.get_device_properties(named_args["x_ptr"].device).multi_processor_count \
             if named_args["x_ptr"].is_cuda else 1 << 30
-        split, bm, bn, bk = (config.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        tail = config.kwargs.get("TAIL_M", 0)  # _gemm_regs_kernel's: an arrival count of its own
-        tiles = triton.cdiv(m, bm + tail) * triton.cdiv(n, bn)
-        return split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles * (2 if tail else 1)
-                              <= SPLIT_MAX_BLOCKS and k >= split * bk)
-
-    def _prune_gemm(configs, named_args, **kwargs):
-        m = named_args["M_BUCKET"]
         ok = []
         for c in configs:
-            if c.kwargs["BLOCK_K"] > 128 and m > CHUNK_ROWS:  # the chunks' configurations, not a frame's prefill
+            split, bm, bn, bk = (c.kwargs.get(key, 1) for key in ("SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if bk > 128 and m > CHUNK_ROWS:  # the chunks' configurations (_gemm_configs), not a frame's prefill
                 continue
             if c.num_stages > 3 and m > PIPELINED_MAX_ROWS:  # the deep pipeline: not measured at 286 rows
                 continue
-            if _split_fits(c, named_args):
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            if split == 1 or (m * n <= SPLIT_MAX_OUTPUTS and tiles < sms and tiles <= SPLIT_MAX_BLOCKS
+                              and k >= split * bk):
                 ok.append(c)
         return ok
 
@@ -464,131 +456,18 @@ if triton is not None:
         _sum_splits(acc, rm[:, None] * N + rn[None, :], (rm < M)[:, None] & n_ok[None, :], y_ptr, part_ptr, count_ptr,
                     pid, M * N, SPLIT)
 
-    def _gemm_regs_configs():
-        # (BLOCK_M, TAIL_M, BLOCK_N, warps, stages), each in both ORDERs (see _gemm_regs_kernel) and split as _gemm's
-        # (128-row tiles spill registers at SPLIT 4 on sm_90). TAIL_M: tiles of 64 + 16 rows fit a 70-token frame's
-        # 76 in one tile, 128 + 16 a 280-token frame's 286 in two, without MMAs on 52 or 98 rows of padding
-        shapes = ((128, 0, 128, 8, 4), (128, 0, 128, 8, 3), (64, 0, 128, 8, 4), (128, 0, 64, 4, 4), (64, 0, 64, 4, 4),
-                  (64, 16, 128, 8, 4), (128, 16, 128, 8, 3))
-        return [triton.Config({"BLOCK_M": bm, "TAIL_M": tail, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT": split,
-                               "ORDER": order}, num_warps=w, num_stages=stages)
-                for split in (1, 2, MAX_SPLIT) for order in (0, 1) for bm, tail, bn, w, stages in shapes
-                if split < MAX_SPLIT or bm < 128]
-
-    @triton.autotune(configs=_gemm_regs_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph,
-                     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
-                         c for c in configs if _split_fits(c, named_args)]}, **_AUTOTUNE_CACHE)
-    @triton.jit
-    def _gemm_regs_kernel(x_ptr, qw_ptr, s2_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_WORDS, K_PAIRS, M_BUCKET,
-                          BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SPLIT: tl.constexpr, ORDER: tl.constexpr):
-        # y^T = W x^T for q4_0 (group 32, K a multiple of 64), each thread dequantizing exactly the weights that the
-        # tensor cores' register operand (sm_90 wgmma, the weight tile first) wants it to hold, so the tile reaches
-        # the MMA without the round trip through shared memory that _gemm_kernel's pays (its SASS: BENCHMARKS.md).
-        # That operand gives a thread rows r and r + 8 of 16 (lanes / 4, registers) and, in each 16 columns, the
-        # pairs 2c, 2c + 1 and 2c + 8, 2c + 9 (c = lane % 4). Here the tile's column 32 w + 16 jlo + 8 h + 2 c + e
-        # holds k = 16 c + 8 w + 4 jlo + 2 h + e of the block: element 4 jlo + 2 h + e of word 2 c + w, so lane c
-        # unpacks words 2c and 2c + 1 of each of its rows and nothing else; x comes with its columns in the same
-        # order (_gemm_regs). Rows n = 16 R + 8 h8 + r8 spread as the operand spreads them (R over warps).
-        # ORDER: the same words tensor with its dimensions in two orders. Triton's coalescing pass breaks ties
-        # between non-contiguous dimensions by their index, ascending in some versions (3.6) and descending in
-        # others (3.8): only one order puts the lanes and warps where the MMA wants them (the other converts
-        # through shared memory); the autotuner keeps the faster.
-        # TAIL_M > 0: a tile of x is BLOCK_M + TAIL_M rows (power-of-two MMAs both), each weight tile dequantized once
-        # for the two.
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M + TAIL_M)
-        pid_m, pid_n = pid % tiles_m, pid // tiles_m
-        rm = pid_m * (BLOCK_M + TAIL_M) + tl.arange(0, BLOCK_M)
-        rt = pid_m * (BLOCK_M + TAIL_M) + BLOCK_M + tl.arange(0, max(TAIL_M, 16))
-        R: tl.constexpr = BLOCK_N // 16
-        if ORDER == 0:  # [h8, R, r8, c, w]
-            h8 = tl.arange(0, 2)[:, None, None, None, None]
-            rr = tl.arange(0, R)[None, :, None, None, None]
-            r8 = tl.arange(0, 8)[None, None, :, None, None]
-            c = tl.arange(0, 4)[None, None, None, :, None]
-        else:  # [c, r8, R, h8, w]
-            c = tl.arange(0, 4)[:, None, None, None, None]
-            r8 = tl.arange(0, 8)[None, :, None, None, None]
-            rr = tl.arange(0, R)[None, None, :, None, None]
-            h8 = tl.arange(0, 2)[None, None, None, :, None]
-        w = tl.arange(0, 2)[None, None, None, None, :]
-        rows = pid_n * BLOCK_N + 16 * rr + 8 * h8 + r8
-        row_ok = rows < N
-        rk = tl.arange(0, BLOCK_K)
-        magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)  # see _gemm_kernel
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_t = tl.zeros((BLOCK_N, max(TAIL_M, 16)), dtype=tl.float32)
-        k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K
-        k_start = tl.program_id(1) * k_len
-        for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
-            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0)
-            words = tl.load(qw_ptr + rows * K_WORDS + (k0 // 8 + 2 * c + w), mask=row_ok,
-                            other=0).to(tl.uint32, bitcast=True)
-            # the scales of the block's two groups as one word (fp16 bits, group 2g low); lane c's are group c // 2
-            pair = tl.load(s2_ptr + rows * K_PAIRS + k0 // 64, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-            s = ((pair >> (16 * (c // 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            # element i = 4 jlo + 2 h + e: joined innermost e, then h, then jlo
-            t = tl.join(tl.join(tl.join(_weights_bf16(words, s, 8.0, magic, 0, BLOCK_N, 32, 32, x.dtype),
-                                        _weights_bf16(words, s, 8.0, magic, 1, BLOCK_N, 32, 32, x.dtype)),
-                                tl.join(_weights_bf16(words, s, 8.0, magic, 2, BLOCK_N, 32, 32, x.dtype),
-                                        _weights_bf16(words, s, 8.0, magic, 3, BLOCK_N, 32, 32, x.dtype))),
-                        tl.join(tl.join(_weights_bf16(words, s, 8.0, magic, 4, BLOCK_N, 32, 32, x.dtype),
-                                        _weights_bf16(words, s, 8.0, magic, 5, BLOCK_N, 32, 32, x.dtype)),
-                                tl.join(_weights_bf16(words, s, 8.0, magic, 6, BLOCK_N, 32, 32, x.dtype),
-                                        _weights_bf16(words, s, 8.0, magic, 7, BLOCK_N, 32, 32, x.dtype))))
-            if ORDER == 0:  # [h8, R, r8, c, w, e, h, jlo] -> [R, h8, r8, w, jlo, h, c, e]
-                t = tl.permute(t, (1, 0, 2, 4, 7, 6, 3, 5))
-            else:  # [c, r8, R, h8, w, e, h, jlo] -> the same
-                t = tl.permute(t, (2, 3, 1, 4, 7, 6, 0, 5))
-            t = tl.reshape(t, (BLOCK_N, BLOCK_K))
-            acc = tl.dot(t, tl.trans(x), acc)
-            if TAIL_M > 0:
-                x_t = tl.load(x_ptr + rt[:, None] * K + (k0 + rk)[None, :], mask=(rt < M)[:, None], other=0)
-                acc_t = tl.dot(t, tl.trans(x_t), acc_t)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _sum_splits(tl.trans(acc), rm[:, None] * N + rn[None, :], (rm < M)[:, None] & (rn < N)[None, :], y_ptr,
-                    part_ptr, count_ptr, pid, M * N, SPLIT)
-        if TAIL_M > 0:  # its own arrival count, after every tile's
-            _sum_splits(tl.trans(acc_t), rt[:, None] * N + rn[None, :], (rt < M)[:, None] & (rn < N)[None, :], y_ptr,
-                        part_ptr, count_ptr, pid + tl.num_programs(0), M * N, SPLIT)
-
-
-def _partials(m: int, n: int, device: torch.device) -> torch.Tensor:
-    # the split configurations' partials, which _split_fits allows only up to SPLIT_MAX_OUTPUTS outputs a bucket
-    bucket = 1 << (m - 1).bit_length()
-    return torch.empty((MAX_SPLIT, m, n) if bucket * n <= SPLIT_MAX_OUTPUTS else (1,), device=device,
-                       dtype=torch.float32)
-
-
-def _gemm_grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"] + meta.get("TAIL_M", 0)) * triton.cdiv(n, meta["BLOCK_N"]),
-                         meta.get("SPLIT", 1))
-
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     m, k = x.shape
     n = qweight.shape[0]
     bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
-    _gemm_kernel[_gemm_grid(m, n)](x, qweight.view(torch.int32), s, z, y, _partials(m, n, x.device),
-                                   _split_counts(x.device, "gemm"), m, n, k, k // 8, k // group, bucket, GROUP=group,
-                                   HAS_ZEROS=has_zeros)
-
-
-def regs_order(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] with the columns of each block of 64 in _gemm_regs_kernel's order: k = 16 c + 8 w + 4 jlo + 2 h + e
-    at 32 w + 16 jlo + 8 h + 2 c + e (a copy)."""
-    m, k = x.shape
-    return x.view(m, k // 64, 4, 2, 2, 2, 2).permute(0, 1, 3, 4, 5, 2, 6).reshape(m, k)
-
-
-def _gemm_regs(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
-    assert group == 32 and not has_zeros, "the register-order GEMM is for q4_0"
-    m, k = x.shape
-    n = qweight.shape[0]
-    _gemm_regs_kernel[_gemm_grid(m, n)](regs_order(x), qweight.view(torch.int32), s.view(torch.int32), y,
-                                        _partials(m, n, x.device), _split_counts(x.device, "gemm_regs"), m, n, k,
-                                        k // 8, k // 64, 1 << (m - 1).bit_length())
+    # partials for the split configurations, which _prune_gemm keeps only up to SPLIT_MAX_OUTPUTS outputs a bucket
+    part = torch.empty((MAX_SPLIT, m, n) if bucket * n <= SPLIT_MAX_OUTPUTS else (1,), device=x.device,
+                       dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         meta.get("SPLIT", 1))
+    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, _split_counts(x.device, "gemm"), m, n, k, k // 8,
+                       k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
 
 
 def dequantize_into(qweight, s, z, w, group: int, has_zeros: bool) -> None:
@@ -653,16 +532,14 @@ def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
 _CHUNK = FastestOf()
 
 
-def paths_for(rows: int, group: int = 32, has_zeros: bool = False, k: int = 0) -> dict:
-    """The interchangeable ways to multiply `rows` rows of K = `k` columns (name -> function), the untimed default
-    first."""
+def paths_for(rows: int, group: int = 32) -> dict:
+    """The interchangeable ways to multiply `rows` rows (name -> function), the untimed default first."""
     if rows == 1:
         return {"gemv": _gemv, "gemv_q8": _gemv_q8} if group % 32 == 0 else {"gemv": _gemv}
     if rows <= ROWS_MAX_ROWS:
         return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
     if rows <= MEASURED_MAX_ROWS:
-        regs = {"gemm_regs": _gemm_regs} if group == 32 and not has_zeros and k % 64 == 0 else {}
-        return {"gemm": _gemm, **regs, "dequant": _dequant_matmul}
+        return {"gemm": _gemm, "dequant": _dequant_matmul}
     return {"dequant": _dequant_matmul}
 
 
@@ -677,7 +554,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group, has_zeros, k).items()}
+    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
     _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls, path)
     return y
 
