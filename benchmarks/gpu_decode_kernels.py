@@ -11,6 +11,7 @@
    memory-bound half can hide behind the compute-bound one, before the engine is built to do it.
 2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
    SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
+2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -31,8 +32,8 @@
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
-    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap overlap attention
-        norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
+    python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
+        overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -206,20 +207,12 @@ def bench_chunk_gemm(row_counts=(8, 4), copies: int = 4) -> list:
 LAYERS_OF = {"qkv": 40, "o": 40, "gate_up": 48, "down": 48, "qk_full": 8, "o_full": 8}
 
 
-def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
-    """The GEMM's deep tile (128 x 128 x 64, 8 warps, 4 stages, SWAP: a 70-token frame's pick) holds ~155 registers
-    a thread on sm_90, so one program runs an SM and its dequantization and its MMAs take turns. The same tile
-    capped at 128 registers (no spill in its loop: test_kernels_compile.py) lets two programs share an SM. Timed at
-    a frame's prefill rows, each tile forced (a one-configuration autotuner), beside the engine's own pick and
-    dequantize + cuBLAS; the deep tile at 286 rows too (the engine prunes it there: PIPELINED_MAX_ROWS, raised for
-    this part). us a matmul in a CUDA graph over `copies` weight sets, ms a frame (LAYERS_OF), and each forced tile's
-    relative error against dequantize + cuBLAS. Measured on an H100 (2026-12-07, BENCHMARKS.md): no faster capped,
-    and its split-two products wrong at 286 rows, so the engine does not use it."""
+def bench_forced_tiles(ceilings: dict, tiles: dict, row_counts, copies: int) -> list:
+    """Each of `tiles` (label -> triton.Config of _gemm_kernel) forced at a frame's prefill rows of every 12B
+    projection (a one-configuration autotuner), beside the engine's own pick and dequantize + cuBLAS: us a matmul in
+    a CUDA graph over `copies` weight sets, each forced tile's relative error against dequantize + cuBLAS, and ms a
+    frame each way that ran every shape, and with the fastest way per shape ("best")."""
     every = list(triton_q4._gemm_kernel.configs)
-    base = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}
-    tiles = {f"deep{'_split2' if split > 1 else ''}{'_cap128' if cap else ''}":
-             triton.Config(dict(base, SPLIT=split), num_warps=8, num_stages=4, maxnreg=cap)
-             for split in (1, 2) for cap in (None, 128)}
     pipelined = triton_q4.PIPELINED_MAX_ROWS  # the engine's; raised for the forced tiles (pruned per row bucket)
     raised = 1 << (max(row_counts) - 1).bit_length()
     rows = []
@@ -246,6 +239,7 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
                         got = calls[-1][4].float()
                         row[f"{label}_rel_err"] = ((got - want.float()).norm() / want.float().norm()).item()
                 triton_q4.PIPELINED_MAX_ROWS = pipelined
+                row["best_us"] = min(v for k, v in row.items() if k.endswith("_us") and k != "ideal_matmul_us")
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 del mods
@@ -260,6 +254,33 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
         per_frame = {w: sum(r[f"{w}_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3 for w in ways}
         print(json.dumps({"rows": m, "ms_a_frame": per_frame}), flush=True)
     return rows
+
+
+def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
+    """The GEMM's deep tile (128 x 128 x 64, 8 warps, 4 stages, SWAP: a 70-token frame's pick) holds ~155 registers
+    a thread on sm_90, so one program runs an SM and its dequantization and its MMAs take turns. The same tile
+    capped at 128 registers (no spill in its loop: test_kernels_compile.py) lets two programs share an SM; split two
+    ways or not; the deep tile at 286 rows too (the engine prunes it there). Measured on an H100 (2026-12-07,
+    BENCHMARKS.md): no faster capped, and its split-two products wrong at 286 rows, so the engine does not use it."""
+    base = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}
+    tiles = {f"deep{'_split2' if split > 1 else ''}{'_cap128' if cap else ''}":
+             triton.Config(dict(base, SPLIT=split), num_warps=8, num_stages=4, maxnreg=cap)
+             for split in (1, 2) for cap in (None, 128)}
+    return bench_forced_tiles(ceilings, tiles, row_counts, copies)
+
+
+def bench_small_tiles(ceilings: dict, row_counts=(76,), copies: int = 2) -> list:
+    """More programs an SM at a 70-token frame's 76 rows. Nsight Compute on an H100 (2026-12-07, BENCHMARKS.md) has
+    the engine's 76-row GEMMs latency-bound: one program of 8 warps an SM (124-198 registers a thread, the splits'
+    epilogue adding the most), under one eligible warp a scheduler. Swapped tiles whose registers (Triton 3.6, sm_90,
+    compiled on the CPU) let 3-4 programs share an SM: 128 x 64 (4 warps) with 64 and 32 wide steps of K, and
+    128 x 128 with 32-wide steps, each deeper pipelined; split two ways too."""
+    shapes = {"n64_k64": (64, 64, 4, 4), "n64_k32": (64, 32, 4, 6), "n128_k32": (128, 32, 8, 6)}
+    tiles = {f"{label}{'_split2' if split > 1 else ''}":
+             triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": True, "SPLIT": split},
+                           num_warps=w, num_stages=stages)
+             for label, (bn, bk, w, stages) in shapes.items() for split in (1, 2)}
+    return bench_forced_tiles(ceilings, tiles, row_counts, copies)
 
 
 def bench_overlap(ceilings: dict, row_counts=(286, 76), layers: int = 4) -> list:
@@ -767,6 +788,8 @@ def main() -> int:
             report["chunk_gemm"] = bench_chunk_gemm()
         elif part == "register_cap":
             report["register_cap"] = bench_register_cap(report["ceilings"])
+        elif part == "small_tiles":
+            report["small_tiles"] = bench_small_tiles(report["ceilings"])
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":
