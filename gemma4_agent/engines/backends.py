@@ -6,6 +6,7 @@ tokenizer and prompt builder, and the agent defaults stored beside the weights (
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,14 +54,21 @@ def read_agent_defaults(folder: Path) -> dict:
     return data
 
 
+@contextmanager
+def _rebuild_on(folder: Path, *errors: type):
+    """An engine file that is missing or malformed (one of `errors`) as an EngineError saying to rebuild."""
+    try:
+        yield
+    except errors as exc:
+        raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
+
+
 def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu", dtype=torch.float32) -> Engine:
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_manifest(manifest, folder, backend=backend)
-    try:
+    with _rebuild_on(folder, OSError, ValueError):  # missing or malformed config.json
         config = ModelConfig.from_json(folder)
-    except (OSError, ValueError) as exc:  # missing or malformed config.json
-        raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     check_manifest(manifest, folder, config=config)
     defaults = read_agent_defaults(folder)  # before the weights load: a bad file fails in a second
     if device == "cuda" and not torch.cuda.is_available():
@@ -68,10 +76,8 @@ def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu",
     if backend == "torch":
         from ..model.loader import CheckpointError, load_model
 
-        try:
+        with _rebuild_on(folder, OSError, CheckpointError):  # weights that do not fit the config, or unreadable
             model = load_model(folder, dtype=dtype, device=device)
-        except (OSError, CheckpointError) as exc:  # weights that do not fit the config, or unreadable
-            raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     elif backend == "onnxruntime":
         if device != "cpu":
             raise EngineError("the onnxruntime backend runs on the CPU here (device 'cpu'); use tensorrt on the Jetson")
@@ -84,9 +90,7 @@ def load_engine(folder: str | Path, backend: str = "torch", device: str = "cpu",
         model = load_trt_model(folder, config, manifest, device=device)
     else:
         raise EngineError(f"backend {backend!r} is not available for {folder}")
-    try:
+    with _rebuild_on(folder, OSError, ValueError):
         tokenizer = load_tokenizer(folder)
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"engine {folder}: {exc} (rebuild the engine)") from exc
     prompts = PromptBuilder(tokenizer, config.image_token_id, config.boi_token_id, config.eoi_token_id)
     return Engine(model, tokenizer, prompts, config, defaults)

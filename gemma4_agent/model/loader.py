@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import one_line
 from .config import ModelConfig
 from .network import Gemma4
 
@@ -56,7 +57,7 @@ def _open_weights(file: Path, device: str = "cpu") -> Iterator:
     try:
         handle = safe_open(str(file), "pt", device=device)
     except Exception as exc:  # SafetensorError (bad header), or OSError
-        raise CheckpointError(f"{file} is not a readable safetensors file ({' '.join(str(exc).split())}): "
+        raise CheckpointError(f"{file} is not a readable safetensors file ({one_line(exc)}): "
                               "truncated or corrupt, copy or export it again") from exc
     with handle as f:
         yield f

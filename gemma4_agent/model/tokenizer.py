@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..errors import one_line
+
 TURN_START, TURN_END = "<|turn>", "<turn|>"
 BOI, IMAGE, EOI = "<|image>", "<|image|>", "<image|>"
 BOS = "<bos>"
@@ -26,7 +28,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-        raise ValueError(f"{file} is not a readable tokenizer ({' '.join(str(exc).split())})") from exc
+        raise ValueError(f"{file} is not a readable tokenizer ({one_line(exc)})") from exc
 
 
 @dataclass(frozen=True)
