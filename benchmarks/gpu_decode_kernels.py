@@ -150,6 +150,13 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
             row["dequant_cublas_us"] = graph_ms(lambda: triton_q4._dequant_matmul(*args), 1) * 1e3
             row["int4_gemm_us"] = graph_ms(lambda: triton_q4._gemm(*args), 1) * 1e3
             row["int4_gemm_config"] = str(triton_q4._gemm_kernel.best_config)
+            if triton_q4.wide_rows(m) and m > 16:  # every row in one program (a frame's prefill)
+                triton_q4._gemm_wide(*args)  # autotunes
+                row["int4_gemm_wide_us"] = graph_ms(lambda: triton_q4._gemm_wide(*args), 1) * 1e3
+                row["int4_gemm_wide_config"] = str(triton_q4._gemm_wide_kernel.best_config)
+                want = torch.empty_like(y)
+                triton_q4._dequant_matmul(x, mod.qweight, s, s, want, 32, False)
+                row["int4_gemm_wide_rel_err"] = ((y.float() - want.float()).norm() / want.float().norm()).item()
             if m <= 16:
                 def gemv():
                     return [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32)
@@ -161,6 +168,10 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del mod, w
+        of_m = [r for r in rows if r["rows"] == m]  # a frame's prefill matmuls each way (the 12B's layer counts)
+        ways = [k for k in of_m[0] if k.endswith("_us") and all(k in r for r in of_m)]
+        print(json.dumps({"rows": m, "ms_a_frame": {w: sum(r[w] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3
+                                                    for w in ways}}), flush=True)
     return rows
 
 
@@ -269,7 +280,7 @@ def bench_register_cap(ceilings: dict, row_counts=(76, 286), copies: int = 2) ->
     return bench_forced_tiles(ceilings, tiles, row_counts, copies)
 
 
-def bench_small_tiles(ceilings: dict, row_counts=(76,), copies: int = 2) -> list:
+def bench_small_tiles(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> list:
     """More programs an SM at a 70-token frame's 76 rows. Nsight Compute on an H100 (2026-12-07, BENCHMARKS.md) has
     the engine's 76-row GEMMs latency-bound: one program of 8 warps an SM (124-198 registers a thread, the splits'
     epilogue adding the most), under one eligible warp a scheduler. Swapped tiles whose registers (Triton 3.6, sm_90,

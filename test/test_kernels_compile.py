@@ -6,6 +6,7 @@ fail the engine's first decode step on the GPU), and the weight loads are 16-byt
 step's bandwidth depends on (they silently became 8-byte loads when a row's length reached the kernel only as
 K / 8). Arguments are specialised as the JIT specialises them at the 12B's shapes (pointers and integers
 divisible by 16 marked so, K / GROUP = 120 not)."""
+import inspect
 import re
 import subprocess
 import tempfile
@@ -26,6 +27,10 @@ SM90 = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple, num_warps: int = 4, num_stages: int = 3):
+    # constexprs left out take their defaults, as a launch does
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    constexprs = {**{k: v for k, v in defaults.items() if k not in constexprs}, **constexprs}
+    signature = {**signature, **{k: "constexpr" for k in constexprs if k not in signature}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in divisible}
     src = ASTSource(fn=fn, signature=dict(signature), constexprs=constexprs, attrs=attrs)
@@ -203,6 +208,23 @@ def test_gemm_configurations_compile_without_spilling_in_the_tile_loop():
             if c.kwargs["SPLIT"] > 1:  # partials published and read at GPU scope, past the SM's own L1
                 ptx = kernel.asm["ptx"]
                 assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, c
+
+
+@pytest.mark.parametrize("rows", [76, 286])
+def test_wide_gemm_configurations_compile_without_spilling_in_the_tile_loop(rows):
+    # one program's accumulators for every row (256 + 32 at 286: ~240-250 registers a thread); the splits' epilogue
+    # may spill after the loop (a few hundred bytes stored and loaded once a program), never inside it
+    block_m, tail = T.wide_rows(rows)
+    sig = dict(GEMM_SIG, SWAP="constexpr", SPLIT="constexpr", TAIL="constexpr")
+    for c in T._gemm_wide_configs():
+        kernel = compile_kernel(T._gemm_wide_kernel.fn, sig, {"GROUP": 32, "HAS_ZEROS": False, "BLOCK_M": block_m,
+                                                              "TAIL": tail, **c.kwargs},
+                                ("N", "K", "K_WORDS"), c.num_warps, c.num_stages)
+        loop = loop_opcodes(kernel)
+        assert not set(loop) & {"STL", "LDL"}, c
+        assert c.kwargs["SPLIT"] > 1 or stack_bytes(kernel) == 0, c
+        # both halves on the tensor cores from one dequantized tile: 4 k-steps of 16 each
+        assert sum(op.startswith("HGMMA") for op in loop) == 8, c
 
 
 def test_swapped_gemm_feeds_the_weights_to_wgmma_from_registers():

@@ -43,11 +43,12 @@ SCRIPT = textwrap.dedent("""
             T._dequant_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k // 2, cfg["BLOCK_B"]))](
                 mod.qweight, s, z, w, n, k, k // 2, k // mod.group_size, **common)
             y = x @ w.t()
-        else:
+        else:  # gemm; gemm_wide: one tile of every row (BLOCK_M + TAIL) per BLOCK_N weights, two counts a tile
             split = cfg.get("SPLIT", 1)
-            tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+            tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) if gemv == "gemm" \
+                else triton.cdiv(n, cfg["BLOCK_N"])
             part = torch.full((split, m, n), float("nan"))
-            counts = torch.zeros(tiles, dtype=torch.int32)
+            counts = torch.zeros(2 * tiles, dtype=torch.int32)
             T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, z, y, part, counts, m, n, k, k // 8,
                                               k // mod.group_size, 1, **common)
             assert not counts.any()  # as the GEMV's
@@ -91,6 +92,14 @@ SCRIPT = textwrap.dedent("""
                                         # a chunk's wide-K block: K = 384 ends in a half block
                                         (5, "gemm", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,
                                                                         SWAP=True)),
+                                        # every row in one program: a 16-row tail after 16 and 32 rows, the
+                                        # tail's partials counted apart from the main rows'
+                                        (20, "gemm_wide", torch.float32, dict(BLOCK_M=16, TAIL=16, BLOCK_N=16,
+                                                                              BLOCK_K=64, SWAP=True)),
+                                        (40, "gemm_wide", torch.float32, dict(BLOCK_M=32, TAIL=16, BLOCK_N=32,
+                                                                              BLOCK_K=128, SWAP=True, SPLIT=3)),
+                                        (32, "gemm_wide", torch.float32, dict(BLOCK_M=32, TAIL=0, BLOCK_N=16,
+                                                                              BLOCK_K=32, SWAP=True, SPLIT=2)),
                                         (70, "dequant", torch.float32, dict(BLOCK_N=8, BLOCK_B=256))):
                 x = torch.randn(m, inp)
                 xr = x.to(dtype).float()
@@ -104,7 +113,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_int4_kernels_match_dequantized_matmul_in_the_interpreter():
     rows = run_in_triton_interpreter(SCRIPT)
-    assert len(rows) == 72
+    assert len(rows) == 84
     for scheme, out, inp, m, kernel, fp32, rel in rows:
         # bf16 activations round x (rel. 4e-3); fp32 is exact up to summation order
         tol = (GEMV_FP32_TOL if kernel == "gemv" else EXACT_TOL) if fp32 else 1e-2
@@ -152,6 +161,7 @@ DISPATCH = textwrap.dedent("""
     T._gemv_kernel.configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=1)]
     T._gemv_q8_kernel.configs = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT": 2}, num_warps=1)]
     T._gemm_kernel.configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
+    T._gemm_wide_kernel.configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True, "SPLIT": 1}, num_warps=1)]
     timed = []
     def fake_kernel_ms(fn, **kwargs):
         timed.append(fn.func.__name__)
@@ -165,8 +175,8 @@ DISPATCH = textwrap.dedent("""
     rows = []
     for m, TIMES in ((1, {"_gemv": 2.0, "_gemv_q8": 1.0}), (3, {"_gemm": 2.0, "_dequant_matmul": 3.0, "_gemv_rows": 1.0}), (4, None),
                      (5, {"_gemm": 1.0, "_dequant_matmul": 3.0, "_gemv_rows": 2.0}),
-                     (20, {"_gemm": 2.0, "_dequant_matmul": 1.0}), (30, None),
-                     (40, {"_gemm": 1.0, "_dequant_matmul": 3.0}), (600, None)):
+                     (20, {"_gemm": 2.0, "_gemm_wide": 1.5, "_dequant_matmul": 1.0}), (30, None),
+                     (40, {"_gemm": 1.0, "_gemm_wide": 0.5, "_dequant_matmul": 3.0}), (600, None)):
         timed.clear()
         x = torch.randn(m, 256)
         y = T._launch(x, mod.qweight, mod.scales, None, 32)
@@ -188,8 +198,9 @@ def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
     assert [r[0] for r in runs] == [1, 3, 4, 5, 20, 30, 40, 600]
     assert sorted(named) == ["dequant", "gemm", "rows"] and named_timed == []
     assert all(rel < (GEMV_FP32_TOL if p == "rows" else EXACT_TOL) for p, rel in named.items()), named
-    assert picks == [[[48, 256, 1, False], "gemv_q8"], [[48, 256, 4, False], "rows"], [[48, 256, 8, False], "gemm"], [[48, 256, 32, False], "dequant"],
-                     [[48, 256, 64, False], "gemm"]]
+    # 17-320 rows: the wide GEMM's tiles (wide_rows) in the key, 30 rows the same as 20 (16 + a 16-row tail)
+    assert picks == [[[48, 256, 1, False], "gemv_q8"], [[48, 256, 4, False], "rows"], [[48, 256, 8, False], "gemm"],
+                     [[48, 256, 32, False, [16, 16]], "dequant"], [[48, 256, 64, False, [32, 16]], "gemm_wide"]]
     for m, timed, rel in runs:
         # float32 activations: the paths of one GEMV per row (3 and 4 rows) round as the GEMV does; one row took
         # the int8-x GEMV (x rounded to 8 bits: ~5e-3)
@@ -197,7 +208,7 @@ def test_int4_matmul_dispatch_by_rows_in_the_interpreter():
         # the candidates timed (twice each, fastest.py) once per (shape, rows rounded up to a power of two): 4 rows
         # reuses 3's pick, 30 rows 20's; > 512 rows have one path
         expected = {1: ["_gemv", "_gemv_q8"], 3: ["_dequant_matmul", "_gemm", "_gemv_rows"], 5: ["_dequant_matmul", "_gemm", "_gemv_rows"],
-                    20: ["_dequant_matmul", "_gemm"], 40: ["_dequant_matmul", "_gemm"]}.get(m, [])
+                    20: ["_dequant_matmul", "_gemm", "_gemm_wide"], 40: ["_dequant_matmul", "_gemm", "_gemm_wide"]}.get(m, [])
         assert timed == sorted(expected * 2), (m, timed)
 
 
@@ -213,7 +224,7 @@ def test_every_int4_path_on_the_gpu_matches_the_dequantized_matmul():
     for scheme in ("q4_0", "awq-g128"):
         mod = Int4Linear.from_float(nn.Linear(512, 200, bias=False), scheme).cuda()
         ref_w = mod.dequantize(torch.float32)
-        for m in (1, 3, 16, 40):
+        for m in (1, 3, 16, 40, 76, 286):  # and a frame's prefill rows (the wide GEMM's 64 + 16 and 256 + 32)
             x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
             ref = x.float() @ ref_w.t()
             for path in T.paths_for(m, mod.group_size):
@@ -278,5 +289,37 @@ def test_gemm_on_the_gpu_in_splits_of_k(split, swap, stages):
         T._gemm_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, s, y, part, counts, m, n, k, k // 8,
                                           k // 32, 128, GROUP=32, HAS_ZEROS=False, BLOCK_M=block_m, BLOCK_N=128,
                                           BLOCK_K=64, SWAP=swap, SPLIT=split, num_warps=8, num_stages=stages)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
+        assert not counts.any().item()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled kernels need a CUDA device")
+@pytest.mark.parametrize("m, split", [(76, 1), (76, 4), (286, 1), (286, 4)])
+def test_wide_gemm_on_the_gpu_in_splits_of_k(m, split):
+    # every row of a frame's prefill in one program (main rows and a tail, wide_rows), the down projection's shape,
+    # each half's partials summed by the last split to arrive under its own count; twice, as graph replays run it
+    import torch
+    import triton
+    from torch import nn
+
+    from gemma4_agent.quant import triton_q4 as T
+    from gemma4_agent.quant.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    n, k = 3840, 15360
+    mod = Int4Linear.from_float(nn.Linear(k, n, bias=False), "q4_0").cuda()
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ mod.dequantize(torch.float32).t()
+    block_m, tail = T.wide_rows(m)
+    tiles = triton.cdiv(n, 128)
+    part = torch.empty(split, m, n, device="cuda")
+    counts = torch.zeros(2 * tiles, device="cuda", dtype=torch.int32)
+    for _ in range(2):
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        s = mod.scales.view(torch.float16)
+        T._gemm_wide_kernel.fn[(tiles, split)](x, mod.qweight.view(torch.int32), s, s, y, part, counts, m, n, k,
+                                               k // 8, k // 32, 512, GROUP=32, HAS_ZEROS=False, BLOCK_M=block_m,
+                                               TAIL=tail, BLOCK_N=128, BLOCK_K=64, SWAP=True, SPLIT=split,
+                                               num_warps=8, num_stages=3)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
         assert not counts.any().item()

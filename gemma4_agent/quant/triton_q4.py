@@ -14,10 +14,12 @@ Chosen by the number of rows of x:
              would leave SMs idle, its autotuner may also split K over 2-4 programs a tile, as the int8-x GEMV.
     dequant  the weight dequantized once into a transient bf16 buffer, then cuBLAS: compute-bound work goes to the
              best matmul there is.
+    gemm_wide  the same GEMM with all the rows of x in each program (up to 256 + 64: a frame's prefill), so each
+             weight tile is dequantized once, not once per 16-128-row tile of x.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
-gemm and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
+gemm, gemm_wide (up to 320 rows) and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
 whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins
 everywhere (H200, BENCHMARKS.md: the GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and
 on every shape at 8).
@@ -41,6 +43,7 @@ MEASURED_MAX_ROWS = 512  # up to here: the fastest candidate, timed; above: dequ
 MAX_SPLIT = 4  # of K, in the int8-x GEMV and the GEMM (their SPLIT configurations)
 SPLIT_MAX_BLOCKS = 1024  # row blocks (GEMV) or tiles (GEMM) up to which K may be split: an arrival count each
 SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partials: MAX_SPLIT x 8 MB at most)
+WIDE_MAX_ROWS, WIDE_MAX_TAIL = 256, 64  # rows of x one wide GEMM program takes: wgmma's widest, and a tail
 CHUNK_ROWS = 16  # rows up to which the GEMM also tries its wide-K configurations (jump-forward chunks)
 PIPELINED_MAX_ROWS = 128  # rows up to which the GEMM also tries a 4-stage pipeline (a 70-token frame, chunks)
 
@@ -390,6 +393,23 @@ if triton is not None:
                 ok.append(c)
         return ok
 
+    def _gemm_wide_configs():
+        # a warp group per 64 weight rows (the MMA's first operand, SWAP); 128-row tiles split four ways as _gemm's.
+        # One program holds every row's accumulators (up to 256 + 64 of x, _gemm_wide): 128 registers a thread at 256
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SWAP": True, "SPLIT": split}, num_warps=bn // 16,
+                              num_stages=stages)
+                for bn in (64, 128) for stages in (3, 4) for split in (1, 2, MAX_SPLIT)]
+
+    def _prune_gemm_wide(configs, named_args, **kwargs):
+        # as _prune_gemm, with one tile per BLOCK_N weight rows; a tile's two arrival counts (_gemm_tiles' TAIL)
+        m, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+        sms = torch.cuda.get_device_properties(named_args["x_ptr"].device).multi_processor_count \
+            if named_args["x_ptr"].is_cuda else 1 << 30
+        return [c for c in configs
+                if c.kwargs["SPLIT"] == 1 or (m * n <= SPLIT_MAX_OUTPUTS and triton.cdiv(n, c.kwargs["BLOCK_N"]) < sms
+                                              and 2 * triton.cdiv(n, c.kwargs["BLOCK_N"]) <= SPLIT_MAX_BLOCKS
+                                              and k >= c.kwargs["SPLIT"] * c.kwargs["BLOCK_K"])]
+
     @triton.jit
     def _weights_bf16(words, s, z, magic, i: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP: tl.constexpr, dtype: tl.constexpr):
@@ -404,12 +424,31 @@ if triton is not None:
             C = tl.reshape(tl.broadcast_to(C[:, :, None], (BLOCK_N, G, GROUP // 8)), (BLOCK_N, BLOCK_K // 8))
         return tl.fma(_nibble(words, magic, i), S, -C).to(dtype)
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph,
-                     prune_configs_by={"early_config_prune": _prune_gemm}, **_AUTOTUNE_CACHE)
     @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
-                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+    def _weight_tile(qw_ptr, s_ptr, z_ptr, rn, n_ok, k0, K_WORDS, K_GROUPS, magic, GROUP: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+        # weight rows rn, columns k0..k0+BLOCK_K, dequantized in registers: [BLOCK_N, BLOCK_K] in dtype, joined so
+        # that element 8c + i lands at column 8c + i (the innermost join pairs places 4 apart)
+        G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups in a block, or one inside a group
+        wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qw_ptr + rn[:, None] * K_WORDS + wc[None, :], mask=n_ok[:, None] & (wc < K_WORDS)[None, :],
+                        other=0).to(tl.uint32, bitcast=True)
+        s, z = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
+        w = tl.join(tl.join(tl.join(_weights_bf16(words, s, z, magic, 0, BLOCK_N, BLOCK_K, GROUP, dtype),
+                                    _weights_bf16(words, s, z, magic, 4, BLOCK_N, BLOCK_K, GROUP, dtype)),
+                            tl.join(_weights_bf16(words, s, z, magic, 2, BLOCK_N, BLOCK_K, GROUP, dtype),
+                                    _weights_bf16(words, s, z, magic, 6, BLOCK_N, BLOCK_K, GROUP, dtype))),
+                    tl.join(tl.join(_weights_bf16(words, s, z, magic, 1, BLOCK_N, BLOCK_K, GROUP, dtype),
+                                    _weights_bf16(words, s, z, magic, 5, BLOCK_N, BLOCK_K, GROUP, dtype)),
+                            tl.join(_weights_bf16(words, s, z, magic, 3, BLOCK_N, BLOCK_K, GROUP, dtype),
+                                    _weights_bf16(words, s, z, magic, 7, BLOCK_N, BLOCK_K, GROUP, dtype))))
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _gemm_tiles(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_WORDS, K_GROUPS, M_BUCKET,
+                    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False, SPLIT: tl.constexpr = 1,
+                    TAIL: tl.constexpr = 0):
         # x tiles times weight tiles dequantized in registers, on the tensor cores. The dequantization is the
         # GEMV's (one LOP3 and one FMA a weight, no int->float conversion: 4.8-7.2 SASS instructions a weight in the
         # loop, and 7.3-8.9 plus a quarter-rate I2F before, sm_90), one tile per element place i of the words;
@@ -418,8 +457,10 @@ if triton is not None:
         # SWAP: the same product as y^T = W x^T, the weight tile first (see _gemm_configs), stored transposed.
         # SPLIT: this program's 1/SPLIT of K (program_id(1)); partials in part_ptr [SPLIT, M, N], arrivals counted
         # per tile in count_ptr (_sum_splits).
+        # TAIL (SWAP only): one program takes every row of x, BLOCK_M of them and the TAIL after, each weight tile
+        # dequantized once for all (_gemm_wide); a second arrival count for the tail's split partials.
         pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_m = 1 if TAIL > 0 else tl.cdiv(M, BLOCK_M)
         pid_m, pid_n = pid % tiles_m, pid // tiles_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -427,47 +468,77 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         # the bits of 1.0, as a value the compiler cannot fold into an immediate (K_WORDS < 2^30): see _nibble
         magic = ((K_WORDS >> 30) | 0x3F800000).to(tl.uint32)
-        G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups in a block, or one inside a group
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_len = tl.cdiv(K, SPLIT * BLOCK_K) * BLOCK_K  # whole blocks a split
         k_start = tl.program_id(1) * k_len
+        if TAIL > 0:  # the TAIL rows after the BLOCK_M, in the same program (_gemm_wide)
+            rt = BLOCK_M + tl.arange(0, TAIL)
+            acc_t = tl.zeros((BLOCK_N, TAIL), dtype=tl.float32)
         for k0 in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & ((k0 + rk) < K)[None, :],
                         other=0)
-            wc = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qw_ptr + rn[:, None] * K_WORDS + wc[None, :], mask=n_ok[:, None] & (wc < K_WORDS)[None, :],
-                            other=0).to(tl.uint32, bitcast=True)
-            s, z = _load_scales(s_ptr, z_ptr, rn, n_ok, k0 // GROUP, K_GROUPS, HAS_ZEROS, BLOCK_N, G)
-            # joined so that element 8c + i lands at column 8c + i: the innermost join pairs places 4 apart
-            w = tl.join(tl.join(tl.join(_weights_bf16(words, s, z, magic, 0, BLOCK_N, BLOCK_K, GROUP, x.dtype),
-                                        _weights_bf16(words, s, z, magic, 4, BLOCK_N, BLOCK_K, GROUP, x.dtype)),
-                                tl.join(_weights_bf16(words, s, z, magic, 2, BLOCK_N, BLOCK_K, GROUP, x.dtype),
-                                        _weights_bf16(words, s, z, magic, 6, BLOCK_N, BLOCK_K, GROUP, x.dtype))),
-                        tl.join(tl.join(_weights_bf16(words, s, z, magic, 1, BLOCK_N, BLOCK_K, GROUP, x.dtype),
-                                        _weights_bf16(words, s, z, magic, 5, BLOCK_N, BLOCK_K, GROUP, x.dtype)),
-                                tl.join(_weights_bf16(words, s, z, magic, 3, BLOCK_N, BLOCK_K, GROUP, x.dtype),
-                                        _weights_bf16(words, s, z, magic, 7, BLOCK_N, BLOCK_K, GROUP, x.dtype))))
+            w = _weight_tile(qw_ptr, s_ptr, z_ptr, rn, n_ok, k0, K_WORDS, K_GROUPS, magic, GROUP, HAS_ZEROS, BLOCK_N,
+                             BLOCK_K, x.dtype)
             if SWAP:
-                acc = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), tl.trans(x), acc)
+                acc = tl.dot(w, tl.trans(x), acc)
             else:
-                acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
+                acc = tl.dot(x, tl.trans(w), acc)
+            if TAIL > 0:
+                xt = tl.load(x_ptr + rt[:, None] * K + (k0 + rk)[None, :],
+                             mask=(rt < M)[:, None] & ((k0 + rk) < K)[None, :], other=0)
+                acc_t = tl.dot(w, tl.trans(xt), acc_t)
         if SWAP:
             acc = tl.trans(acc)
         _sum_splits(acc, rm[:, None] * N + rn[None, :], (rm < M)[:, None] & n_ok[None, :], y_ptr, part_ptr, count_ptr,
                     pid, M * N, SPLIT)
+        if TAIL > 0:  # its own arrival count, past the tiles' (_gemm_wide's grid)
+            _sum_splits(tl.trans(acc_t), rt[:, None] * N + rn[None, :], (rt < M)[:, None] & n_ok[None, :], y_ptr,
+                        part_ptr, count_ptr, pid + tl.num_programs(0), M * N, SPLIT)
+
+    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET"], do_bench=_bench_in_graph,
+                                   prune_configs_by={"early_config_prune": _prune_gemm}, **_AUTOTUNE_CACHE)(_gemm_tiles)
+    # BLOCK_M and TAIL follow from M (wide_rows), so the picks are kept per row count, not per power of two
+    _gemm_wide_kernel = triton.autotune(configs=_gemm_wide_configs(), key=["N", "K", "M"], do_bench=_bench_in_graph,
+                                        prune_configs_by={"early_config_prune": _prune_gemm_wide},
+                                        **_AUTOTUNE_CACHE)(_gemm_tiles)
+
+
+def _partials(m: int, n: int, device: torch.device) -> torch.Tensor:
+    # the split configurations' partials, which the prunes allow only up to SPLIT_MAX_OUTPUTS outputs a bucket
+    bucket = 1 << (m - 1).bit_length()
+    return torch.empty((MAX_SPLIT, m, n) if bucket * n <= SPLIT_MAX_OUTPUTS else (1,), device=device,
+                       dtype=torch.float32)
 
 
 def _gemm(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     m, k = x.shape
     n = qweight.shape[0]
     bucket = 1 << (m - 1).bit_length()  # autotune per power of two of the row count, not per length
-    # partials for the split configurations, which _prune_gemm keeps only up to SPLIT_MAX_OUTPUTS outputs a bucket
-    part = torch.empty((MAX_SPLIT, m, n) if bucket * n <= SPLIT_MAX_OUTPUTS else (1,), device=x.device,
-                       dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                          meta.get("SPLIT", 1))
-    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, _split_counts(x.device, "gemm"), m, n, k, k // 8,
-                       k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
+    _gemm_kernel[grid](x, qweight.view(torch.int32), s, z, y, _partials(m, n, x.device), _split_counts(x.device, "gemm"),
+                       m, n, k, k // 8, k // group, bucket, GROUP=group, HAS_ZEROS=has_zeros)
+
+
+def wide_rows(m: int) -> Optional[tuple]:
+    """(BLOCK_M, TAIL) for one program to take all m rows of x (_gemm_wide): the largest power of two up to 256, and
+    the rest rounded up to one (16-64); None where the rest is more."""
+    block_m = min(WIDE_MAX_ROWS, 1 << (m.bit_length() - 1))
+    rest = m - block_m
+    tail = 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
+    return (block_m, tail) if tail <= WIDE_MAX_TAIL else None
+
+
+def _gemm_wide(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    # the GEMM with every row of x in each program: at a frame's 286 rows the 128-row tiles dequantize each weight
+    # tile three times (and pad the MMAs to 384 rows); here once, with 256 + 32 rows
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_m, tail = wide_rows(m)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    _gemm_wide_kernel[grid](x, qweight.view(torch.int32), s, z, y, _partials(m, n, x.device),
+                            _split_counts(x.device, "gemm_wide"), m, n, k, k // 8, k // group, 1 << (m - 1).bit_length(),
+                            GROUP=group, HAS_ZEROS=has_zeros, BLOCK_M=block_m, TAIL=tail)
 
 
 def dequantize_into(qweight, s, z, w, group: int, has_zeros: bool) -> None:
@@ -539,7 +610,8 @@ def paths_for(rows: int, group: int = 32) -> dict:
     if rows <= ROWS_MAX_ROWS:
         return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
     if rows <= MEASURED_MAX_ROWS:
-        return {"gemm": _gemm, "dequant": _dequant_matmul}
+        wide = {"gemm_wide": _gemm_wide} if wide_rows(rows) else {}
+        return {"gemm": _gemm, **wide, "dequant": _dequant_matmul}
     return {"dequant": _dequant_matmul}
 
 
@@ -555,7 +627,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
-    _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros), calls, path)
+    # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
+    wide = (wide_rows(m),) if "gemm_wide" in calls else ()
+    _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros) + wide, calls, path)
     return y
 
 
