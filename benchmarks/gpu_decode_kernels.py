@@ -4,7 +4,8 @@
    the engine autotunes it, against bytes / copy bandwidth; the bf16 GEMV of cuBLAS and of engine/gemv.py. Each
    timing runs over distinct weight copies (> L2) inside one CUDA graph, as in the captured decode step.
 2. chunk matmuls (286 and 76 rows: 280 and 70 image tokens; 8 and 4: jump-forward): dequantize + cuBLAS, the tl.dot
-   GEMM on the int4 weights (the engine times these two on first use, 17-512 rows) and one GEMV per row.
+   GEMM on the int4 weights, the wide GEMM (every row in one program, up to 320 rows; the engine times these on
+   first use, 17-512 rows) and one GEMV per row; ms a frame each way at the 12B's layer counts.
 2a. the GEMM at chunk sizes (8 and 4 rows) autotuned without and with its wide-K configurations.
 2b. a frame's prefill matmuls as the engine runs them (each weight dequantized, then cuBLAS), against the same with
    the next weight's dequantization on a second stream beside this one's matmul, in one CUDA graph: whether the
@@ -34,6 +35,7 @@
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
         overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
+        [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -785,6 +787,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--image-tokens", type=int, default=280)
     parser.add_argument("--slots", type=int, default=982, help="--parts attention: the cache's slots")
+    parser.add_argument("--prefill-rows", type=int, nargs="+", default=[286, 76, 8, 4], help="--parts prefill: rows")
     parser.add_argument("--baseline", help="a previous triton_q4.py whose GEMV is timed beside the current one")
     args = parser.parse_args()
     out = Path(args.out)
@@ -794,7 +797,7 @@ def main() -> int:
         if part == "gemv":
             report["gemv"] = bench_gemv(report["ceilings"], load_baseline(args.baseline) if args.baseline else None)
         elif part == "prefill":
-            report["prefill"] = bench_prefill(report["ceilings"])
+            report["prefill"] = bench_prefill(report["ceilings"], args.prefill_rows)
         elif part == "chunk_gemm":
             report["chunk_gemm"] = bench_chunk_gemm()
         elif part == "register_cap":
