@@ -676,7 +676,7 @@ def bench_step(frames: int, tokens: int, reps: int = 2) -> list:
     return rows
 
 
-def bench_l2_prefetch(frames: int, tokens: int, mbs=(0, 8, 24)) -> list:
+def bench_l2_prefetch(frames: int, tokens: int, mbs=(0, 24)) -> list:
     """The 6-layer int4 step (joined, compiled, graphed) with each GEMV asking the next `mb` MB of weights into L2
     (SessionConfig.l2_prefetch_mb, engine/prefetch.py): replayed ms a token for each, in one process."""
     from contextlib import nullcontext
