@@ -340,17 +340,3 @@ def test_qkv_kernel_compiles_without_spills(dim):
                             ("s_q", "s_k", "s_v", "s_cs", "sc_h", "sc_s"), Q.warps(dim))
     assert stack_bytes(kernel) == 0
     assert_pdl_order(kernel)
-
-
-def test_prefetch_kernel_lets_the_next_kernel_in_then_asks_for_weights_and_waits():
-    # engine/prefetch.py: the successor released, bulk prefetches (a piece a lane), then the wait that keeps the
-    # stream's order; nothing is loaded into registers
-    sig = {name: "*u8" if name.startswith("p") else "i32" for name in ("p0", "n0", "p1", "n1", "p2", "n2", "p3", "n3")}
-    ptx = compile_ptx(T._prefetch_kernel, sig,
-                      {"PIECE": T.PREFETCH_PIECE, "BLOCK": 32, "PDL": True}, ("p0", "p1", "p2", "p3"), num_warps=1)
-    order = [m.group(0) for m in re.finditer(r"cp\.async\.bulk\.prefetch\.L2\.global|griddepcontrol\.\w+", ptx)]
-    assert order.count("griddepcontrol.launch_dependents") == order.count("griddepcontrol.wait") == 1
-    assert order.index("griddepcontrol.launch_dependents") < order.index("cp.async.bulk.prefetch.L2.global") \
-        and order[-1] == "griddepcontrol.wait"
-    assert order.count("cp.async.bulk.prefetch.L2.global") >= 4  # one loop a region
-    assert not loads(ptx)

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
-from ..pdl import pdl, pdl_args, wait_then_release
+from ..pdl import pdl_args, wait_then_release
 from ..triton_env import available, tl, triton  # available: this module's too
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
@@ -319,36 +319,6 @@ if triton is not None:
                                         BLOCK_N, BLOCK_K, GROUP)
             acc += _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
         _sum_splits(tl.sum(acc, axis=1), rows, row_ok, y_ptr, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
-
-    @triton.jit
-    def _bulk_prefetch_l2(ptrs, size):
-        # [ptrs, ptrs + size) asked into L2 by the copy engine (TMA, sm_90): one instruction a piece, nothing waits
-        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                         [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_region(ptr, nbytes, PIECE: tl.constexpr, BLOCK: tl.constexpr):
-        # nbytes (a multiple of PIECE) from ptr, a piece a lane, the pieces dealt out over the programs
-        pieces = nbytes // PIECE
-        for start in range(tl.program_id(0) * BLOCK, pieces, tl.num_programs(0) * BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            i = tl.where(i < pieces, i, start)  # a lane past the end asks for its block's first piece again
-            _bulk_prefetch_l2(ptr + i.to(tl.int64) * PIECE, tl.full([BLOCK], PIECE, tl.int32))
-
-    @triton.jit
-    def _prefetch_kernel(p0, n0, p1, n1, p2, n2, p3, n3, PIECE: tl.constexpr, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
-        # Up to four regions of weights asked into L2, out of the way: the kernel after it is let in first, and the
-        # wait keeps the stream's order (pdl.py: this kernel completes only after the one before it). Weights
-        # only, written when the model is loaded: safe to read before the wait.
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        _prefetch_region(p0, n0, PIECE, BLOCK)
-        _prefetch_region(p1, n1, PIECE, BLOCK)
-        _prefetch_region(p2, n2, PIECE, BLOCK)
-        _prefetch_region(p3, n3, PIECE, BLOCK)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
@@ -645,33 +615,9 @@ def paths_for(rows: int, group: int = 32) -> dict:
     return {"dequant": _dequant_matmul}
 
 
-PREFETCH_PIECE = 4096  # bytes a bulk prefetch asks for; regions are whole pieces
-PREFETCH_REGIONS = 4  # regions one prefetch kernel takes
-
-
-def prefetch_l2(regions: list) -> None:
-    """Ask the bytes of `regions` (1-D uint8 tensors on one sm_90+ device, 16-byte aligned, up to
-    PREFETCH_REGIONS, each cut down to whole PREFETCH_PIECEs) into L2, from one small kernel that lets the next
-    kernel in at once. For the decode step: the next weights come in while latency-bound kernels leave HBM idle
-    (engine/prefetch.py). Elsewhere (no PDL: CPU, the interpreter, older GPUs) nothing is done."""
-    regions = [r for r in regions if r.numel() >= PREFETCH_PIECE]
-    if not regions or not pdl(regions[0]):
-        return
-    if len(regions) > PREFETCH_REGIONS:
-        raise ValueError(f"at most {PREFETCH_REGIONS} prefetch regions, got {len(regions)}")
-    pad = PREFETCH_REGIONS - len(regions)  # unused regions: the first again, of no bytes
-    sizes = [r.numel() // PREFETCH_PIECE * PREFETCH_PIECE for r in regions] + [0] * pad
-    args = [a for r, n in zip(regions + regions[:1] * pad, sizes) for a in (r, n)]
-    # a program an SM: the copy engines of all SMs take the pieces (16 programs issuing 16 MB cost the 6-layer
-    # step 16 us a GEMV on an H100)
-    programs = torch.cuda.get_device_properties(regions[0].device).multi_processor_count
-    _prefetch_kernel[(programs,)](*args, PIECE=PREFETCH_PIECE, BLOCK=32, num_warps=1, **pdl_args(regions[0]))
-
-
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-            group: int, path: Optional[str] = None, after: Optional[list] = None) -> torch.Tensor:
-    """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named; then, for one
-    row, the regions `after` asked into L2 (prefetch_l2)."""
+            group: int, path: Optional[str] = None) -> torch.Tensor:
+    """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -684,20 +630,17 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
     wide = (wide_rows(m),) if "gemm_wide" in calls else ()
     _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros) + wide, calls, path)
-    if after and m == 1:
-        prefetch_l2(after)
     return y
 
 
 @torch.library.custom_op("gemma4_agent::int4_matmul", mutates_args=())
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                group: int, after: list[torch.Tensor]) -> torch.Tensor:
+                group: int) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32, contiguous) @ dequant(qweight [N, K/2] uint8, scales [N, K/g] int16 fp16 bits,
-    zeros [N, K/g] uint8 or None = 8)^T -> [M, N] in x's dtype. after: at one row, regions of the weights used
-    next (1-D uint8; none: []) asked into L2 once the product is launched (prefetch_l2)."""
-    return _launch(x.contiguous(), qweight, scales, zeros, group, after=after)
+    zeros [N, K/g] uint8 or None = 8)^T -> [M, N] in x's dtype."""
+    return _launch(x.contiguous(), qweight, scales, zeros, group)
 
 
 @int4_matmul.register_fake
-def _(x, qweight, scales, zeros, group, after):
+def _(x, qweight, scales, zeros, group):
     return x.new_empty(x.shape[0], qweight.shape[0])
