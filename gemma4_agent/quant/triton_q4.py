@@ -19,10 +19,10 @@ Chosen by the number of rows of x:
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
-gemm, gemm_wide (up to 320 rows) and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The dequantization writes 4x the int4 bytes
-whatever the row count, which the GEMM saves and pays back in slower arithmetic as rows grow; neither wins
-everywhere (H200, BENCHMARKS.md: the GEMM 1.2-2.1x slower at 286 rows, faster on q/k/v and gate/up at 76 rows and
-on every shape at 8).
+gemm, gemm_wide (up to 320 rows) and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The
+dequantization writes 4x the int4 bytes whatever the row count, which the GEMMs save and pay back in slower
+arithmetic as rows grow; none wins everywhere (H100, BENCHMARKS.md, nineteenth session: at 286 rows the wide GEMM
+is fastest on gate/up, down and the full layers' o, dequant + cuBLAS on the rest).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
@@ -677,7 +677,9 @@ class L2Prefetch:
             return
         device = regions[0].device
         here = torch.cuda.current_stream(device)
-        side = self._streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        side = self._streams[device]
         side.wait_stream(here)
         with torch.cuda.stream(side):
             prefetch_l2(regions)
