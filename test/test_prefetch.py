@@ -115,7 +115,7 @@ def test_session_prefetching_weights_computes_what_one_without_does(compiled):
                                          SessionConfig(**cfg, l2_prefetch_mb=mb)))
     plain, prefetching = sessions
     assert not any("l2_after" in m.__dict__ for m in step_order(plain.model))
-    assert all(m.__dict__.get("l2_after") for m in step_order(prefetching.model))
+    assert all(m.__dict__.get("l2_after") for m in step_order(prefetching.model)[:-1])  # the LM head has none
     forked, joined = [], []
     prefetcher = triton_q4._L2
     real_fork, real_join = prefetcher.fork, prefetcher.join

@@ -25,10 +25,13 @@ def step_order(model) -> list[nn.Module]:
     """The matrices of a decode step in the order it multiplies them (joined projections as one)."""
     mods: list[nn.Module] = []
     for layer in model.layers:
-        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+        attn, mlp = layer.self_attn, layer.mlp
+        for owner, inputs, output in ((attn, ("q_proj", "k_proj", "v_proj"), attn.o_proj),
+                                      (mlp, ("gate_proj", "up_proj"), mlp.down_proj)):
             joined = owner.__dict__.get("joined")
-            mods += [joined] if joined is not None else [m for m in (getattr(owner, n) for n in names) if m is not None]
-            mods.append(owner.o_proj if owner is layer.self_attn else owner.down_proj)
+            apart = [getattr(owner, name) for name in inputs]
+            mods += [joined] if joined is not None else [m for m in apart if m is not None]
+            mods.append(output)
     mods.append(model.embed_tokens)  # the tied LM head
     return mods
 

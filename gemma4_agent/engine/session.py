@@ -116,10 +116,10 @@ class StreamingSession:
             join_projections(model)
         if self.device.type == "cuda" and self.config.triton_gemv:
             use_triton_gemv(model)
-        if self.device.type == "cuda" and isinstance(model, torch.nn.Module):
-            prefetch_next_weights(model, self.config.l2_prefetch_mb)
         # the torch model, or a compiled engine (engines/: onnxruntime, TensorRT)
         self._torch_model = isinstance(model, torch.nn.Module)
+        if self.device.type == "cuda" and self._torch_model:
+            prefetch_next_weights(model, self.config.l2_prefetch_mb)
         # compiled engines fix the cache's shape at their build: padding only for the torch model on CUDA
         align = CUDA_SLOT_ALIGN if self.device.type == "cuda" and self._torch_model else 1
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
