@@ -33,8 +33,6 @@ def main() -> int:
     add_compile_any_length(parser)
     parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
                         help="SessionConfig.fused_qkv (model/triton_qkv.py)")
-    parser.add_argument("--l2-prefetch-mb", type=float, nargs="+", default=[0.0],
-                        help="SessionConfig.l2_prefetch_mb (engine/prefetch.py); a row for each value")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -55,16 +53,14 @@ def main() -> int:
     rows = []
     profiles = []  # taken once every row is timed (run_bench's profile_later)
     for compiled in (True,) if args.compiled_only else (False, True):
-        for tokens, mb in [(t, mb) for t in args.image_tokens for mb in args.l2_prefetch_mb]:
-            tag = (f"{'compiled' if compiled else 'eager'}_{tokens}"
-                   + ("_grammar" if args.selector == "grammar" else "") + (f"_l2_{mb:g}mb" if mb else ""))
+        for tokens in args.image_tokens:
+            tag = f"{'compiled' if compiled else 'eager'}_{tokens}" + ("_grammar" if args.selector == "grammar" else "")
             fixed = args.selector == "fixed"
             try:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12 if fixed else 32, "prefix", 600,
                               "bfloat16", warmup=3, model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
                               profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector,
-                              compile_any_length=args.compile_any_length == "on", profile_later=profiles,
-                              l2_prefetch_mb=mb)
+                              compile_any_length=args.compile_any_length == "on", profile_later=profiles)
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
@@ -76,8 +72,8 @@ def main() -> int:
                 r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
             r["fused_qkv"] = args.fused_qkv == "on"
             rows.append(r)
-            print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "selector", "l2_prefetch_mb",
-                                                    "per_frame_ms", "prefill_ms_p50", "decode_ms_p50", "tokens_mean",
+            print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "selector", "per_frame_ms",
+                                                    "prefill_ms_p50", "decode_ms_p50", "tokens_mean",
                                                     "decode_steps_mean", "decode_ms_per_token_p50",
                                                     "decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
                                                     "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",

@@ -34,8 +34,8 @@
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
-        overlap attention norms timing norm_prologue ablation l2_prefetch pdl step barrier engine] [--baseline OLD.py]
-        [--slots N] [--prefill-rows ROWS...]
+        overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
+        [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -161,7 +161,7 @@ def bench_prefill(ceilings: dict, row_counts=(286, 76, 8, 4)) -> list:
                 row["int4_gemm_wide_rel_err"] = ((y.float() - want.float()).norm() / want.float().norm()).item()
             if m <= 16:
                 def gemv():
-                    return [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32, [])
+                    return [torch.ops.gemma4_agent.int4_matmul(x[i:i + 1], mod.qweight, mod.scales, None, 32)
                             for i in range(m)]
                 gemv()  # autotunes
                 row["int4_gemv_per_row_us"] = graph_ms(gemv, 1) * 1e3
@@ -287,7 +287,8 @@ def bench_small_tiles(ceilings: dict, row_counts=(76, 286), copies: int = 2) -> 
     the engine's 76-row GEMMs latency-bound: one program of 8 warps an SM (124-198 registers a thread, the splits'
     epilogue adding the most), under one eligible warp a scheduler. Swapped tiles whose registers (Triton 3.6, sm_90,
     compiled on the CPU) let 3-4 programs share an SM: 128 x 64 (4 warps) with 64 and 32 wide steps of K, and
-    128 x 128 with 32-wide steps, each deeper pipelined; split two ways too."""
+    128 x 128 with 32-wide steps, each deeper pipelined; split two ways too. Measured on an H100 (2026-12-07,
+    BENCHMARKS.md): none faster than the engine's pick at 76 rows (a frame's matmuls 18.8 ms at best, against 9.3)."""
     shapes = {"n64_k64": (64, 64, 4, 4), "n64_k32": (64, 32, 4, 6), "n128_k32": (128, 32, 8, 6)}
     tiles = {f"{label}{'_split2' if split > 1 else ''}":
              triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": True, "SPLIT": split},
@@ -507,7 +508,7 @@ def bench_norm_prologue(copies: int = 8) -> list:
     eps = 1e-6
 
     def int4(x, mod):
-        return torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32, [])
+        return torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32)
 
     def prologue(y, mod):
         out, h1 = torch.empty(1, 30720, device="cuda", dtype=y.dtype), torch.empty_like(h)
@@ -675,23 +676,6 @@ def bench_step(frames: int, tokens: int, reps: int = 2) -> list:
     return rows
 
 
-def bench_l2_prefetch(frames: int, tokens: int, mbs=(0, 8, 24)) -> list:
-    """The 6-layer int4 step (joined, compiled, graphed) with each GEMV asking the next `mb` MB of weights into L2
-    (SessionConfig.l2_prefetch_mb, engine/prefetch.py): replayed ms a token for each, in one process."""
-    from contextlib import nullcontext
-
-    torch._dynamo.config.recompile_limit = 64
-    model = six_layer_model("q4_0")
-    rows = []
-    for mb in mbs:
-        r = six_layer_decode(model, frames, tokens, nullcontext(), l2_prefetch_mb=mb)
-        row = {"l2_prefetch_mb": mb, **{k: r.get(k) for k in ("decode_graph_ms_per_token", "decode_ms_per_token_p50",
-                                                              "no_hot_path_allocation")}}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 def bench_pdl(out_dir: Path, frames: int, tokens: int) -> list:
     """The 6-layer int4 model's decode step launched with PDL (as the engine runs) and without (every kernel waits
     for the one before to complete, gemma4_agent.pdl switched off): replayed ms a token, and a frame's kernel
@@ -837,8 +821,6 @@ def main() -> int:
             report["engine"] = bench_engine(out, args.frames, args.image_tokens)
         elif part == "pdl":
             report["pdl"] = bench_pdl(out, args.frames, args.image_tokens)
-        elif part == "l2_prefetch":
-            report["l2_prefetch"] = bench_l2_prefetch(args.frames, args.image_tokens)
         elif part == "step":
             report["step"] = bench_step(args.frames, args.image_tokens)
         elif part == "barrier":

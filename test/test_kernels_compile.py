@@ -340,12 +340,3 @@ def test_qkv_kernel_compiles_without_spills(dim):
                             ("s_q", "s_k", "s_v", "s_cs", "sc_h", "sc_s"), Q.warps(dim))
     assert stack_bytes(kernel) == 0
     assert_pdl_order(kernel)
-
-
-def test_prefetch_kernel_asks_for_weights_with_bulk_prefetches_only():
-    # triton_q4.L2Prefetch: a TMA bulk prefetch a piece a lane, one loop a region; nothing loaded into registers
-    sig = {f"{kind}{i}": "*u8" if kind == "p" else "i32" for i in range(4) for kind in "pn"}
-    ptx = compile_ptx(T._prefetch_kernel, sig, {"PIECE": T.PREFETCH_PIECE, "BLOCK": 32}, ("p0", "p1", "p2", "p3"),
-                      num_warps=1)
-    assert ptx.count("cp.async.bulk.prefetch.L2.global") >= 4
-    assert "griddepcontrol" not in ptx and not loads(ptx)

@@ -28,7 +28,6 @@ from ..model.tokenizer import PromptBuilder
 from ..quant.int4 import to_device_kernel
 from .fusion import join_projections, joined_modules
 from .gemv import use_triton_gemv
-from .prefetch import prefetch_next_weights
 from .kv_cache import CacheFull, StaticKVCache
 
 
@@ -60,9 +59,6 @@ class SessionConfig(BaseModel):
     # uncompiled: a slower prefix and first-seen jump-forward run, a start-up minutes shorter at the 12B (the
     # prefix's compile took 188 of a 12B int4 row's 390 s of compiling on the H200); the bench's frames never use it
     compile_any_length: bool = True
-    # CUDA, int4: after each one-row product, this many MB of the weights read next asked into L2 on a second stream
-    # while the step's small kernels run (engine/prefetch.py); 0: none. Off until measured faster (BENCHMARKS.md)
-    l2_prefetch_mb: float = Field(0.0, ge=0, le=256)
 
 
 @dataclass
@@ -118,8 +114,6 @@ class StreamingSession:
             use_triton_gemv(model)
         # the torch model, or a compiled engine (engines/: onnxruntime, TensorRT)
         self._torch_model = isinstance(model, torch.nn.Module)
-        if self.device.type == "cuda" and self._torch_model:
-            prefetch_next_weights(model, self.config.l2_prefetch_mb)
         # compiled engines fix the cache's shape at their build: padding only for the torch model on CUDA
         align = CUDA_SLOT_ALIGN if self.device.type == "cuda" and self._torch_model else 1
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,

@@ -263,10 +263,8 @@ class _Int4Weights(nn.Module):
             return F.linear(x, self.dequantize(x.dtype))
         shape = x.shape
         if _triton_ok(x.device):  # the portable layout as it is: no second copy of the weights
-            # l2_after: the weights used next, asked into L2 after a one-row product (engine/prefetch.py)
             y = torch.ops.gemma4_agent.int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.qweight,
-                                                   self.scales, self.zeros, self.group_size,
-                                                   self.__dict__.get("l2_after", []))
+                                                   self.scales, self.zeros, self.group_size)
             return y.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         packed, sz = self._packed(x.device)

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..fastest import FastestOf
-from ..pdl import pdl, pdl_args, wait_then_release
+from ..pdl import pdl_args, wait_then_release
 from ..triton_env import available, tl, triton  # available: this module's too
 
 ROWS_MAX_ROWS = 16  # up to here, one GEMV per row is a candidate too
@@ -319,29 +319,6 @@ if triton is not None:
                                         BLOCK_N, BLOCK_K, GROUP)
             acc += _q8_block(words, s, z, x_ptr, k0, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
         _sum_splits(tl.sum(acc, axis=1), rows, row_ok, y_ptr, part_ptr, count_ptr, tl.program_id(0), N, SPLIT)
-
-    @triton.jit
-    def _bulk_prefetch_l2(ptrs, size):
-        # [ptrs, ptrs + size) asked into L2 by the copy engine (TMA, sm_90): one instruction a piece, nothing waits
-        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                         [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_region(ptr, nbytes, PIECE: tl.constexpr, BLOCK: tl.constexpr):
-        # nbytes (a multiple of PIECE) from ptr, a piece a lane, the pieces dealt out over the programs
-        pieces = nbytes // PIECE
-        for start in range(tl.program_id(0) * BLOCK, pieces, tl.num_programs(0) * BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            i = tl.where(i < pieces, i, start)  # a lane past the end asks for its block's first piece again
-            _bulk_prefetch_l2(ptr + i.to(tl.int64) * PIECE, tl.full([BLOCK], PIECE, tl.int32))
-
-    @triton.jit
-    def _prefetch_kernel(p0, n0, p1, n1, p2, n2, p3, n3, PIECE: tl.constexpr, BLOCK: tl.constexpr):
-        # up to four regions of weights asked into L2 (on a stream of its own: L2Prefetch)
-        _prefetch_region(p0, n0, PIECE, BLOCK)
-        _prefetch_region(p1, n1, PIECE, BLOCK)
-        _prefetch_region(p2, n2, PIECE, BLOCK)
-        _prefetch_region(p3, n3, PIECE, BLOCK)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, K_BYTES, K_GROUPS, GROUP: tl.constexpr,
@@ -638,76 +615,9 @@ def paths_for(rows: int, group: int = 32) -> dict:
     return {"dequant": _dequant_matmul}
 
 
-PREFETCH_PIECE = 4096  # bytes a bulk prefetch asks for; regions are whole pieces
-PREFETCH_REGIONS = 4  # regions one prefetch kernel takes
-
-
-def prefetch_l2(regions: list) -> None:
-    """Ask the bytes of `regions` (1-D uint8 tensors on one CUDA device of sm_90 or later, 16-byte aligned, up to
-    PREFETCH_REGIONS, each cut down to whole PREFETCH_PIECEs) into L2 with TMA bulk prefetches, a program an SM, on
-    the current stream. Nothing on CPU tensors or older GPUs (no such instruction)."""
-    regions = [r for r in regions if r.numel() >= PREFETCH_PIECE]
-    if not regions or not pdl(regions[0]):  # pdl: CUDA, sm_90 or later
-        return
-    if len(regions) > PREFETCH_REGIONS:
-        raise ValueError(f"at most {PREFETCH_REGIONS} prefetch regions, got {len(regions)}")
-    pad = PREFETCH_REGIONS - len(regions)  # unused regions: the first again, of no bytes
-    sizes = [r.numel() // PREFETCH_PIECE * PREFETCH_PIECE for r in regions] + [0] * pad
-    args = [a for r, n in zip(regions + regions[:1] * pad, sizes) for a in (r, n)]
-    programs = torch.cuda.get_device_properties(regions[0].device).multi_processor_count
-    _prefetch_kernel[(programs,)](*args, PIECE=PREFETCH_PIECE, BLOCK=32, num_warps=1)
-
-
-class L2Prefetch:
-    """The decode step's next weights asked into L2 on a stream of their own (engine/prefetch.py plans which).
-
-    `fork` after a one-row product: the prefetch starts once the product is done, beside the small kernels that
-    follow it. `join` before a product: the stream waits for the prefetches of that product's bytes. In a CUDA
-    graph the two become edges between the streams, so the prefetch is off the chain of kernels that wait on each
-    other: in that chain (launched after the product on the same stream) it held up the kernel after it for as long
-    as its transfers took (BENCHMARKS.md, nineteenth session). Every fork must be joined within the same graph:
-    plans never reach past the end of a step."""
-
-    def __init__(self):
-        self._streams: dict = {}
-        self._pending: list = []  # (event, [(first, end) byte address of each region])
-
-    def fork(self, regions: list) -> None:
-        if not regions or not pdl(regions[0]):
-            return
-        device = regions[0].device
-        here = torch.cuda.current_stream(device)
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        side = self._streams[device]
-        side.wait_stream(here)
-        with torch.cuda.stream(side):
-            prefetch_l2(regions)
-        done = torch.cuda.Event()
-        done.record(side)
-        self._pending.append((done, [(r.data_ptr(), r.data_ptr() + r.numel()) for r in regions]))
-
-    def join(self, t: torch.Tensor) -> None:
-        if not self._pending:
-            return
-        first, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        waiting = []
-        for done, spans in self._pending:
-            if any(a < end and first < b for a, b in spans):
-                torch.cuda.current_stream(t.device).wait_event(done)
-            else:
-                waiting.append((done, spans))
-        self._pending = waiting
-
-
-_L2 = L2Prefetch()
-
-
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-            group: int, path: Optional[str] = None, after: Optional[list] = None) -> torch.Tensor:
-    """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named; first waiting
-    for the prefetch of W's bytes, if one was asked for, then, for one row, the regions `after` asked into L2 beside
-    what follows (L2Prefetch)."""
+            group: int, path: Optional[str] = None) -> torch.Tensor:
+    """x @ dequant(W)^T by the fastest path for x's rows (timed on first use), or by the path named."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -719,22 +629,18 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
     # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
     wide = (wide_rows(m),) if "gemm_wide" in calls else ()
-    _L2.join(qweight)
     _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros) + wide, calls, path)
-    if after and m == 1:
-        _L2.fork(after)
     return y
 
 
 @torch.library.custom_op("gemma4_agent::int4_matmul", mutates_args=())
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                group: int, after: list[torch.Tensor]) -> torch.Tensor:
+                group: int) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32, contiguous) @ dequant(qweight [N, K/2] uint8, scales [N, K/g] int16 fp16 bits,
-    zeros [N, K/g] uint8 or None = 8)^T -> [M, N] in x's dtype. after: at one row, regions of the weights used
-    next (1-D uint8; none: []) asked into L2 on a second stream once the product is done (L2Prefetch)."""
-    return _launch(x.contiguous(), qweight, scales, zeros, group, after=after)
+    zeros [N, K/g] uint8 or None = 8)^T -> [M, N] in x's dtype."""
+    return _launch(x.contiguous(), qweight, scales, zeros, group)
 
 
 @int4_matmul.register_fake
-def _(x, qweight, scales, zeros, group, after):
+def _(x, qweight, scales, zeros, group):
     return x.new_empty(x.shape[0], qweight.shape[0])
