@@ -13,6 +13,8 @@
 2c. the GEMM's deep tile at a frame's prefill rows (76, 286) with and without a 128-register cap (two programs an
    SM instead of one), split two ways or not, beside the engine's pick and dequantize + cuBLAS.
 2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
+2e. dequantize + cuBLAS with the weight dequantized in row chunks that stay in L2, each multiplied as soon as it is
+   written, on one stream or with the next chunk's dequantization beside it (`chunked_dequant`).
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -34,7 +36,7 @@
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
-        overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
+        chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
         [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
@@ -361,6 +363,71 @@ def bench_overlap(ceilings: dict, row_counts=(286, 76), layers: int = 4) -> list
         print(json.dumps(row), flush=True)
         rows.append(row)
         del ws
+    return rows
+
+
+def bench_chunked_dequant(row_counts=(286, 76), chunks=(512, 1024, 2048, 4096), copies: int = 2) -> list:
+    """Dequantize + cuBLAS with each weight dequantized `chunk` rows at a time into a buffer small enough to stay in
+    L2 (4-31 MB of bf16 at these widths), each chunk multiplied into its columns of y as soon as it is written: on one
+    stream ("chunk"), or with the next chunk's dequantization on a side stream into a second buffer ("overlap").
+    Beside the whole weight at once (the engine's dequant path) and bf16 cuBLAS; us a matmul in a CUDA graph over
+    `copies` weight sets, relative error against the whole-weight product. Measured on an H100 (2026-12-07,
+    BENCHMARKS.md): slower than the whole weight at 286 rows, and far behind the GEMM at 76."""
+    side = torch.cuda.Stream()
+
+    def whole(x, mod, y, *_):
+        s = mod.scales.view(torch.float16)
+        triton_q4._dequant_matmul(x, mod.qweight, s, s, y, 32, False)
+
+    def chunked(x, mod, y, bufs, c, overlap):
+        qw, s = mod.qweight, mod.scales.view(torch.float16)
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)  # the buffers' last readers, the previous call's matmuls
+        read = [None, None]  # the matmul that last read each buffer
+        for i, a in enumerate(range(0, qw.shape[0], c)):
+            b = min(qw.shape[0], a + c)
+            w = bufs[i % 2 if overlap else 0][:b - a]
+            with torch.cuda.stream(side if overlap else main):
+                if overlap and read[i % 2] is not None:
+                    side.wait_event(read[i % 2])
+                triton_q4.dequantize_into(qw[a:b], s[a:b], s[a:b], w, 32, False)
+            if overlap:
+                main.wait_stream(side)
+            torch.matmul(x, w.t(), out=y[:, a:b])
+            read[i % 2] = torch.cuda.Event()
+            read[i % 2].record(main)
+        main.wait_stream(side)
+
+    rows = []
+    for m in row_counts:
+        for name, out, inp in SHAPES:
+            mods = int4_copies(out, inp, copies)
+            x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
+            want = torch.empty_like(y)
+            whole(x, mods[-1], want)
+            row = {"shape": name, "rows": m,
+                   "whole_us": graph_ms(lambda: [whole(x, md, y) for md in mods], copies) * 1e3}
+            dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            row["bf16_cublas_us"] = graph_ms(lambda: [torch.matmul(x, w.t(), out=y) for w in dense], copies) * 1e3
+            del dense
+            for c in (c for c in chunks if c < out):
+                bufs = [torch.empty(c, inp, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                for label, overlap in (("chunk", False), ("overlap", True)):
+                    row[f"{label}{c}_us"] = graph_ms(lambda: [chunked(x, md, y, bufs, c, overlap) for md in mods],
+                                                     copies) * 1e3
+                    row[f"{label}{c}_rel_err"] = ((y.float() - want.float()).norm() / want.float().norm()).item()
+                del bufs
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del mods
+    for m in row_counts:
+        of_m = [r for r in rows if r["rows"] == m]
+        best = {r["shape"]: min(v for k, v in r.items() if k.endswith("_us") and k != "bf16_cublas_us") for r in of_m}
+        print(json.dumps({"rows": m, "ms_a_frame": {
+            "whole": sum(r["whole_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3,
+            "best_chunked_or_whole": sum(best[r["shape"]] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3,
+            "bf16_cublas": sum(r["bf16_cublas_us"] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3}}), flush=True)
     return rows
 
 
@@ -805,6 +872,8 @@ def main() -> int:
             report["register_cap"] = bench_register_cap(report["ceilings"])
         elif part == "small_tiles":
             report["small_tiles"] = bench_small_tiles(report["ceilings"])
+        elif part == "chunked_dequant":
+            report["chunked_dequant"] = bench_chunked_dequant()
         elif part == "overlap":
             report["overlap"] = bench_overlap(report["ceilings"])
         elif part == "attention":
