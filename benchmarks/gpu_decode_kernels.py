@@ -36,8 +36,8 @@
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
-        chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier engine] [--baseline OLD.py] [--slots N]
-        [--prefill-rows ROWS...]
+        chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier engine]
+        [--baseline OLD.py] [--slots N] [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
 (`git show REV:gemma4_agent/quant/triton_q4.py > OLD.py`): our machines are shared, so compare within one run.
@@ -375,7 +375,7 @@ def bench_chunked_dequant(row_counts=(286, 76), chunks=(512, 1024, 2048, 4096), 
     BENCHMARKS.md): slower than the whole weight at 286 rows, and far behind the GEMM at 76."""
     side = torch.cuda.Stream()
 
-    def whole(x, mod, y, *_):
+    def whole(x, mod, y):
         s = mod.scales.view(torch.float16)
         triton_q4._dequant_matmul(x, mod.qweight, s, s, y, 32, False)
 
