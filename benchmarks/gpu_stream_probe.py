@@ -34,25 +34,20 @@ BR, BC = 32, 256  # a tile: 32 rows of 256 int32 words (32 KB), TMA's largest bo
 
 
 @triton.jit
-def _plain(ptr, res, ROWS, COLS, G, BR: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr):
+def _stream(ptr, desc, res, ROWS, COLS, G, BR: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr,
+            STAGES: tl.constexpr):
+    # every tile t = p, p + G, ... of the int32 [ROWS, COLS] at ptr (or desc: TMA) XOR-reduced, one result a program
     p = tl.program_id(0)
     n_c = COLS // BC
     acc = tl.zeros((BR, BC), tl.int32)
     for t in tl.range(p, (ROWS // BR) * n_c, G, num_stages=STAGES):
-        r = (t // n_c) * BR + tl.arange(0, BR)
-        c = (t % n_c) * BC + tl.arange(0, BC)
-        acc ^= tl.load(ptr + r[:, None] * COLS + c[None, :])
-    tl.store(res + p, tl.sum(acc))
-
-
-@triton.jit
-def _tma(desc, res, ROWS, COLS, G, BR: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr):
-    p = tl.program_id(0)
-    n_c = COLS // BC
-    acc = tl.zeros((BR, BC), tl.int32)
-    for t in tl.range(p, (ROWS // BR) * n_c, G, num_stages=STAGES):
-        acc ^= desc.load([(t // n_c) * BR, (t % n_c) * BC])
-    tl.store(res + p, tl.sum(acc))
+        if TMA:
+            acc ^= desc.load([(t // n_c) * BR, (t % n_c) * BC])
+        else:
+            r = (t // n_c) * BR + tl.arange(0, BR)
+            c = (t % n_c) * BC + tl.arange(0, BC)
+            acc ^= tl.load(ptr + r[:, None] * COLS + c[None, :])
+    tl.store(res + p, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -166,12 +161,13 @@ def stream_rows(out: str, report: dict) -> list:
     rows = []
     tiles = (rows_n // BR) * (cols // BC)
     variants = {"plain, one tile a program, 4 warps":
-                lambda: _plain[(tiles,)](buf, res, rows_n, cols, tiles, BR=BR, BC=BC, STAGES=1, num_warps=4)}
+                lambda: _stream[(tiles,)](buf, None, res, rows_n, cols, tiles, BR=BR, BC=BC, TMA=False, STAGES=1,
+                                          num_warps=4)}
     for warps in (8, 16):
         for stages in (1, 3):
             variants[f"plain, {sms} programs x {warps} warps, {stages} stages"] = (
-                lambda w=warps, s=stages: _plain[(sms,)](buf, res, rows_n, cols, sms, BR=BR, BC=BC, STAGES=s,
-                                                         num_warps=w))
+                lambda w=warps, s=stages: _stream[(sms,)](buf, None, res, rows_n, cols, sms, BR=BR, BC=BC, TMA=False,
+                                                          STAGES=s, num_warps=w))
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -179,8 +175,8 @@ def stream_rows(out: str, report: dict) -> list:
         for warps in (4, 8):
             for stages in (2, 4, 6):
                 variants[f"TMA, {sms} programs x {warps} warps, {stages} stages"] = (
-                    lambda w=warps, s=stages: _tma[(sms,)](desc, res, rows_n, cols, sms, BR=BR, BC=BC, STAGES=s,
-                                                           num_warps=w))
+                    lambda w=warps, s=stages: _stream[(sms,)](buf, desc, res, rows_n, cols, sms, BR=BR, BC=BC,
+                                                              TMA=True, STAGES=s, num_warps=w))
     except Exception as exc:  # a Triton without host-side descriptors: the plain rows still tell
         rows.append({"variant": "TMA", "error": repr(exc)[:300]})
     for name, fn in variants.items():
