@@ -16,7 +16,8 @@ past L2): the engine's int8-x GEMV (many programs, autotuned) against its tile l
 plain loads (as the persistent kernel of commit c6126e5) or by TMA descriptor loads pipelined 2-4 deep, each
 checked against the dequantized product.
 
-    python3 benchmarks/gpu_stream_probe.py --out OUT [--parts stream gemv]   (a CUDA GPU; OUT/gpu_stream_probe.json)
+    python3 benchmarks/gpu_stream_probe.py --out OUT [--parts stream gemv]   (a CUDA GPU; OUT/gpu_stream_probe.json;
+    the package importable, as for the other GPU scripts: README.md here)
 """
 from __future__ import annotations
 
