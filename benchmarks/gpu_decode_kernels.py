@@ -31,12 +31,18 @@
 3h. what a grid-wide barrier costs in one persistent Triton kernel (one program an SM, an arrival count and a
    spin), alone and between the phases of a streamed "layer" of the 12B's int4 decode step: what a persistent
    decode kernel (one launch a step, a barrier where a kernel boundary is now) would pay per phase.
+3i. whether one resident program an SM streams a step's bytes at the copy rate (`stream`: 6.4 GB of int32 tiles by
+   plain loads, 8 or 16 warps, or by TMA descriptor loads into shared memory pipelined 2-6 deep, beside one tile a
+   program), and whether the int8-x GEMV's tile loop so fed keeps up with the engine's GEMV at the 12B's one-row
+   products (`persistent_gemv`): what a persistent decode kernel's GEMVs could stream (the one of commit c6126e5
+   held its loads in registers and streamed at 55% of the copy rate, BENCHMARKS.md, twenty-first session).
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
-        chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier engine]
+        chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier stream persistent_gemv
+        engine]
         [--baseline OLD.py] [--slots N] [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
@@ -848,6 +854,134 @@ def bench_barrier(ceilings: dict) -> list:
     return rows
 
 
+STREAM_TILE = (32, 256)  # int32 words a tile (32 KB): TMA's largest box side
+
+
+@triton.jit
+def _stream_kernel(ptr, desc, res, ROWS, COLS, G, BR: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr,
+                   STAGES: tl.constexpr):
+    # tiles t = p, p + G, ... of the int32 [ROWS, COLS] at ptr (or through desc: TMA) XOR-reduced, a result a program
+    p = tl.program_id(0)
+    n_c = COLS // BC
+    acc = tl.zeros((BR, BC), tl.int32)
+    for t in tl.range(p, (ROWS // BR) * n_c, G, num_stages=STAGES):
+        if TMA:
+            acc ^= desc.load([(t // n_c) * BR, (t % n_c) * BC])
+        else:
+            r = (t // n_c) * BR + tl.arange(0, BR)
+            c = (t % n_c) * BC + tl.arange(0, BC)
+            acc ^= tl.load(ptr + r[:, None] * COLS + c[None, :])
+    tl.store(res + p, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
+
+
+def bench_stream(ceilings: dict) -> list:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows_n, cols = 786_432, 2048  # 6.4 GB, about a 12B int4 step's weights
+    br, bc = STREAM_TILE
+    buf = torch.randint(0, 1 << 30, (rows_n, cols), device="cuda", dtype=torch.int32)
+    res = torch.zeros(4096, device="cuda", dtype=torch.int32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = (rows_n // br) * (cols // bc)
+    desc = TensorDescriptor.from_tensor(buf, [br, bc])
+    # (label, programs, warps, TMA, stages)
+    variants = [("plain, one tile a program", tiles, 4, False, 1)]
+    variants += [(f"plain, {sms} programs", sms, w, False, st) for w in (8, 16) for st in (1, 3)]
+    variants += [(f"TMA, {sms} programs", sms, w, True, st) for w in (4, 8) for st in (2, 4, 6)]
+    rows = []
+    for label, programs, warps, tma, stages in variants:
+        row = {"variant": label, "warps": warps, "stages": stages}
+        try:
+            ms = graph_ms(lambda: _stream_kernel[(programs,)](buf, desc, res, rows_n, cols, programs, BR=br, BC=bc,
+                                                              TMA=tma, STAGES=stages, num_warps=warps), 1)
+            row.update(ms=ms, of_copy_bandwidth=buf.numel() * 4 / (ms * 1e-3) / (ceilings["copy_bandwidth_gbs"] * 1e9))
+        except Exception as exc:  # one variant that does not compile must not hide the others
+            row["error"] = repr(exc)[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+@triton.jit
+def _persistent_gemv_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, K, G, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    # the int8-x GEMV's arithmetic (triton_q4._q8_block) over this program's rows, tile by tile (row block, K block):
+    # weights by plain loads or by TMA (w_desc over the int32 words [N, K / 8], s_desc over the fp16 scales)
+    p = tl.program_id(0)
+    per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N  # whole row blocks a program (TMA boxes do not mask rows)
+    r0 = p * per
+    r_end = tl.minimum(r0 + per, N)
+    n_k = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
+    for t in tl.range(0, tl.cdiv(r_end - r0, BLOCK_N) * n_k, num_stages=STAGES):
+        rb = r0 + (t // n_k) * BLOCK_N
+        rows = rb + tl.arange(0, BLOCK_N)
+        k0 = (t % n_k) * BLOCK_K
+        if TMA:
+            words = w_desc.load([rb, k0 // 8])
+            sc = s_desc.load([rb, k0 // 32]).to(tl.float32)
+            z = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32) + 8.0
+        else:
+            words, sc, z = triton_q4._weight_block(qw_ptr, s_ptr, s_ptr, rows, rows < r_end, k0, K // 8, K // 32,
+                                                   False, BLOCK_N, BLOCK_K, 32)
+        acc += triton_q4._q8_block(words, sc, z, x_ptr, k0, K, False, BLOCK_N, BLOCK_K, 32, ASM)
+        if t % n_k == n_k - 1:
+            tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < r_end)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
+
+
+def persistent_gemv(x, qweight, scales, programs: int, block_n: int, block_k: int, tma: bool, stages: int,
+                    num_warps: int = 8):
+    """x [1, K] @ the q4_0 weight [N, K/2] (uint8) with its scales (int16 fp16 bits), by _persistent_gemv_kernel:
+    y [1, N] (on CPU tensors in Triton's interpreter)"""
+    n, k = qweight.shape[0], x.shape[1]
+    words, s = qweight.view(torch.int32), scales.view(torch.float16)
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    w_desc = s_desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w_desc = TensorDescriptor.from_tensor(words, [block_n, block_k // 8])
+        s_desc = TensorDescriptor.from_tensor(s, [block_n, block_k // 32])
+    _persistent_gemv_kernel[(programs,)](x, words, s, w_desc, s_desc, y, n, k, programs, BLOCK_N=block_n,
+                                         BLOCK_K=block_k, TMA=tma, STAGES=stages, ASM=x.is_cuda, num_warps=num_warps)
+    return y
+
+
+def bench_persistent_gemv(ceilings: dict) -> list:
+    """The 12B's one-row products: the engine's int8-x GEMV against its tile loop in one program an SM, plain or
+    TMA-fed, us a call over weight sets past L2, each's relative error against the int8-x product's reference."""
+    bw = ceilings["copy_bandwidth_gbs"] * 1e9
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = {"engine gemv_q8": None}
+    for block_n, block_k in ((16, 2048), (32, 1024)):
+        variants[f"plain {block_n}x{block_k}"] = dict(block_n=block_n, block_k=block_k, tma=False, stages=1)
+        variants.update({f"TMA {block_n}x{block_k} stages {st}": dict(block_n=block_n, block_k=block_k, tma=True,
+                                                                       stages=st) for st in (2, 3, 4)})
+    rows = []
+    for name, out, inp in SHAPES:
+        nbytes = out * inp // 2 + out * inp // 32 * 2
+        mods = int4_copies(out, inp, max(1, min(16, (400 << 20) // nbytes)))
+        x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
+        ref = triton_q4.round_x_int8(x).float() @ mods[0].dequantize(torch.float32).t()
+        for label, cfg in variants.items():
+            def run(m, cfg=cfg):
+                if cfg is None:
+                    return triton_q4._launch(x, m.qweight, m.scales, None, 32, "gemv_q8")
+                return persistent_gemv(x, m.qweight, m.scales, sms, **cfg)
+            row = {"shape": name, "variant": label}
+            try:
+                row["rel_err"] = float((run(mods[0]).float() - ref).norm() / ref.norm())  # (autotunes the engine's)
+                row["us"] = graph_ms(lambda: [run(m) for m in mods], len(mods)) * 1e3
+                row["of_copy_bandwidth"] = nbytes / (row["us"] * 1e-6) / bw
+            except Exception as exc:  # one variant that does not compile must not hide the others
+                row["error"] = repr(exc)[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del mods
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -894,6 +1028,10 @@ def main() -> int:
             report["step"] = bench_step(args.frames, args.image_tokens)
         elif part == "barrier":
             report["barrier"] = bench_barrier(report["ceilings"])
+        elif part == "stream":
+            report["stream"] = bench_stream(report["ceilings"])
+        elif part == "persistent_gemv":
+            report["persistent_gemv"] = bench_persistent_gemv(report["ceilings"])
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
     return 0
 
