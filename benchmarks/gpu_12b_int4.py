@@ -3,7 +3,7 @@ per-frame latency (70 and 280 image tokens, 12 decoded tokens), eager and compil
 ceilings and floor as benchmarks/gpu_12b.py.
 
     python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding] [--compiled-only] [--image-tokens 280 70]
-        [--fused-qkv on|off] [--selector fixed|grammar] [--compile-any-length on|off] [--decode-kernel off on]
+        [--fused-qkv on|off] [--selector fixed|grammar] [--compile-any-length on|off]
 """
 import argparse
 import json
@@ -33,8 +33,6 @@ def main() -> int:
     add_compile_any_length(parser)
     parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
                         help="SessionConfig.fused_qkv (model/triton_qkv.py)")
-    parser.add_argument("--decode-kernel", choices=["on", "off"], nargs="+", default=["off"],
-                        help="SessionConfig.decode_kernel (engine/decode_kernel.py), each given a row of its own")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -54,38 +52,33 @@ def main() -> int:
     print(f"weights resident after packing: {resident / 1e9:.2f} GB", flush=True)
     rows = []
     profiles = []  # taken once every row is timed (run_bench's profile_later)
-    variants = [(compiled, tokens, kernel) for compiled in ((True,) if args.compiled_only else (False, True))
-                for tokens in args.image_tokens for kernel in args.decode_kernel]
-    for compiled, tokens, kernel in variants:
-        tag = (f"{'compiled' if compiled else 'eager'}_{tokens}" + ("_grammar" if args.selector == "grammar" else "")
-               + ("_decode_kernel" if kernel == "on" else ""))
-        fixed = args.selector == "fixed"
-        try:
-            r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12 if fixed else 32, "prefix", 600,
-                          "bfloat16", warmup=3, model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
-                          profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector,
-                          compile_any_length=args.compile_any_length == "on", profile_later=profiles,
-                          decode_kernel=kernel == "on")
-        except Exception as exc:  # report and go on: one failing variant must not hide the others
-            traceback.print_exc()
-            rows.append({"compile": compiled, "image_tokens": tokens, "decode_kernel": kernel == "on",
-                         "error": repr(exc)[:300]})
-            continue
-        stamp(f"{tag}: prefix {r['set_prefix_s']:.1f} s, warm-up frames "
-              f"{', '.join(f'{t:.1f}' for t in r['warmup_frames_s'])} s; timed")
-        if fixed:  # an action's token count is the model's choice: no floor to hold it to
-            r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
-            r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
-        r["fused_qkv"] = args.fused_qkv == "on"
-        r["decode_kernel"] = kernel == "on"
-        rows.append(r)
-        print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "decode_kernel", "selector", "per_frame_ms",
-                                                "prefill_ms_p50", "decode_ms_p50", "tokens_mean",
-                                                "decode_steps_mean", "decode_ms_per_token_p50",
-                                                "decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
-                                                "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
-                                                "no_hot_path_allocation")}), flush=True)
-        write_report(args, ceilings, resident, rows)  # after every run: one cut off keeps what finished
+    for compiled in (True,) if args.compiled_only else (False, True):
+        for tokens in args.image_tokens:
+            tag = f"{'compiled' if compiled else 'eager'}_{tokens}" + ("_grammar" if args.selector == "grammar" else "")
+            fixed = args.selector == "fixed"
+            try:
+                r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12 if fixed else 32, "prefix", 600,
+                              "bfloat16", warmup=3, model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
+                              profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector,
+                              compile_any_length=args.compile_any_length == "on", profile_later=profiles)
+            except Exception as exc:  # report and go on: one failing variant must not hide the others
+                traceback.print_exc()
+                rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
+                continue
+            stamp(f"{tag}: prefix {r['set_prefix_s']:.1f} s, warm-up frames "
+                  f"{', '.join(f'{t:.1f}' for t in r['warmup_frames_s'])} s; timed")
+            if fixed:  # an action's token count is the model's choice: no floor to hold it to
+                r["floor_ms"] = floor_ms(model, tokens + 6, 12, ceilings, resident)
+                r["ratio_to_floor"] = r["per_frame_ms"]["p50"] / r["floor_ms"]
+            r["fused_qkv"] = args.fused_qkv == "on"
+            rows.append(r)
+            print(json.dumps({k: r.get(k) for k in ("compile", "image_tokens", "selector", "per_frame_ms",
+                                                    "prefill_ms_p50", "decode_ms_p50", "tokens_mean",
+                                                    "decode_steps_mean", "decode_ms_per_token_p50",
+                                                    "decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
+                                                    "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
+                                                    "no_hot_path_allocation")}), flush=True)
+            write_report(args, ceilings, resident, rows)  # after every run: one cut off keeps what finished
     for take_profile in profiles:
         try:
             take_profile()

@@ -156,8 +156,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
               join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True,
-              selector: str = "fixed", compile_any_length: bool = True, profile_later: list | None = None,
-              decode_kernel: bool = False) -> dict:
+              selector: str = "fixed", compile_any_length: bool = True, profile_later: list | None = None) -> dict:
     """selector "fixed": greedy for exactly `decode_tokens` tokens a frame; "grammar": an action a frame
     (grammar_selector), `decode_tokens` its cap.
 
@@ -178,8 +177,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
                                              max_prefix=prefix_tokens + 8, max_context=max_context,
                                              window_frames=window_frames, compile=compile,
                                              join_projections=join_projections, triton_gemv=triton_gemv,
-                                             fused_qkv=fused_qkv, compile_any_length=compile_any_length,
-                                             decode_kernel=decode_kernel))
+                                             fused_qkv=fused_qkv, compile_any_length=compile_any_length))
     t0 = time.perf_counter()
     session.set_prefix("bench")  # with compile, the any-length code compiles here
     prefix_s = time.perf_counter() - t0

@@ -28,7 +28,6 @@ from ..model.tokenizer import PromptBuilder
 from ..quant.int4 import to_device_kernel
 from .fusion import join_projections, joined_modules
 from .gemv import use_triton_gemv
-from .decode_kernel import DecodeKernel, supported
 from .kv_cache import CacheFull, StaticKVCache
 
 
@@ -60,10 +59,6 @@ class SessionConfig(BaseModel):
     # uncompiled: a slower prefix and first-seen jump-forward run, a start-up minutes shorter at the 12B (the
     # prefix's compile took 188 of a 12B int4 row's 390 s of compiling on the H200); the bench's frames never use it
     compile_any_length: bool = True
-    # CUDA, q4_0 (joined projections, bf16): a one-token step's decoder layers as one persistent kernel whose programs
-    # hand results on through counters instead of ~10 kernel launches a layer (engine/decode_kernel.py). Off by
-    # default until it is measured faster at the 12B; on where the model does not qualify: a configuration error
-    decode_kernel: bool = False
 
 
 @dataclass
@@ -125,14 +120,6 @@ class StreamingSession:
                                    device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv,
                                    slot_align=align)
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}
-        self._decode_kernel = None
-        if self.config.decode_kernel:
-            why = supported(model, self.device) if self._torch_model else "it runs the torch model only"
-            if why is None and not self.config.join_projections:
-                why = "it needs join_projections"
-            if why is not None:
-                raise ValueError(f"decode_kernel is on but cannot run here: {why}")
-            self._decode_kernel = DecodeKernel(model, self.cache)
         self.prefix_ids: list[int] = []
         self.prefix_len = 0
         self.next_pos = 0
@@ -158,7 +145,6 @@ class StreamingSession:
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
             self._compiled = (torch.compile(self._shared, dynamic=False),
                               torch.compile(self._layers_and_head, dynamic=False))
-            self._compiled_head = torch.compile(self._head, dynamic=False)
             if self.config.compile_any_length:
                 self._compiled_any = (torch.compile(self._shared_any_length, dynamic=True),
                                       torch.compile(self._layers_and_head_any_length, dynamic=True))
@@ -172,9 +158,6 @@ class StreamingSession:
         shared, layers = (self._eager if self._compiled is None else
                           self._compiled if repeats else self._compiled_any or self._eager)
         h, masks, rope = shared(x, positions, blocks, slots)
-        if self._decode_kernel is not None and positions.shape[0] == 1:
-            head = self._head if self._compiled is None else self._compiled_head
-            return head(self._decode_kernel(h, masks, rope))
         return layers(h, positions, masks, rope)
 
     # Two functions, compiled apart. The first computes what every layer shares: the embeddings (token ids are
@@ -193,9 +176,7 @@ class StreamingSession:
         return h, masks, rope
 
     def _layers_and_head(self, h, positions, masks, rope):
-        return self._head(self.model.decode(h, positions, masks, self.cache, rope))
-
-    def _head(self, hidden):
+        hidden = self.model.decode(h, positions, masks, self.cache, rope)
         return self.model.logits(hidden[:, -1]).float()[0]
 
     # their own code objects, so that dynamo keeps the (dynamic) any-length graphs apart from the per-length ones

@@ -23,13 +23,6 @@ BLOCK = 1024  # values a program: 8 a thread in 16-byte loads at 4 warps; a deco
 if triton is not None:
 
     @triton.jit
-    def gelu_mul_values(g, u, dtype, TWO_BETA: tl.constexpr):
-        """gelu_tanh(g) * u in dtype, from float32 g and u already in dtype's values"""
-        # 0.5 g (1 + tanh(b (g + 0.044715 g^3))) = g sigmoid(2 b (g + 0.044715 g^3)), b = sqrt(2 / pi)
-        gelu = rounded(g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g)), dtype)
-        return (gelu * u).to(dtype)
-
-    @triton.jit
     def _gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, s_gate, s_up, TWO_BETA: tl.constexpr,
                          BLOCK: tl.constexpr, PDL: tl.constexpr):
         wait_then_release(PDL)  # pdl.py
@@ -39,7 +32,9 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         g = tl.load(gate_ptr + row * s_gate + cols, mask=ok, other=0).to(tl.float32)
         u = tl.load(up_ptr + row * s_up + cols, mask=ok, other=0).to(tl.float32)
-        tl.store(out_ptr + row * N + cols, gelu_mul_values(g, u, dtype, TWO_BETA), mask=ok)
+        # 0.5 g (1 + tanh(b (g + 0.044715 g^3))) = g sigmoid(2 b (g + 0.044715 g^3)), b = sqrt(2 / pi)
+        gelu = rounded(g * tl.sigmoid(TWO_BETA * (g + 0.044715 * g * g * g)), dtype)
+        tl.store(out_ptr + row * N + cols, (gelu * u).to(dtype), mask=ok)
 
 
 @torch.library.custom_op("gemma4_agent::gelu_mul", mutates_args=())

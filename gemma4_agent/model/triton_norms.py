@@ -21,20 +21,6 @@ from ..triton_env import available, rounded, tl, triton  # available: this modul
 if triton is not None:
 
     @triton.jit
-    def rms_normed(x, w, n, eps):
-        """float32 x [..., BLOCK] (zero past n) RMS-normed over its last axis and times float32 w, in float32."""
-        return x * tl.math.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / n + eps) * w
-
-    @triton.jit
-    def add_norms_values(h, y, w_post, w_pre, scale, n, eps_post, eps_pre, HAS_SCALE: tl.constexpr, dtype):
-        """The op on float32 values (zero past n): (h_new rounded to dtype, x in float32 for the caller to round).
-        Also the body of the persistent decode kernel's norms (engine/decode_kernel.py)."""
-        h_new = rounded(h + rounded(rms_normed(y, w_post, n, eps_post), dtype), dtype)
-        if HAS_SCALE:
-            h_new = rounded(h_new * scale, dtype)
-        return h_new, rms_normed(h_new, w_pre, n, eps_pre)
-
-    @triton.jit
     def _add_norms_kernel(h_ptr, y_ptr, w_post_ptr, w_pre_ptr, scale_ptr, h_out_ptr, x_ptr, N, eps_post, eps_pre,
                           HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         wait_then_release(PDL)  # pdl.py
@@ -46,9 +32,12 @@ if triton is not None:
         h = tl.load(h_ptr + row * N + cols, mask=ok, other=0).to(tl.float32)
         w_post = tl.load(w_post_ptr + cols, mask=ok, other=0).to(tl.float32)
         w_pre = tl.load(w_pre_ptr + cols, mask=ok, other=0).to(tl.float32)
-        scale = tl.load(scale_ptr).to(tl.float32) if HAS_SCALE else 1.0
-        h_new, x = add_norms_values(h, y, w_post, w_pre, scale, N, eps_post, eps_pre, HAS_SCALE, dtype)
+        post = rounded(y * tl.math.rsqrt(tl.sum(y * y, axis=0) / N + eps_post) * w_post, dtype)
+        h_new = rounded(h + post, dtype)
+        if HAS_SCALE:
+            h_new = rounded(h_new * tl.load(scale_ptr).to(tl.float32), dtype)
         tl.store(h_out_ptr + row * N + cols, h_new.to(dtype), mask=ok)
+        x = h_new * tl.math.rsqrt(tl.sum(h_new * h_new, axis=0) / N + eps_pre) * w_pre
         tl.store(x_ptr + row * N + cols, x.to(dtype), mask=ok)
 
 

@@ -23,14 +23,12 @@ from ..triton_env import available, rounded, tl, triton  # available: this modul
 if triton is not None:
 
     @triton.jit
-    def normed(x_ptr, w_ptr, eps, HAS_WEIGHT: tl.constexpr, D: tl.constexpr):
-        """Heads' halves [..., D / 2] each, RMS-normed in float32 (times the weight): x_ptr points at a head's first
-        value, or is a block of such pointers [R, 1] (R heads at once, the persistent decode kernel's query rows)."""
+    def _normed(x_ptr, w_ptr, eps, HAS_WEIGHT: tl.constexpr, D: tl.constexpr):
+        # one head's halves [D / 2] each, RMS-normed in float32 (times the weight) and rounded to the dtype
         half = tl.arange(0, D // 2)
         x1 = tl.load(x_ptr + half).to(tl.float32)
         x2 = tl.load(x_ptr + D // 2 + half).to(tl.float32)
-        inv = tl.math.rsqrt((tl.sum(x1 * x1, axis=-1, keep_dims=True) + tl.sum(x2 * x2, axis=-1, keep_dims=True))
-                            / D + eps)
+        inv = tl.math.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
         y1, y2 = x1 * inv, x2 * inv
         if HAS_WEIGHT:
             y1 = y1 * tl.load(w_ptr + half).to(tl.float32)
@@ -38,8 +36,8 @@ if triton is not None:
         return y1, y2
 
     @triton.jit
-    def rotated(y1, y2, cos_ptr, sin_ptr, dtype, D: tl.constexpr):
-        """x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1), each product and the sum rounded to the dtype"""
+    def _rotated(y1, y2, cos_ptr, sin_ptr, dtype, D: tl.constexpr):
+        # x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1), each product and the sum rounded to the dtype
         half = tl.arange(0, D // 2)
         y1 = rounded(y1, dtype)
         y2 = rounded(y2, dtype)
@@ -62,17 +60,17 @@ if triton is not None:
         dtype = q_out_ptr.dtype.element_ty
         if p < H + KV:
             if p < H:
-                y1, y2 = normed(q_ptr + t * s_q + p * D, qw_ptr, eps, True, D)
-                o1, o2 = rotated(y1, y2, cos_ptr + t * s_cs, sin_ptr + t * s_cs, dtype, D)
+                y1, y2 = _normed(q_ptr + t * s_q + p * D, qw_ptr, eps, True, D)
+                o1, o2 = _rotated(y1, y2, cos_ptr + t * s_cs, sin_ptr + t * s_cs, dtype, D)
                 out = q_out_ptr + (t * H + p) * D
             else:
-                y1, y2 = normed(k_ptr + t * s_k + (p - H) * D, kw_ptr, eps, True, D)
-                o1, o2 = rotated(y1, y2, cos_ptr + t * s_cs, sin_ptr + t * s_cs, dtype, D)
+                y1, y2 = _normed(k_ptr + t * s_k + (p - H) * D, kw_ptr, eps, True, D)
+                o1, o2 = _rotated(y1, y2, cos_ptr + t * s_cs, sin_ptr + t * s_cs, dtype, D)
                 out = kc_ptr + (p - H) * sc_h + tl.load(slots_ptr + t) * sc_s
             tl.store(out + half, o1.to(out.dtype.element_ty))
             tl.store(out + D // 2 + half, o2.to(out.dtype.element_ty))
         else:
-            y1, y2 = normed(v_ptr + t * s_v + (p - H - KV) * D, kw_ptr, eps, False, D)
+            y1, y2 = _normed(v_ptr + t * s_v + (p - H - KV) * D, kw_ptr, eps, False, D)
             out = vc_ptr + (p - H - KV) * sc_h + tl.load(slots_ptr + t) * sc_s
             tl.store(out + half, y1.to(dtype).to(out.dtype.element_ty))
             tl.store(out + D // 2 + half, y2.to(dtype).to(out.dtype.element_ty))

@@ -46,7 +46,6 @@ SPLIT_MAX_OUTPUTS = 1 << 21  # outputs up to which the GEMM may split K (partial
 WIDE_MAX_ROWS, WIDE_MAX_TAIL = 256, 64  # rows of x one wide GEMM program takes: wgmma's widest, and a tail
 CHUNK_ROWS = 16  # rows up to which the GEMM also tries its wide-K configurations (jump-forward chunks)
 PIPELINED_MAX_ROWS = 128  # rows up to which the GEMM also tries a 4-stage pipeline (a 70-token frame, chunks)
-GEMV_PREFETCH = False  # experiment: each int8-x GEMV program asks its rows into L2 (bulk) before its PDL wait
 
 
 if triton is not None:
@@ -276,26 +275,6 @@ if triton is not None:
         return (dot.to(tl.float32) - z * qsum.to(tl.float32)[None, :]) * (s * sx[None, :])
 
     @triton.jit
-    def prefetch_l2(ptr, nbytes, ASM: tl.constexpr):
-        # nbytes at the byte pointer ptr (16-byte aligned, a multiple of 16) asked into L2 by bulk copies of up to
-        # 64 KB, issued by one thread: no registers held, nothing waits for them (sm_90)
-        if ASM:
-            for off in range(0, nbytes, 65536):
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r", [ptr + off, tl.minimum(nbytes - off, 65536)], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def prefetch_rows(qw, sc, r0, r_end, K, cap, ASM: tl.constexpr):
-        # weight rows [r0, r_end) of a q4_0 projection with K inputs (and their scales) asked into L2, at most cap
-        # bytes of weights; only where every row starts 16-byte aligned (K a multiple of 256)
-        if K % 256 == 0:
-            nb = tl.minimum((r_end - r0) * (K // 2), cap)
-            prefetch_l2(qw.to(tl.pointer_type(tl.int8), bitcast=True) + r0 * (K // 2), nb, ASM)
-            prefetch_l2(sc.to(tl.pointer_type(tl.int8), bitcast=True) + r0 * (K // 16), nb // 8, ASM)
-
-    @triton.jit
     def _sum_splits(out, offs, ok, y_ptr, part_ptr, count_ptr, counter, part_stride, SPLIT: tl.constexpr):
         # out: this program's float32 share of the outputs at offs, over its split of K (program_id(1)). SPLIT 1:
         # stored. Otherwise published in part_ptr [SPLIT, part_stride], and the last of the SPLIT programs of
@@ -320,7 +299,7 @@ if triton is not None:
     @triton.jit
     def _gemv_q8_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, K_WORDS, K_GROUPS,
                         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = False):
+                        SPLIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         # BLOCK_N weight rows times one row of x per program over its split of K (all of it when SPLIT is 1), as
         # _gemv_kernel; x's groups (XG) divide GROUP. Splits: partials in part_ptr [SPLIT, N] (float32), arrivals
         # counted per row block in count_ptr (zero between calls: the last arrival resets it)
@@ -333,10 +312,6 @@ if triton is not None:
         # a split past K (possible for some K) loads nothing and adds zero
         words, s, z = _weight_block(qw_ptr, s_ptr, z_ptr, rows, row_ok, k_start, K_WORDS, K_GROUPS, HAS_ZEROS,
                                     BLOCK_N, BLOCK_K, GROUP)
-        if PREFETCH:
-            if tl.program_id(1) == 0:
-                r0 = tl.program_id(0) * BLOCK_N
-                prefetch_rows(qw_ptr, s_ptr, r0, tl.minimum(r0 + BLOCK_N, N), K, 1 << 30, ASM)
         wait_then_release(PDL)
         acc = _q8_block(words, s, z, x_ptr, k_start, K, HAS_ZEROS, BLOCK_N, BLOCK_K, GROUP, ASM)
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
@@ -616,8 +591,7 @@ def _gemv_q8(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     # dp4a in PTX on the GPU; the interpreter (CPU tensors) sums the bytes itself
     _gemv_q8_kernel[grid](x, qweight.view(torch.int32), s, z, y, part, counts, n, k, k // 8, k // group,
-                          GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, PREFETCH=GEMV_PREFETCH and x.is_cuda,
-                          **pdl_args(x))
+                          GROUP=group, HAS_ZEROS=has_zeros, ASM=x.is_cuda, **pdl_args(x))
 
 
 def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
