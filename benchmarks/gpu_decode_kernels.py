@@ -903,10 +903,25 @@ def bench_stream(ceilings: dict) -> list:
 
 
 @triton.jit
+def _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, ok, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 TMA: tl.constexpr):
+    # weight rows rb.. (rows, ok), columns k0..k0+BLOCK_K: words, scales and zero-points as triton_q4._weight_block
+    # gives them, by plain loads or by TMA (w_desc over the int32 words [N, K / 8], s_desc over the fp16 scales)
+    if TMA:
+        words = w_desc.load([rb, k0 // 8])
+        sc = s_desc.load([rb, k0 // 32]).to(tl.float32)
+        z = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32) + 8.0
+    else:
+        words, sc, z = triton_q4._weight_block(qw_ptr, s_ptr, s_ptr, rows, ok, k0, K // 8, K // 32, False, BLOCK_N,
+                                               BLOCK_K, 32)
+    return words, sc, z
+
+
+@triton.jit
 def _persistent_gemv_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, K, G, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
-    # the int8-x GEMV's arithmetic (triton_q4._q8_block) over this program's rows, tile by tile (row block, K block):
-    # weights by plain loads or by TMA (w_desc over the int32 words [N, K / 8], s_desc over the fp16 scales)
+    # the int8-x GEMV's arithmetic (triton_q4._q8_block) over this program's rows, tile by tile (row block, K block)
+    # in one flat loop, as the persistent decode kernel of c6126e5 walks them
     p = tl.program_id(0)
     per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N  # whole row blocks a program (TMA boxes do not mask rows)
     r0 = p * per
@@ -917,23 +932,39 @@ def _persistent_gemv_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, K, G
         rb = r0 + (t // n_k) * BLOCK_N
         rows = rb + tl.arange(0, BLOCK_N)
         k0 = (t % n_k) * BLOCK_K
-        if TMA:
-            words = w_desc.load([rb, k0 // 8])
-            sc = s_desc.load([rb, k0 // 32]).to(tl.float32)
-            z = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32) + 8.0
-        else:
-            words, sc, z = triton_q4._weight_block(qw_ptr, s_ptr, s_ptr, rows, rows < r_end, k0, K // 8, K // 32,
-                                                   False, BLOCK_N, BLOCK_K, 32)
+        words, sc, z = _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, rows < r_end, k0, K, BLOCK_N, BLOCK_K,
+                                    TMA)
         acc += triton_q4._q8_block(words, sc, z, x_ptr, k0, K, False, BLOCK_N, BLOCK_K, 32, ASM)
         if t % n_k == n_k - 1:
             tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < r_end)
             acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
 
 
+@triton.jit
+def _persistent_rows_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, G, K: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
+                            ASM: tl.constexpr):
+    # as _persistent_gemv_kernel with K a constant (a decode kernel knows each phase's): a row block's K blocks
+    # unrolled and its row sums once after them, so no division, remainder or cross-lane sum a tile (the flat
+    # loop's 3.4-3.6 SASS instructions a weight against the engine GEMV's 1.6-2.0, sm_90), row blocks pipelined
+    p = tl.program_id(0)
+    per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N
+    r0 = p * per
+    r_end = tl.minimum(r0 + per, N)
+    for rb in tl.range(r0, r_end, BLOCK_N, num_stages=STAGES):
+        rows = rb + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            words, sc, z = _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, rows < r_end, k0, K, BLOCK_N,
+                                        BLOCK_K, TMA)
+            acc += triton_q4._q8_block(words, sc, z, x_ptr, k0, K, False, BLOCK_N, BLOCK_K, 32, ASM)
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < r_end)
+
+
 def persistent_gemv(x, qweight, scales, programs: int, block_n: int, block_k: int, tma: bool, stages: int,
-                    num_warps: int = 8):
-    """x [1, K] @ the q4_0 weight [N, K/2] (uint8) with its scales (int16 fp16 bits), by _persistent_gemv_kernel:
-    y [1, N] (on CPU tensors in Triton's interpreter)"""
+                    num_warps: int = 8, rows_loop: bool = False):
+    """x [1, K] @ the q4_0 weight [N, K/2] (uint8) with its scales (int16 fp16 bits), by _persistent_gemv_kernel
+    (rows_loop: _persistent_rows_kernel): y [1, N] (on CPU tensors in Triton's interpreter)"""
     n, k = qweight.shape[0], x.shape[1]
     words, s = qweight.view(torch.int32), scales.view(torch.float16)
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
@@ -943,14 +974,18 @@ def persistent_gemv(x, qweight, scales, programs: int, block_n: int, block_k: in
 
         w_desc = TensorDescriptor.from_tensor(words, [block_n, block_k // 8])
         s_desc = TensorDescriptor.from_tensor(s, [block_n, block_k // 32])
-    _persistent_gemv_kernel[(programs,)](x, words, s, w_desc, s_desc, y, n, k, programs, BLOCK_N=block_n,
-                                         BLOCK_K=block_k, TMA=tma, STAGES=stages, ASM=x.is_cuda, num_warps=num_warps)
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, TMA=tma, STAGES=stages, ASM=x.is_cuda, num_warps=num_warps)
+    if rows_loop:
+        _persistent_rows_kernel[(programs,)](x, words, s, w_desc, s_desc, y, n, programs, K=k, **meta)
+    else:
+        _persistent_gemv_kernel[(programs,)](x, words, s, w_desc, s_desc, y, n, k, programs, **meta)
     return y
 
 
 def bench_persistent_gemv(ceilings: dict) -> list:
-    """The 12B's one-row products: the engine's int8-x GEMV against its tile loop in one program an SM, plain or
-    TMA-fed, us a call over weight sets past L2, each's relative error against the int8-x product's reference."""
+    """The 12B's one-row products: the engine's int8-x GEMV against its tile loop in one program an SM (the flat loop
+    of _persistent_gemv_kernel and the row-block loop of _persistent_rows_kernel), plain or TMA-fed, us a call over
+    weight sets past L2, each's relative error against the int8-x product's reference."""
     bw = ceilings["copy_bandwidth_gbs"] * 1e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     variants = {"engine gemv_q8": None}
@@ -958,6 +993,14 @@ def bench_persistent_gemv(ceilings: dict) -> list:
         variants[f"plain {block_n}x{block_k}"] = dict(block_n=block_n, block_k=block_k, tma=False, stages=1)
         variants.update({f"TMA {block_n}x{block_k} stages {st}": dict(block_n=block_n, block_k=block_k, tma=True,
                                                                        stages=st) for st in (2, 3, 4)})
+    # the row-block loop (K unrolled), fed either way
+    for block_n, block_k, warps in ((16, 1024, 4), (32, 1024, 8), (64, 512, 4)):
+        variants.update({f"rows {'TMA' if tma else 'plain'} {block_n}x{block_k} {warps} warps":
+                         dict(block_n=block_n, block_k=block_k, tma=tma, stages=3, num_warps=warps, rows_loop=True)
+                         for tma in (False, True)})
+        if warps == 4:  # and two programs an SM (a decode kernel's programs must all be resident: 2 x 4 warps fit)
+            variants[f"rows TMA {block_n}x{block_k} 4 warps, 2 programs an SM"] = dict(
+                block_n=block_n, block_k=block_k, tma=True, stages=3, num_warps=4, rows_loop=True, per_sm=2)
     rows = []
     for name, out, inp in SHAPES:
         nbytes = out * inp // 2 + out * inp // 32 * 2
@@ -968,7 +1011,8 @@ def bench_persistent_gemv(ceilings: dict) -> list:
             def run(m, cfg=cfg):
                 if cfg is None:
                     return triton_q4._launch(x, m.qweight, m.scales, None, 32, "gemv_q8")
-                return persistent_gemv(x, m.qweight, m.scales, sms, **cfg)
+                cfg = dict(cfg)
+                return persistent_gemv(x, m.qweight, m.scales, sms * cfg.pop("per_sm", 1), **cfg)
             row = {"shape": name, "variant": label}
             try:
                 row["rel_err"] = float((run(mods[0]).float() - ref).norm() / ref.norm())  # (autotunes the engine's)
