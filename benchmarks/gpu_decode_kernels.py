@@ -34,8 +34,9 @@
 3i. whether one resident program an SM streams a step's bytes at the copy rate (`stream`: 6.4 GB of int32 tiles by
    plain loads, 8 or 16 warps, or by TMA descriptor loads into shared memory pipelined 2-6 deep, beside one tile a
    program), and whether the int8-x GEMV's tile loop so fed keeps up with the engine's GEMV at the 12B's one-row
-   products (`persistent_gemv`): what a persistent decode kernel's GEMVs could stream (the one of commit c6126e5
-   held its loads in registers and streamed at 55% of the copy rate, BENCHMARKS.md, twenty-first session).
+   products (`persistent_gemv`: c6126e5's flat tile loop, and a row-block loop with K a constant): what a persistent
+   decode kernel's GEMVs could stream (the one of commit c6126e5 held its loads in registers and streamed at 55% of
+   the copy rate, BENCHMARKS.md, twenty-first session).
 4. the streaming engine on a 6-layer model of the 12B's widths (5 sliding + 1 full: one of the 12B's
    eight repeating blocks), bf16 and int4, projections separate and joined, compiled: decode ms/token, how much of
    it the step waits on the host, and a kernel profile of each, to extrapolate to 48 layers without building them.
@@ -918,14 +919,19 @@ def _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, ok, k0, K, BLOCK_N: tl
 
 
 @triton.jit
+def _program_rows(N, G, BLOCK_N: tl.constexpr):
+    # this program's rows [r0, r_end): whole row blocks, as even as G programs allow (TMA boxes do not mask rows)
+    per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N
+    r0 = tl.program_id(0) * per
+    return r0, tl.minimum(r0 + per, N)
+
+
+@triton.jit
 def _persistent_gemv_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, K, G, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
     # the int8-x GEMV's arithmetic (triton_q4._q8_block) over this program's rows, tile by tile (row block, K block)
     # in one flat loop, as the persistent decode kernel of c6126e5 walks them
-    p = tl.program_id(0)
-    per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N  # whole row blocks a program (TMA boxes do not mask rows)
-    r0 = p * per
-    r_end = tl.minimum(r0 + per, N)
+    r0, r_end = _program_rows(N, G, BLOCK_N)
     n_k = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
     for t in tl.range(0, tl.cdiv(r_end - r0, BLOCK_N) * n_k, num_stages=STAGES):
@@ -947,18 +953,15 @@ def _persistent_rows_kernel(x_ptr, qw_ptr, s_ptr, w_desc, s_desc, y_ptr, N, G, K
     # as _persistent_gemv_kernel with K a constant (a decode kernel knows each phase's): a row block's K blocks
     # unrolled and its row sums once after them, so no division, remainder or cross-lane sum a tile (the flat
     # loop's 3.4-3.6 SASS instructions a weight against the engine GEMV's 1.6-2.0, sm_90), row blocks pipelined
-    p = tl.program_id(0)
-    per = tl.cdiv(tl.cdiv(N, G), BLOCK_N) * BLOCK_N
-    r0 = p * per
-    r_end = tl.minimum(r0 + per, N)
+    r0, r_end = _program_rows(N, G, BLOCK_N)
     for rb in tl.range(r0, r_end, BLOCK_N, num_stages=STAGES):
         rows = rb + tl.arange(0, BLOCK_N)
+        ok = rows < r_end
         acc = tl.zeros((BLOCK_N, BLOCK_K // 32), tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
-            words, sc, z = _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, rows < r_end, k0, K, BLOCK_N,
-                                        BLOCK_K, TMA)
+            words, sc, z = _stream_tile(qw_ptr, s_ptr, w_desc, s_desc, rb, rows, ok, k0, K, BLOCK_N, BLOCK_K, TMA)
             acc += triton_q4._q8_block(words, sc, z, x_ptr, k0, K, False, BLOCK_N, BLOCK_K, 32, ASM)
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < r_end)
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def persistent_gemv(x, qweight, scales, programs: int, block_n: int, block_k: int, tma: bool, stages: int,
