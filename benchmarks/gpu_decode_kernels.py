@@ -15,6 +15,9 @@
 2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
 2e. dequantize + cuBLAS with the weight dequantized in row chunks that stay in L2, each multiplied as soon as it is
    written, on one stream or with the next chunk's dequantization beside it (`chunked_dequant`).
+2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized straight into wgmma's register operand, wgmma
+   left in flight, several programs an SM) at a frame's prefill rows, every configuration, against the engine's pick
+   and bf16 cuBLAS (`gluon_gemm`; not yet measured on a GPU).
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -43,7 +46,7 @@
 
     python benchmarks/gpu_decode_kernels.py --out OUT [--parts gemv prefill chunk_gemm register_cap small_tiles
         chunked_dequant overlap attention norms timing norm_prologue ablation pdl step barrier stream persistent_gemv
-        engine]
+        gluon_gemm engine]
         [--baseline OLD.py] [--slots N] [--prefill-rows ROWS...]
 
 `--baseline` times a previous triton_q4.py's GEMV beside the current one, in the same run on the same weight copies
@@ -1029,6 +1032,59 @@ def bench_persistent_gemv(ceilings: dict) -> list:
     return rows
 
 
+def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
+    """The Gluon int4 GEMM (benchmarks/gluon_q4_gemm.py) per 12B shape at a frame's prefill rows, every
+    configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM or the wide GEMM) and
+    bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's permutation, its
+    relative error against dequantize + matmul; then ms a frame summed over the layers, the best configuration per
+    shape."""
+    import gluon_q4_gemm as gq
+
+    configs = [(bm, bn, st) for bm in (64, 128, 256) for bn in (64, 128) for st in (3, 4)
+               if not (bm == 256 and st == 4)]  # 256 x 64 rows of x four stages deep: ~140 KB of shared memory
+    rows = []
+    for m in row_counts:
+        for name, out, inp in SHAPES:
+            mod = int4_copies(out, inp, 1)[0]
+            x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+            perm = gq.permutation(inp, x.device)
+            xp = x[:, perm].contiguous()
+            want = x.float() @ mod.dequantize(torch.float32).t()
+            row = {"shape": name, "rows": m,
+                   "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6}
+            torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32)  # picks its path
+            row["engine_us"] = graph_ms(lambda: torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None,
+                                                                                   32), 1) * 1e3
+            w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
+            row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
+            row["gluon"] = {}
+            for bm, bn, st in configs:
+                key = f"{bm}x{bn}x{st}"
+                try:
+                    y = gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st, x_permuted=xp)
+                    torch.cuda.synchronize()
+                    err = ((y.float() - want).norm() / want.norm()).item()
+                    alone = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st, x_permuted=xp), 1)
+                    permuted = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st), 1)
+                    row["gluon"][key] = {"us": alone * 1e3, "with_permutation_us": permuted * 1e3, "rel_err": err}
+                except Exception as exc:  # one configuration failing (compile, launch) must not hide the others
+                    row["gluon"][key] = {"error": repr(exc)[:300]}
+            ok = {k: v for k, v in row["gluon"].items() if "us" in v and v["rel_err"] < 1e-2}
+            if ok:
+                best = min(ok, key=lambda k: ok[k]["us"])
+                row.update(gluon_best=best, gluon_us=ok[best]["us"],
+                           gluon_with_permutation_us=ok[best]["with_permutation_us"])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del mod, w
+        of_m = [r for r in rows if r["rows"] == m]
+        ways = [k for k in ("ideal_matmul_us", "engine_us", "bf16_cublas_us", "gluon_us", "gluon_with_permutation_us")
+                if all(k in r for r in of_m)]
+        print(json.dumps({"rows": m, "ms_a_frame": {w: sum(r[w] * LAYERS_OF[r["shape"]] for r in of_m) / 1e3
+                                                    for w in ways}}), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -1079,6 +1135,8 @@ def main() -> int:
             report["stream"] = bench_stream(report["ceilings"])
         elif part == "persistent_gemv":
             report["persistent_gemv"] = bench_persistent_gemv(report["ceilings"])
+        elif part == "gluon_gemm":
+            report["gluon_gemm"] = bench_gluon_gemm(report["ceilings"], args.prefill_rows)
         (out / "gpu_decode_kernels.json").write_text(json.dumps(report, indent=2))
     return 0
 

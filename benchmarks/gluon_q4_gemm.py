@@ -1,0 +1,156 @@
+"""A candidate for the int4 prefill: a q4_0 x bf16 GEMM for sm_90 (H100/H200) written in Gluon, Triton's explicit
+dialect, not yet in the engine (benchmarks/gpu_decode_kernels.py --parts gluon_gemm times it against the engine's
+paths; BENCHMARKS.md, twenty-third session).
+
+Why Gluon: the engine's tl.dot GEMM dequantizes a weight tile, routes it through shared memory into the register
+layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the tensor cores and the
+dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp specialization does not apply on
+sm_90 (Triton 3.8: `tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing).
+Here every layout is ours:
+- y^T = W' x'^T on wgmma, the weight tile first (64 rows a warp group), so the weights are its register operand;
+- x's columns are permuted once a call (`permutation`) so that each thread's operand elements are whole words of
+  its own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized
+  where wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
+  assert_trivial=True)`);
+- each step's wgmma stays in flight while the next step is dequantized (`warpgroup_mma_wait(1)`), and at 64-128 rows
+  of x a program holds ~80-124 registers a thread, so several programs share an SM.
+q4_0 only (zero point 8); K a multiple of 64. CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order in
+torch, and the sm_90 compile)."""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+BLOCK_K = 64  # K a step: one TMA box of 8 words a row, four k16 MMAs
+BK = gl.constexpr(BLOCK_K)  # the same, for the kernel
+
+
+def permutation(K: int, device=None) -> torch.Tensor:
+    """perm with x'[:, p] = x[:, perm[p]]: in each block of 64, the MMA's column p = 32h + 16a + 8b + 2t + c (thread t
+    of a quad, k16 block j = 2h + a, element pair b, element c) reads element 16t + 8h + 4a + 2b + c, i.e. word 2t + h
+    nibble 4a + 2b + c of the thread's row."""
+    p = torch.arange(64)
+    h, a, b, t, c = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2
+    block = 16 * t + 8 * h + 4 * a + 2 * b + c
+    return (torch.arange(0, K, 64)[:, None] + block[None, :]).reshape(-1).to(device)
+
+
+def words_layout(BN, num_warps):
+    # [BN, 8] words: lane 4g + t of warp w holds rows 16w + g and 16w + g + 8, words 2t and 2t + 1 (the rows and
+    # columns wgmma's first operand gives that thread, before the nibbles are spread)
+    warps = [[16 << i, 0] for i in range((num_warps - 1).bit_length())]
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=warps, block_bases=[], shape=[BN, 8])
+
+
+@gluon.jit
+def _nibble(words, magic, S, C, i: gl.constexpr):
+    # nibble i of every word as (q - 8) s: its bits placed in a float's mantissa next to 1.0 (one LOP3), so that
+    # v = 1 + q 2^(p - 23) and (q - 8) s = v S - C with S = s 2^(23 - p), C = S + 8 s (one FMA)
+    if i < 3:
+        copy = words << 11
+    elif i < 6:
+        copy = words >> 1
+    else:
+        copy = words >> 13
+    v = ((copy & (0xF << (4 * i + 11 - 12 * (i // 3)))) | magic).to(gl.float32, bitcast=True)
+    unit: gl.constexpr = 1.0 * (1 << (12 - 4 * i + 12 * (i // 3)))
+    return gl.fma(v, S * unit, -(S * unit + C)).to(gl.bfloat16)
+
+
+@gluon.jit
+def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
+    # [BN, 8] words and their scales -> [BN, 64] bf16 in wgmma's register layout (asserted trivial: no data moves)
+    C = 8.0 * s
+    w = gl.join(gl.join(gl.join(_nibble(words, magic, s, C, 0), _nibble(words, magic, s, C, 1)),
+                        gl.join(_nibble(words, magic, s, C, 2), _nibble(words, magic, s, C, 3))),
+                gl.join(gl.join(_nibble(words, magic, s, C, 4), _nibble(words, magic, s, C, 5)),
+                        gl.join(_nibble(words, magic, s, C, 6), _nibble(words, magic, s, C, 7))))
+    # [BN, t1, t0, h, (nibble bit 0, 1, 2 as the joins nest them: c, b, a)] -> [BN, h, a, b, t1, t0, c]
+    w = gl.reshape(w, [BN, 2, 2, 2, 2, 2, 2])
+    w = gl.permute(w, [0, 3, 6, 5, 1, 2, 4])
+    return gl.convert_layout(gl.reshape(w, [BN, 64]), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
+                   STAGES: gl.constexpr, WL: gl.constexpr, num_warps: gl.constexpr):
+    pid = gl.program_id(0)
+    tiles_m = gl.cdiv(M, BM)
+    m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (it is read once from L2)
+    n0 = (pid // tiles_m) * BN
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    wl: gl.constexpr = WL
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    n_k = gl.cdiv(K, BK)
+    for i in gl.static_range(STAGES - 1):
+        if i < n_k:
+            mbarrier.expect(ready.index(i), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, i * BK], ready.index(i), x_smem.index(i))
+            tma.async_copy_global_to_shared(w_desc, [n0, i * (BK // 8)], ready.index(i), w_smem.index(i))
+    # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of the block's two)
+    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
+    word = gl.arange(0, 8, layout=gl.SliceLayout(0, wl))
+    s_off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(word // 4, 0)
+    s_next = gl.load(s_ptr + s_off).to(gl.float32)
+    acc = gl.zeros([BN, BM], gl.float32, layout=acc_layout)
+    # the bits of 1.0 as a value the compiler cannot fold into an immediate (K_GROUPS < 2^30): one LOP3 a nibble
+    magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
+    for kb in range(n_k):
+        s = s_next
+        if kb + 1 < n_k:  # the next step's scales, loaded while this one computes
+            s_next = gl.load(s_ptr + s_off + 2 * (kb + 1)).to(gl.float32)
+        stage = kb % STAGES
+        mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
+        a = _operand(w_smem.index(stage).load(wl).to(gl.uint32, bitcast=True), s, magic, a_layout, BN)
+        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        # the step before is done: its buffers take the load STAGES - 1 steps ahead
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        nk = kb + STAGES - 1
+        if nk < n_k:
+            ns = nk % STAGES
+            mbarrier.expect(ready.index(ns), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, nk * BK], ready.index(ns), x_smem.index(ns))
+            tma.async_copy_global_to_shared(w_desc, [n0, nk * (BK // 8)], ready.index(ns), w_smem.index(ns))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
+    mask = gl.expand_dims(rn < N, 1) & gl.expand_dims(rm < M, 0)
+    gl.store(y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1), acc.to(gl.bfloat16), mask=mask)
+
+
+def layouts(BM: int, BN: int):
+    """The shared-memory layouts of x's and the words' TMA tiles."""
+    return (gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.bfloat16),
+            gl.NVMMASharedLayout.get_default_for([BN, BLOCK_K // 8], gl.int32))
+
+
+def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4, x_permuted=None):
+    """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
+    [N, K / 32] fp16). `x_permuted`: x[:, permutation(K)] where the caller has it (one gather a call otherwise).
+    block_m rows of x (64, 128 or 256) and block_n weight rows (64: one warp group, 128: two) a program."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    m, k = x.shape
+    words = qweight.view(torch.int32)
+    n = words.shape[0]
+    if k % BLOCK_K or scales.shape != (n, k // 32):
+        raise ValueError(f"q4_gemm: K {k} must be a multiple of {BLOCK_K} with scales [N, K / 32], "
+                         f"got {tuple(scales.shape)}")
+    xp = x_permuted if x_permuted is not None else x[:, permutation(k, x.device)].contiguous()
+    xl, wl = layouts(block_m, block_n)
+    x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
+    w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, BLOCK_K // 8], wl)
+    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
+    q4_gemm_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m, BN=block_n,
+                         STAGES=stages, WL=words_layout(block_n, block_n // 16), num_warps=block_n // 16)
+    return y

@@ -1,0 +1,81 @@
+"""The Gluon int4 GEMM candidate (benchmarks/gluon_q4_gemm.py), checked without a GPU: Gluon has no interpreter, so
+(1) the weight operand it builds in registers (a word's nibbles placed by the bits-of-1.0 trick, joined, reshaped and
+permuted) is replayed in torch on the engine's own packed weights and must equal the engine's dequantized weight in
+the permuted column order that x is given, bit for bit; (2) the kernel compiles for sm_90 with that operand already in
+wgmma's register layout (no data moved between threads: asserted by the compiler), no spills, and its wgmma left in
+flight. Its speed and its products on the GPU are the device benchmark's (gpu_decode_kernels.py --parts gluon_gemm)."""
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gemma4_agent.quant.int4 import Int4Linear
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+G = pytest.importorskip("gluon_q4_gemm", exc_type=ImportError)
+
+
+def nibble(words: np.ndarray, s: np.ndarray, i: int) -> np.ndarray:
+    """The kernel's _nibble: nibble i of each word into a float's mantissa beside 1.0, scaled: (q - 8) s."""
+    copy = words << np.uint32(11) if i < 3 else words >> np.uint32(1) if i < 6 else words >> np.uint32(13)
+    v = ((copy & np.uint32(0xF << (4 * i + 11 - 12 * (i // 3)))) | np.uint32(0x3F800000)).view(np.float32)
+    S = s * np.float32(1 << (12 - 4 * i + 12 * (i // 3)))
+    return v * S - (S + 8 * s)
+
+
+def operand(words: np.ndarray, s: np.ndarray) -> torch.Tensor:
+    """The kernel's _operand for one block of 64 columns: words [BN, 8], their scales [BN, 8] -> [BN, 64]."""
+    n = [torch.from_numpy(nibble(words, s, i)) for i in range(8)]
+    j = lambda a, b: torch.stack([a, b], -1)  # noqa: E731 (gl.join: a new last dimension)
+    w = j(j(j(n[0], n[1]), j(n[2], n[3])), j(j(n[4], n[5]), j(n[6], n[7])))
+    return w.reshape(len(words), 2, 2, 2, 2, 2, 2).permute(0, 3, 6, 5, 1, 2, 4).reshape(len(words), 64)
+
+
+def test_permutation_permutes_each_block_of_64():
+    perm = G.permutation(256)
+    assert sorted(perm.tolist()) == list(range(256))
+    assert all(sorted(perm[b:b + 64].tolist()) == list(range(b, b + 64)) for b in range(0, 256, 64))
+
+
+def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_()
+        lin.weight[0, :32] = 0  # an all-zero group
+        lin.weight[1, 5] = 1e3  # a group with one large value
+    mod = Int4Linear.from_float(lin, "q4_0")
+    words = mod.qweight.view(torch.int32).numpy().view(np.uint32)
+    scales = mod.scales.view(torch.float16).float().numpy()
+    want = mod.dequantize(torch.float32)[:, G.permutation(256)]
+    for kb in range(4):
+        s = scales[:, 2 * kb + np.arange(8) // 4]  # a word's group: the block's first four words, then the last four
+        got = operand(words[:, 8 * kb:8 * kb + 8], s)
+        assert torch.equal(got, want[:, 64 * kb:64 * kb + 64])
+
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("block_m,block_n,stages", [(64, 64, 4), (128, 64, 4), (256, 64, 3), (128, 128, 4)])
+def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m, block_n, stages):
+    from test_kernels_compile import SM90, _cuobjdump, stack_bytes
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    xl, wl = G.layouts(block_m, block_n)
+    sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>", "w_desc": f"tensordesc<i32[{block_n}, 8],{wl!r}>",
+           "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
+           "BM": "constexpr", "BN": "constexpr", "STAGES": "constexpr", "WL": "constexpr", "num_warps": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
+    warps = block_n // 16
+    src = GluonASTSource(G.q4_gemm_kernel, sig, dict(BM=block_m, BN=block_n, STAGES=stages,
+                                                     WL=G.words_layout(block_n, warps), num_warps=warps), attrs)
+    kernel = triton.compile(src, target=SM90, options={"num_warps": warps})  # convert_layout(assert_trivial) holds
+    assert stack_bytes(kernel) == 0
+    sass = _cuobjdump(kernel, "-sass")
+    assert f"HGMMA.64x{block_m}x16.F32.BF16" in sass
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass  # the loop waits for the wgmma before last, not its own
+    assert not re.search(r"\b(STS|LDSM|SHFL)\b", sass)  # the operand never goes through shared memory or shuffles
