@@ -30,10 +30,10 @@ def permutation(K: int, device=None) -> torch.Tensor:
     """perm with x'[:, p] = x[:, perm[p]]: in each block of 64, the MMA's column p = 32h + 16a + 8b + 2t + c (thread t
     of a quad, k16 block j = 2h + a, element pair b, element c) reads element 16t + 8h + 4a + 2b + c, i.e. word 2t + h
     nibble 4a + 2b + c of the thread's row."""
-    p = torch.arange(64)
+    p = torch.arange(64, device=device)  # made where it is used: no host copy (a CUDA graph may be capturing)
     h, a, b, t, c = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2
     block = 16 * t + 8 * h + 4 * a + 2 * b + c
-    return (torch.arange(0, K, 64)[:, None] + block[None, :]).reshape(-1).to(device)
+    return (torch.arange(0, K, 64, device=device)[:, None] + block[None, :]).reshape(-1)
 
 
 def words_layout(BN, num_warps):
@@ -74,8 +74,20 @@ def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
+def _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, step, SUB: gl.constexpr, STAGES: gl.constexpr):
+    # step `step`'s SUB blocks of x and its words into the ring, one barrier for all
+    stage = step % STAGES
+    mbarrier.expect(ready.index(stage), SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    for j in gl.static_range(SUB):
+        tma.async_copy_global_to_shared(x_desc, [m0, (step * SUB + j) * BK], ready.index(stage),
+                                        x_smem.index(stage * SUB + j))
+    tma.async_copy_global_to_shared(w_desc, [n0, step * SUB * (BK // 8)], ready.index(stage), w_smem.index(stage))
+
+
+@gluon.jit
 def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
-                   STAGES: gl.constexpr, WL: gl.constexpr, num_warps: gl.constexpr):
+                   STAGES: gl.constexpr, SUB: gl.constexpr, WL: gl.constexpr, num_warps: gl.constexpr):
+    # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all)
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM)
     m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (it is read once from L2)
@@ -84,41 +96,41 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
                                                          instr_shape=[16, BM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     wl: gl.constexpr = WL
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, SUB * (BK // 8)], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    n_k = gl.cdiv(K, BK)
+    n_k = K // (SUB * BK)
     for i in gl.static_range(STAGES - 1):
         if i < n_k:
-            mbarrier.expect(ready.index(i), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, i * BK], ready.index(i), x_smem.index(i))
-            tma.async_copy_global_to_shared(w_desc, [n0, i * (BK // 8)], ready.index(i), w_smem.index(i))
-    # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of the block's two)
+            _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, i, SUB, STAGES)
+    # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of a block's two), each
+    # step's loaded the step before
     rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
     word = gl.arange(0, 8, layout=gl.SliceLayout(0, wl))
     s_off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(word // 4, 0)
-    s_next = gl.load(s_ptr + s_off).to(gl.float32)
+    s_next0 = gl.load(s_ptr + s_off).to(gl.float32)
+    s_next1 = gl.load(s_ptr + s_off + 2 * (SUB - 1)).to(gl.float32)  # SUB 2: the second block's
     acc = gl.zeros([BN, BM], gl.float32, layout=acc_layout)
     # the bits of 1.0 as a value the compiler cannot fold into an immediate (K_GROUPS < 2^30): one LOP3 a nibble
     magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
     for kb in range(n_k):
-        s = s_next
-        if kb + 1 < n_k:  # the next step's scales, loaded while this one computes
-            s_next = gl.load(s_ptr + s_off + 2 * (kb + 1)).to(gl.float32)
+        s0 = s_next0
+        s1 = s_next1
+        if kb + 1 < n_k:
+            s_next0 = gl.load(s_ptr + s_off + 2 * SUB * (kb + 1)).to(gl.float32)
+            s_next1 = gl.load(s_ptr + s_off + 2 * SUB * (kb + 1) + 2 * (SUB - 1)).to(gl.float32)
         stage = kb % STAGES
         mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
-        a = _operand(w_smem.index(stage).load(wl).to(gl.uint32, bitcast=True), s, magic, a_layout, BN)
-        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        for j in gl.static_range(SUB):
+            words = w_smem.index(stage).slice(j * (BK // 8), BK // 8, dim=1).load(wl).to(gl.uint32, bitcast=True)
+            a = _operand(words, s0 if j == 0 else s1, magic, a_layout, BN)
+            acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
         # the step before is done: its buffers take the load STAGES - 1 steps ahead
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        nk = kb + STAGES - 1
-        if nk < n_k:
-            ns = nk % STAGES
-            mbarrier.expect(ready.index(ns), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, nk * BK], ready.index(ns), x_smem.index(ns))
-            tma.async_copy_global_to_shared(w_desc, [n0, nk * (BK // 8)], ready.index(ns), w_smem.index(ns))
+        if kb + STAGES - 1 < n_k:
+            _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -128,29 +140,30 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
     gl.store(y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1), acc.to(gl.bfloat16), mask=mask)
 
 
-def layouts(BM: int, BN: int):
-    """The shared-memory layouts of x's and the words' TMA tiles."""
+def layouts(BM: int, BN: int, sub: int = 1):
+    """The shared-memory layouts of x's and the words' TMA tiles (`sub` blocks of 64 columns a step)."""
     return (gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.bfloat16),
-            gl.NVMMASharedLayout.get_default_for([BN, BLOCK_K // 8], gl.int32))
+            gl.NVMMASharedLayout.get_default_for([BN, sub * BLOCK_K // 8], gl.int32))
 
 
-def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4, x_permuted=None):
+def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4, sub: int = 1, x_permuted=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16). `x_permuted`: x[:, permutation(K)] where the caller has it (one gather a call otherwise).
-    block_m rows of x (64, 128 or 256) and block_n weight rows (64: one warp group, 128: two) a program."""
+    A program: block_m rows of x (64, 128 or 256), block_n weight rows (64: one warp group, 128: two), `sub` (1 or 2)
+    blocks of 64 columns a pipeline step, `stages` steps in flight."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
     n = words.shape[0]
-    if k % BLOCK_K or scales.shape != (n, k // 32):
-        raise ValueError(f"q4_gemm: K {k} must be a multiple of {BLOCK_K} with scales [N, K / 32], "
+    if k % (sub * BLOCK_K) or scales.shape != (n, k // 32):
+        raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K} with scales [N, K / 32], "
                          f"got {tuple(scales.shape)}")
     xp = x_permuted if x_permuted is not None else x[:, permutation(k, x.device)].contiguous()
-    xl, wl = layouts(block_m, block_n)
+    xl, wl = layouts(block_m, block_n, sub)
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
-    w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, BLOCK_K // 8], wl)
+    w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m, BN=block_n,
-                         STAGES=stages, WL=words_layout(block_n, block_n // 16), num_warps=block_n // 16)
+                         STAGES=stages, SUB=sub, WL=words_layout(block_n, block_n // 16), num_warps=block_n // 16)
     return y

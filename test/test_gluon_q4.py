@@ -60,18 +60,20 @@ def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted()
 triton = pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("block_m,block_n,stages", [(64, 64, 4), (128, 64, 4), (256, 64, 3), (128, 128, 4)])
-def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m, block_n, stages):
+@pytest.mark.parametrize("block_m,block_n,stages,sub", [(64, 64, 4, 1), (128, 64, 4, 1), (256, 64, 3, 1),
+                                                       (128, 128, 4, 1), (128, 64, 3, 2), (64, 64, 4, 2)])
+def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m, block_n, stages, sub):
     from test_kernels_compile import SM90, _cuobjdump, stack_bytes
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    xl, wl = G.layouts(block_m, block_n)
-    sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>", "w_desc": f"tensordesc<i32[{block_n}, 8],{wl!r}>",
+    xl, wl = G.layouts(block_m, block_n, sub)
+    sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>",
+           "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
            "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
-           "BM": "constexpr", "BN": "constexpr", "STAGES": "constexpr", "WL": "constexpr", "num_warps": "constexpr"}
+           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "WL", "num_warps")}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
     warps = block_n // 16
-    src = GluonASTSource(G.q4_gemm_kernel, sig, dict(BM=block_m, BN=block_n, STAGES=stages,
+    src = GluonASTSource(G.q4_gemm_kernel, sig, dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub,
                                                      WL=G.words_layout(block_n, warps), num_warps=warps), attrs)
     kernel = triton.compile(src, target=SM90, options={"num_warps": warps})  # convert_layout(assert_trivial) holds
     assert stack_bytes(kernel) == 0
