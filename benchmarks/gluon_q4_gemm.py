@@ -37,11 +37,20 @@ def permutation(K: int, device=None) -> torch.Tensor:
 
 
 def words_layout(BN, num_warps):
-    # [BN, 8] words: lane 4g + t of warp w holds rows 16w + g and 16w + g + 8, words 2t and 2t + 1 (the rows and
-    # columns wgmma's first operand gives that thread, before the nibbles are spread)
+    """[BN, 8] words: lane 4g + t of warp w holds rows 16w + g and 16w + g + 8, words 2t and 2t + 1 (the rows and
+    columns wgmma's first operand gives that thread, before the nibbles are spread)."""
     warps = [[16 << i, 0] for i in range((num_warps - 1).bit_length())]
     return gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
                                       warp_bases=warps, block_bases=[], shape=[BN, 8])
+
+
+def pairs_layout(BN, num_warps):
+    """The same words as [BN, 4, 2]: a thread's two words (same group, same scale) along the last dimension, so
+    that a scale loaded as [BN, 4] (SliceLayout(2, this)) is one value a row a thread, broadcast over both."""
+    warps = [[16 << i, 0, 0] for i in range((num_warps - 1).bit_length())]
+    return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [8, 0, 0]],
+                                      lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                      warp_bases=warps, block_bases=[], shape=[BN, 4, 2])
 
 
 @gluon.jit
@@ -61,13 +70,14 @@ def _nibble(words, magic, S, C, i: gl.constexpr):
 
 @gluon.jit
 def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
-    # [BN, 8] words and their scales -> [BN, 64] bf16 in wgmma's register layout (asserted trivial: no data moves)
+    # [BN, 4, 2] words and their scales [BN, 4, 1] -> [BN, 64] bf16 in wgmma's register layout (asserted trivial: no
+    # data moves)
     C = 8.0 * s
     w = gl.join(gl.join(gl.join(_nibble(words, magic, s, C, 0), _nibble(words, magic, s, C, 1)),
                         gl.join(_nibble(words, magic, s, C, 2), _nibble(words, magic, s, C, 3))),
                 gl.join(gl.join(_nibble(words, magic, s, C, 4), _nibble(words, magic, s, C, 5)),
                         gl.join(_nibble(words, magic, s, C, 6), _nibble(words, magic, s, C, 7))))
-    # [BN, t1, t0, h, (nibble bit 0, 1, 2 as the joins nest them: c, b, a)] -> [BN, h, a, b, t1, t0, c]
+    # [BN, t1 t0, h, (nibble bit 0, 1, 2 as the joins nest them: c, b, a)] -> [BN, h, a, b, t1, t0, c]
     w = gl.reshape(w, [BN, 2, 2, 2, 2, 2, 2])
     w = gl.permute(w, [0, 3, 6, 5, 1, 2, 4])
     return gl.convert_layout(gl.reshape(w, [BN, 64]), a_layout, assert_trivial=True)
@@ -86,7 +96,8 @@ def _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, step, SUB: gl.cons
 
 @gluon.jit
 def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
-                   STAGES: gl.constexpr, SUB: gl.constexpr, WL: gl.constexpr, num_warps: gl.constexpr):
+                   STAGES: gl.constexpr, SUB: gl.constexpr, WL: gl.constexpr, PL: gl.constexpr,
+                   num_warps: gl.constexpr):
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all)
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM)
@@ -95,7 +106,6 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    wl: gl.constexpr = WL
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, SUB * (BK // 8)], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -105,30 +115,30 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
     for i in gl.static_range(STAGES - 1):
         if i < n_k:
             _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, i, SUB, STAGES)
-    # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of a block's two), each
-    # step's loaded the step before
-    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
-    word = gl.arange(0, 8, layout=gl.SliceLayout(0, wl))
-    s_off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(word // 4, 0)
-    s_next0 = gl.load(s_ptr + s_off).to(gl.float32)
-    s_next1 = gl.load(s_ptr + s_off + 2 * (SUB - 1)).to(gl.float32)  # SUB 2: the second block's
+    # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of a block's two)
+    sl: gl.constexpr = gl.SliceLayout(2, PL)
+    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, sl))
+    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, sl))
+    s_off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(pair // 2, 0)
     acc = gl.zeros([BN, BM], gl.float32, layout=acc_layout)
     # the bits of 1.0 as a value the compiler cannot fold into an immediate (K_GROUPS < 2^30): one LOP3 a nibble
     magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
     for kb in range(n_k):
-        s0 = s_next0
-        s1 = s_next1
-        if kb + 1 < n_k:
-            s_next0 = gl.load(s_ptr + s_off + 2 * SUB * (kb + 1)).to(gl.float32)
-            s_next1 = gl.load(s_ptr + s_off + 2 * SUB * (kb + 1) + 2 * (SUB - 1)).to(gl.float32)
         stage = kb % STAGES
+        # the step's scales (SUB is 1 or 2), asked for before the wait for its words
+        s0 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb * SUB).to(gl.float32), 2)
+        if SUB > 1:
+            s1 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb * SUB + 2).to(gl.float32), 2)
         mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
         for j in gl.static_range(SUB):
-            words = w_smem.index(stage).slice(j * (BK // 8), BK // 8, dim=1).load(wl).to(gl.uint32, bitcast=True)
-            a = _operand(words, s0 if j == 0 else s1, magic, a_layout, BN)
+            s = s0 if j == 0 else s1
+            words = w_smem.index(stage).slice(j * (BK // 8), BK // 8, dim=1).load(WL).to(gl.uint32, bitcast=True)
+            words = gl.convert_layout(gl.reshape(words, [BN, 4, 2]), PL, assert_trivial=True)
+            a = _operand(words, s, magic, a_layout, BN)
             acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
-        # the step before is done: its buffers take the load STAGES - 1 steps ahead
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        # the step before is done (this step's SUB wgmma groups may still run): its buffers take the load STAGES - 1
+        # steps ahead
+        acc = warpgroup_mma_wait(num_outstanding=SUB, deps=(acc, ))
         if kb + STAGES - 1 < n_k:
             _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -165,5 +175,6 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m, BN=block_n,
-                         STAGES=stages, SUB=sub, WL=words_layout(block_n, block_n // 16), num_warps=block_n // 16)
+                         STAGES=stages, SUB=sub, WL=words_layout(block_n, block_n // 16),
+                         PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16)
     return y

@@ -27,7 +27,8 @@ def nibble(words: np.ndarray, s: np.ndarray, i: int) -> np.ndarray:
 
 
 def operand(words: np.ndarray, s: np.ndarray) -> torch.Tensor:
-    """The kernel's _operand for one block of 64 columns: words [BN, 8], their scales [BN, 8] -> [BN, 64]."""
+    """The kernel's _operand for one block of 64 columns: words [BN, 4, 2] (a thread's two words last), their
+    scales [BN, 4, 1] -> [BN, 64]."""
     n = [torch.from_numpy(nibble(words, s, i)) for i in range(8)]
     j = lambda a, b: torch.stack([a, b], -1)  # noqa: E731 (gl.join: a new last dimension)
     w = j(j(j(n[0], n[1]), j(n[2], n[3])), j(j(n[4], n[5]), j(n[6], n[7])))
@@ -52,8 +53,8 @@ def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted()
     scales = mod.scales.view(torch.float16).float().numpy()
     want = mod.dequantize(torch.float32)[:, G.permutation(256)]
     for kb in range(4):
-        s = scales[:, 2 * kb + np.arange(8) // 4]  # a word's group: the block's first four words, then the last four
-        got = operand(words[:, 8 * kb:8 * kb + 8], s)
+        s = scales[:, 2 * kb + np.arange(4) // 2, None]  # a pair's group: first two pairs, then last two
+        got = operand(words[:, 8 * kb:8 * kb + 8].reshape(-1, 4, 2), s)
         assert torch.equal(got, want[:, 64 * kb:64 * kb + 64])
 
 
@@ -70,14 +71,15 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>",
            "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
            "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
-           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "WL", "num_warps")}}
+           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "WL", "PL", "num_warps")}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
     warps = block_n // 16
     src = GluonASTSource(G.q4_gemm_kernel, sig, dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub,
-                                                     WL=G.words_layout(block_n, warps), num_warps=warps), attrs)
+                                                     WL=G.words_layout(block_n, warps),
+                                                     PL=G.pairs_layout(block_n, warps), num_warps=warps), attrs)
     kernel = triton.compile(src, target=SM90, options={"num_warps": warps})  # convert_layout(assert_trivial) holds
     assert stack_bytes(kernel) == 0
     sass = _cuobjdump(kernel, "-sass")
     assert f"HGMMA.64x{block_m}x16.F32.BF16" in sass
-    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass  # the loop waits for the wgmma before last, not its own
+    assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub}" in sass  # the loop waits for the step before's wgmma, not its own
     assert not re.search(r"\b(STS|LDSM|SHFL)\b", sass)  # the operand never goes through shared memory or shuffles
