@@ -1,12 +1,11 @@
-"""The Gluon int4 GEMM candidate (benchmarks/gluon_q4_gemm.py), checked without a GPU: Gluon has no interpreter, so
+"""The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py), checked without a GPU: Gluon has no interpreter, so
 (1) the weight operand it builds in registers (a word's nibbles placed by the bits-of-1.0 trick, joined, reshaped and
 permuted) is replayed in torch on the engine's own packed weights and must equal the engine's dequantized weight in
 the permuted column order that x is given, bit for bit; (2) the kernel compiles for sm_90 with that operand already in
 wgmma's register layout (no data moved between threads: asserted by the compiler), no spills, and its wgmma left in
-flight. Its speed and its products on the GPU are the device benchmark's (gpu_decode_kernels.py --parts gluon_gemm)."""
+flight. On the GPU, test_quant_triton.py checks its products with every other int4 path's, and
+gpu_decode_kernels.py --parts gluon_gemm times it."""
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ import torch
 
 from gemma4_agent.quant.int4 import Int4Linear
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-G = pytest.importorskip("gluon_q4_gemm", exc_type=ImportError)
+G = pytest.importorskip("gemma4_agent.quant.gluon_q4", exc_type=ImportError)
 
 
 def nibble(words: np.ndarray, s: np.ndarray, i: int) -> np.ndarray:

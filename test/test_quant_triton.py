@@ -227,7 +227,10 @@ def test_every_int4_path_on_the_gpu_matches_the_dequantized_matmul():
         for m in (1, 3, 16, 40, 76, 286):  # and a frame's prefill rows (the wide GEMM's 64 + 16 and 256 + 32)
             x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
             ref = x.float() @ ref_w.t()
-            for path in T.paths_for(m, mod.group_size):
+            paths = T.paths_for(m, mod.group_size, T.gluon_usable(x, mod.zeros, mod.group_size))
+            if scheme == "q4_0" and 16 < m and torch.cuda.get_device_capability()[0] == 9:
+                assert any(p.startswith("gluon_") for p in paths), (m, list(paths))  # sm_90: the Gluon GEMM too
+            for path in paths:
                 y = T._launch(x, mod.qweight, mod.scales, mod.zeros, mod.group_size, path).float()
                 assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (scheme, m, path)
 

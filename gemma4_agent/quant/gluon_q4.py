@@ -1,21 +1,20 @@
-"""A candidate for the int4 prefill: a q4_0 x bf16 GEMM for sm_90 (H100/H200) written in Gluon, Triton's explicit
-dialect, not yet in the engine (benchmarks/gpu_decode_kernels.py --parts gluon_gemm times it against the engine's
-paths; BENCHMARKS.md, twenty-third session).
+"""The prefill's int4 GEMM on sm_90 (H100/H200) in Gluon, Triton's explicit dialect: q4_0 weights (as the engine
+packs them) times bf16 x. One more candidate of triton_q4's, timed against the others on first use per shape.
 
-Why Gluon: the engine's tl.dot GEMM dequantizes a weight tile, routes it through shared memory into the register
+Why Gluon: the tl.dot GEMM (triton_q4) dequantizes a weight tile, routes it through shared memory into the register
 layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the tensor cores and the
-dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp specialization does not apply on
-sm_90 (Triton 3.8: `tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing).
+dequantization take turns (Nsight Compute, BENCHMARKS.md, eighteenth session); Triton's own warp specialization does
+not apply on sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing).
 Here every layout is ours:
 - y^T = W' x'^T on wgmma, the weight tile first (64 rows a warp group), so the weights are its register operand;
 - x's columns are permuted once a call (`permutation`) so that each thread's operand elements are whole words of
   its own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized
   where wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
   assert_trivial=True)`);
-- each step's wgmma stays in flight while the next step is dequantized (`warpgroup_mma_wait(1)`), and at 64-128 rows
-  of x a program holds ~80-124 registers a thread, so several programs share an SM.
-q4_0 only (zero point 8); K a multiple of 64. CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order in
-torch, and the sm_90 compile)."""
+- a step's wgmmas stay in flight while the next step is dequantized; at 64-128 rows of x a program holds 80-128
+  registers a thread, so several programs share an SM.
+q4_0 only (zero point 8), bf16 x, K a multiple of 128. CPU checks: test/test_gluon_q4.py (the operand's arithmetic
+and order replayed in torch, the sm_90 compile); on the GPU, triton_q4's every-path tests."""
 import torch
 import triton
 from triton.experimental import gluon
@@ -156,11 +155,26 @@ def layouts(BM: int, BN: int, sub: int = 1):
             gl.NVMMASharedLayout.get_default_for([BN, sub * BLOCK_K // 8], gl.int32))
 
 
-def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4, sub: int = 1, x_permuted=None):
+def configs_for(rows: int) -> dict:
+    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub). Rows of x
+    a program as wide as the rows need (64, 128, 256: the MMA's padding against dequantizing each weight tile once
+    per tile of x), 64 weight rows, 3 stages of 128 columns (BENCHMARKS.md, twenty-third session)."""
+    widths = [bm for bm in (64, 128, 256) if bm == 64 or rows > bm // 2]
+    return {f"gluon_{bm}": (bm, 64, 3, 2) for bm in widths}
+
+
+def usable(x: torch.Tensor, zeros, group: int) -> bool:
+    """Whether this kernel can take x against a weight: an sm_90 GPU, bf16 x, q4_0 (group 32, no zero points)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and zeros is None and group == 32 and x.shape[1] % 128 == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, x_permuted=None,
+            out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
-    [N, K / 32] fp16). `x_permuted`: x[:, permutation(K)] where the caller has it (one gather a call otherwise).
-    A program: block_m rows of x (64, 128 or 256), block_n weight rows (64: one warp group, 128: two), `sub` (1 or 2)
-    blocks of 64 columns a pipeline step, `stages` steps in flight."""
+    [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: x[:, permutation(K)] where the
+    caller has it (one gather a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
+    (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
@@ -172,7 +186,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 4
     xl, wl = layouts(block_m, block_n, sub)
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m, BN=block_n,
                          STAGES=stages, SUB=sub, WL=words_layout(block_n, block_n // 16),
