@@ -326,3 +326,18 @@ def test_wide_gemm_on_the_gpu_in_splits_of_k(m, split):
                                                num_warps=8, num_stages=3)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
         assert not counts.any().item()
+
+
+def test_a_gluon_configuration_whose_product_strays_is_not_a_candidate():
+    # the check the first use of a shape makes before timing (the kernels themselves need an sm_90 GPU): each call
+    # writes its product into the one output, as _launch's candidates do
+    import torch
+
+    from gemma4_agent.quant import triton_q4 as T
+
+    y = torch.zeros(4, 8)
+    want = torch.randn(4, 8)
+    calls = {"gemm": lambda: y.copy_(want), "dequant": lambda: y.copy_(want),
+             "gluon_64": lambda: y.copy_(want * (1 + 1e-4)), "gluon_128": lambda: y.copy_(want.flip(0))}
+    assert list(T._without_wrong_gluon(calls, y)) == ["gemm", "dequant", "gluon_64"]
+    assert T._without_wrong_gluon({"gemm": calls["gemm"], "dequant": calls["dequant"]}, y).keys() == {"gemm", "dequant"}
