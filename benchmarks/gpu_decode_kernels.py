@@ -1034,14 +1034,15 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, every
-    configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM or the wide GEMM) and
-    bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's permutation, its
+    configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM, the wide GEMM or this
+    kernel's configurations for the rows: engine_pick) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's permutation, its
     relative error against dequantize + matmul; then ms a frame summed over the layers, the best configuration per
     shape."""
     from gemma4_agent.quant import gluon_q4 as gq
 
-    # block_m x block_n x stages x sub: every one fits the shared memory (256 x 64 x 3 x 2: ~204 KB)
-    configs = [(bm, bn, st, sub) for bm in (64, 128, 256) for bn in (64, 128) for st, sub in ((3, 1), (4, 1), (3, 2))]
+    # block_m x block_n x stages x sub x tail: every one fits the shared memory (256 x 64 x 3 x 2: ~204 KB), and
+    # at 257-320 rows one program for all (256 and a tail)
+    grid = [(bm, bn, st, sub, 0) for bm in (64, 128, 256) for bn in (64, 128) for st, sub in ((3, 1), (4, 1), (3, 2))]
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -1053,19 +1054,22 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             row = {"shape": name, "rows": m,
                    "ideal_matmul_us": 2 * m * out * inp / (ceilings["matmul_tflops"] * 1e12) * 1e6}
             torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None, 32)  # picks its path
+            row["engine_pick"] = [pick for key, pick in triton_q4._CHUNK.picks.items()
+                                  if key[:3] == (out, inp, 1 << (m - 1).bit_length())]
             row["engine_us"] = graph_ms(lambda: torch.ops.gemma4_agent.int4_matmul(x, mod.qweight, mod.scales, None,
                                                                                    32), 1) * 1e3
             w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             row["gluon"] = {}
-            for bm, bn, st, sub in configs:
-                key = f"{bm}x{bn}x{st}x{sub}"
+            tail = [(256, 64, 3, 1, gq.tail_for(m)), (256, 64, 2, 2, gq.tail_for(m))] if gq.tail_for(m) else []
+            for config in grid + tail:
+                key = "x".join(map(str, config))
                 try:
-                    y = gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st, sub, x_permuted=xp)
+                    y = gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp)
                     torch.cuda.synchronize()
                     err = ((y.float() - want).norm() / want.norm()).item()
-                    alone = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st, sub, x_permuted=xp), 1)
-                    permuted = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, bm, bn, st, sub), 1)
+                    alone = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp), 1)
+                    permuted = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config), 1)
                     row["gluon"][key] = {"us": alone * 1e3, "with_permutation_us": permuted * 1e3, "rel_err": err}
                 except Exception as exc:  # one configuration failing (compile, launch) must not hide the others
                     row["gluon"][key] = {"error": repr(exc)[:300]}

@@ -59,25 +59,38 @@ def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted()
 triton = pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("block_m,block_n,stages,sub", [(64, 64, 4, 1), (128, 64, 4, 1), (256, 64, 3, 1),
-                                                       (128, 128, 4, 1), (128, 64, 3, 2), (64, 64, 4, 2)])
-def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m, block_n, stages, sub):
+@pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(64, 64, 4, 1, 0), (128, 64, 4, 1, 0), (256, 64, 3, 1, 0),
+                                                            (128, 128, 4, 1, 0), (128, 64, 3, 2, 0), (64, 64, 4, 2, 0),
+                                                            (256, 64, 3, 1, 32), (256, 64, 3, 1, 64)])
+def test_compiles_for_sm90_with_the_operand_in_place_and_wgmma_in_flight(block_m, block_n, stages, sub, tail):
     from test_kernels_compile import SM90, _cuobjdump, stack_bytes
     from triton.experimental.gluon._runtime import GluonASTSource
 
     xl, wl = G.layouts(block_m, block_n, sub)
+    tl_ = G.layouts(tail, block_n)[0] if tail else xl
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>",
+           "xt_desc": f"tensordesc<bf16[{tail or block_m}, 64],{tl_!r}>",
            "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
            "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
-           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "WL", "PL", "num_warps")}}
+           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "TAIL", "WL", "PL", "num_warps")}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
     warps = block_n // 16
-    src = GluonASTSource(G.q4_gemm_kernel, sig, dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub,
-                                                     WL=G.words_layout(block_n, warps),
-                                                     PL=G.pairs_layout(block_n, warps), num_warps=warps), attrs)
-    kernel = triton.compile(src, target=SM90, options={"num_warps": warps})  # convert_layout(assert_trivial) holds
+    constexprs = dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=G.words_layout(block_n, warps),
+                      PL=G.pairs_layout(block_n, warps), num_warps=warps)
+    kernel = triton.compile(GluonASTSource(G.q4_gemm_kernel, sig, constexprs, attrs), target=SM90,
+                            options={"num_warps": warps})  # convert_layout(assert_trivial) holds, or this raises
     assert stack_bytes(kernel) == 0
     sass = _cuobjdump(kernel, "-sass")
     assert f"HGMMA.64x{block_m}x16.F32.BF16" in sass
-    assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub}" in sass  # the loop waits for the step before's wgmma, not its own
+    if tail:
+        assert f"HGMMA.64x{tail}x16.F32.BF16" in sass  # the tail's MMA on the same operand
+    # the loop waits for the step before's wgmmas, not its own (one group a warpgroup_mma call)
+    assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub * (2 if tail else 1)}" in sass
     assert not re.search(r"\b(STS|LDSM|SHFL)\b", sass)  # the operand never goes through shared memory or shuffles
+
+
+def test_configurations_offered_by_rows():
+    assert list(G.configs_for(20)) == ["gluon_64"]
+    assert list(G.configs_for(76)) == ["gluon_64", "gluon_128"]
+    assert G.configs_for(286)["gluon_256_32"] == (256, 64, 3, 1, 32) and G.tail_for(286) == 32
+    assert G.tail_for(256) == 0 and G.tail_for(321) == 0 and "gluon_256_16" in G.configs_for(260)

@@ -83,23 +83,40 @@ def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, step, SUB: gl.constexpr, STAGES: gl.constexpr):
-    # step `step`'s SUB blocks of x and its words into the ring, one barrier for all
+def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, step, SUB: gl.constexpr,
+               STAGES: gl.constexpr, TAIL: gl.constexpr):
+    # step `step`'s SUB blocks of x (and of its TAIL rows) and its words into the ring, one barrier for all
     stage = step % STAGES
-    mbarrier.expect(ready.index(stage), SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    XT_BYTES: gl.constexpr = xt_desc.block_type.nbytes if TAIL > 0 else 0
+    NBYTES: gl.constexpr = SUB * (x_desc.block_type.nbytes + XT_BYTES) + w_desc.block_type.nbytes
+    mbarrier.expect(ready.index(stage), NBYTES)
     for j in gl.static_range(SUB):
-        tma.async_copy_global_to_shared(x_desc, [m0, (step * SUB + j) * BK], ready.index(stage),
-                                        x_smem.index(stage * SUB + j))
+        k0 = (step * SUB + j) * BK
+        tma.async_copy_global_to_shared(x_desc, [m0, k0], ready.index(stage), x_smem.index(stage * SUB + j))
+        if TAIL > 0:
+            tma.async_copy_global_to_shared(xt_desc, [m0 + x_desc.block_type.shape[0], k0], ready.index(stage),
+                                            xt_smem.index(stage * SUB + j))
     tma.async_copy_global_to_shared(w_desc, [n0, step * SUB * (BK // 8)], ready.index(stage), w_smem.index(stage))
 
 
 @gluon.jit
-def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
-                   STAGES: gl.constexpr, SUB: gl.constexpr, WL: gl.constexpr, PL: gl.constexpr,
-                   num_warps: gl.constexpr):
-    # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all)
+def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
+    # y [M, N] rows m0.. from acc [BN weight rows, BM rows of x]
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
+    mask = gl.expand_dims(rn < N, 1) & gl.expand_dims(rm < M, 0)
+    gl.store(y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1), acc.to(gl.bfloat16), mask=mask)
+
+
+@gluon.jit
+def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
+                   STAGES: gl.constexpr, SUB: gl.constexpr, TAIL: gl.constexpr, WL: gl.constexpr,
+                   PL: gl.constexpr, num_warps: gl.constexpr):
+    # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
+    # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
+    # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile
     pid = gl.program_id(0)
-    tiles_m = gl.cdiv(M, BM)
+    tiles_m = gl.cdiv(M, BM) if TAIL == 0 else 1
     m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (it is read once from L2)
     n0 = (pid // tiles_m) * BN
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -107,13 +124,20 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, SUB * (BK // 8)], w_desc.layout)
+    xt_smem = x_smem
+    if TAIL > 0:
+        tail_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                              instr_shape=[16, TAIL, 16])
+        at_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tail_layout, k_width=2)
+        xt_smem = gl.allocate_shared_memory(xt_desc.dtype, [STAGES * SUB, TAIL, BK], xt_desc.layout)
+        acc_t = gl.zeros([BN, TAIL], gl.float32, layout=tail_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     n_k = K // (SUB * BK)
     for i in gl.static_range(STAGES - 1):
         if i < n_k:
-            _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, i, SUB, STAGES)
+            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, i, SUB, STAGES, TAIL)
     # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of a block's two)
     sl: gl.constexpr = gl.SliceLayout(2, PL)
     rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, sl))
@@ -135,18 +159,25 @@ def q4_gemm_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.const
             words = gl.convert_layout(gl.reshape(words, [BN, 4, 2]), PL, assert_trivial=True)
             a = _operand(words, s, magic, a_layout, BN)
             acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
-        # the step before is done (this step's SUB wgmma groups may still run): its buffers take the load STAGES - 1
+            if TAIL > 0:
+                acc_t = warpgroup_mma(gl.convert_layout(a, at_layout, assert_trivial=True),
+                                      xt_smem.index(stage * SUB + j).permute((1, 0)), acc_t, is_async=True)
+        # the step before is done (this step's wgmma groups may still run): its buffers take the load STAGES - 1
         # steps ahead
-        acc = warpgroup_mma_wait(num_outstanding=SUB, deps=(acc, ))
+        if TAIL > 0:
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=2 * SUB, deps=(acc, acc_t))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=SUB, deps=(acc, ))
         if kb + STAGES - 1 < n_k:
-            _load_step(x_desc, w_desc, x_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES)
+            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES,
+                       TAIL)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
-    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
-    mask = gl.expand_dims(rn < N, 1) & gl.expand_dims(rm < M, 0)
-    gl.store(y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1), acc.to(gl.bfloat16), mask=mask)
+    _store(y_ptr, acc, m0, n0, M, N, BM, BN, acc_layout)
+    if TAIL > 0:
+        acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, ))
+        _store(y_ptr, acc_t, BM, n0, M, N, TAIL, BN, tail_layout)
 
 
 def layouts(BM: int, BN: int, sub: int = 1):
@@ -155,12 +186,22 @@ def layouts(BM: int, BN: int, sub: int = 1):
             gl.NVMMASharedLayout.get_default_for([BN, sub * BLOCK_K // 8], gl.int32))
 
 
+def tail_for(rows: int) -> int:
+    """The tail tile (16-64 rows) that takes what 256 rows leave, 0 where that is nothing or too much."""
+    rest = rows - 256
+    return max(16, 1 << (rest - 1).bit_length()) if 0 < rest <= 64 else 0
+
+
 def configs_for(rows: int) -> dict:
-    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub). Rows of x
-    a program as wide as the rows need (64, 128, 256: the MMA's padding against dequantizing each weight tile once
-    per tile of x), 64 weight rows, 3 stages of 128 columns (BENCHMARKS.md, twenty-third session)."""
+    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail). Rows
+    of x a program as wide as the rows need (64, 128, 256: the MMA's padding against dequantizing each weight tile
+    once per tile of x), and 257-320 rows in one program (256 and a tail); 64 weight rows, 3 stages of 128 columns
+    (64 with a tail: shared memory) (BENCHMARKS.md, twenty-third session)."""
     widths = [bm for bm in (64, 128, 256) if bm == 64 or rows > bm // 2]
-    return {f"gluon_{bm}": (bm, 64, 3, 2) for bm in widths}
+    configs = {f"gluon_{bm}": (bm, 64, 3, 2, 0) for bm in widths}
+    if tail_for(rows):
+        configs[f"gluon_256_{tail_for(rows)}"] = (256, 64, 3, 1, tail_for(rows))
+    return configs
 
 
 def usable(x: torch.Tensor, zeros, group: int) -> bool:
@@ -169,26 +210,30 @@ def usable(x: torch.Tensor, zeros, group: int) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
-def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, x_permuted=None,
-            out=None):
+def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
+            x_permuted=None, out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: x[:, permutation(K)] where the
     caller has it (one gather a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
-    (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight."""
+    (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
+    `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
     n = words.shape[0]
+    if tail and m > block_m + tail:
+        raise ValueError(f"q4_gemm: {m} rows do not fit {block_m} + a tail of {tail}")
     if k % (sub * BLOCK_K) or scales.shape != (n, k // 32):
         raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K} with scales [N, K / 32], "
                          f"got {tuple(scales.shape)}")
     xp = x_permuted if x_permuted is not None else x[:, permutation(k, x.device)].contiguous()
     xl, wl = layouts(block_m, block_n, sub)
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
+    xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
     y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
-    q4_gemm_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m, BN=block_n,
-                         STAGES=stages, SUB=sub, WL=words_layout(block_n, block_n // 16),
+    grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
+    q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
+                         BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
                          PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16)
     return y
