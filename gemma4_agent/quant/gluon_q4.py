@@ -21,6 +21,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from .triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers: Gluon calls them as they are
+
 BLOCK_K = 64  # K a step: one TMA box of 8 words a row, four k16 MMAs
 BK = gl.constexpr(BLOCK_K)  # the same, for the kernel
 
@@ -54,17 +56,10 @@ def pairs_layout(BN, num_warps):
 
 @gluon.jit
 def _nibble(words, magic, S, C, i: gl.constexpr):
-    # nibble i of every word as (q - 8) s: its bits placed in a float's mantissa next to 1.0 (one LOP3), so that
-    # v = 1 + q 2^(p - 23) and (q - 8) s = v S - C with S = s 2^(23 - p), C = S + 8 s (one FMA)
-    if i < 3:
-        copy = words << 11
-    elif i < 6:
-        copy = words >> 1
-    else:
-        copy = words >> 13
-    v = ((copy & (0xF << (4 * i + 11 - 12 * (i // 3)))) | magic).to(gl.float32, bitcast=True)
-    unit: gl.constexpr = 1.0 * (1 << (12 - 4 * i + 12 * (i // 3)))
-    return gl.fma(v, S * unit, -(S * unit + C)).to(gl.bfloat16)
+    # nibble i of every word as (q - 8) s: placed in a float's mantissa next to 1.0 by the GEMV's trick (one LOP3:
+    # triton_q4._nibble), v = 1 + q 2^(p - 23), so that (q - 8) s = v S' - (S' + C) with S' = s 2^(23 - p) (one FMA)
+    unit = _unit(i)
+    return gl.fma(_place_nibble(words, magic, i), S * unit, -(S * unit + C)).to(gl.bfloat16)
 
 
 @gluon.jit
