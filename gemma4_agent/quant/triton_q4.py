@@ -22,10 +22,9 @@ Chosen by the number of rows of x:
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
 gemm, gemm_wide (up to 320 rows), gluon_* (sm_90, q4_0) and dequant at 17-512 (a frame's prefill at 70-280
-image tokens). The
-dequantization writes 4x the int4 bytes whatever the row count, which the GEMMs save and pay back in slower
-arithmetic as rows grow; none wins everywhere (H100, BENCHMARKS.md, nineteenth session: at 286 rows the wide GEMM
-is fastest on gate/up, down and the full layers' o, dequant + cuBLAS on the rest).
+image tokens). The dequantization writes 4x the int4 bytes whatever the row count, which the GEMMs save and pay
+back in slower arithmetic as rows grow; none wins everywhere (H100, BENCHMARKS.md, nineteenth session: at 286 rows
+the wide GEMM is fastest on gate/up, down and the full layers' o, dequant + cuBLAS on the rest).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
