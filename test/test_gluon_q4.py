@@ -33,10 +33,12 @@ def operand(words: np.ndarray, s: np.ndarray) -> torch.Tensor:
     return w.reshape(len(words), 2, 2, 2, 2, 2, 2).permute(0, 3, 6, 5, 1, 2, 4).reshape(len(words), 64)
 
 
-def test_permutation_permutes_each_block_of_64():
+def test_permutation_permutes_each_block_of_64_and_permuted_applies_it():
     perm = G.permutation(256)
     assert sorted(perm.tolist()) == list(range(256))
     assert all(sorted(perm[b:b + 64].tolist()) == list(range(b, b + 64)) for b in range(0, 256, 64))
+    x = torch.randn(5, 256)
+    assert torch.equal(G.permuted(x), x[:, perm])
 
 
 def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted():

@@ -37,6 +37,13 @@ def permutation(K: int, device=None) -> torch.Tensor:
     return (torch.arange(0, K, 64, device=device)[:, None] + block[None, :]).reshape(-1)
 
 
+def permuted(x: torch.Tensor) -> torch.Tensor:
+    """x[:, permutation(K)] as one copy: within a block of 64 the permutation only reorders the bits of the column
+    index (element bits t1 t0 h a b c -> column bits h a b t1 t0 c), a reshape and permute, no index tensor."""
+    m, k = x.shape
+    return x.reshape(m, k // 64, 2, 2, 2, 2, 2, 2).permute(0, 1, 4, 5, 6, 2, 3, 7).reshape(m, k)
+
+
 def words_layout(BN, num_warps):
     """[BN, 8] words: lane 4g + t of warp w holds rows 16w + g and 16w + g + 8, words 2t and 2t + 1 (the rows and
     columns wgmma's first operand gives that thread, before the nibbles are spread)."""
@@ -208,8 +215,8 @@ def usable(x: torch.Tensor, zeros, group: int) -> bool:
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
             x_permuted=None, out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
-    [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: x[:, permutation(K)] where the
-    caller has it (one gather a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
+    [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has
+    it (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
     (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
     `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -221,7 +228,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     if k % (sub * BLOCK_K) or scales.shape != (n, k // 32):
         raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K} with scales [N, K / 32], "
                          f"got {tuple(scales.shape)}")
-    xp = x_permuted if x_permuted is not None else x[:, permutation(k, x.device)].contiguous()
+    xp = x_permuted if x_permuted is not None else permuted(x)
     xl, wl = layouts(block_m, block_n, sub)
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
     xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc
