@@ -1,27 +1,27 @@
-"""The prefill's int4 GEMM on sm_90 (H100/H200) in Gluon, Triton's explicit dialect: q4_0 weights (as the engine
-packs them) times bf16 x. One more candidate of triton_q4's, timed against the others on first use per shape.
+"""An experiment, not in the engine: an int4 (q4_0, as the engine packs it) x bf16 GEMM for a frame's prefill on
+sm_90 (H100/H200) in Gluon, Triton's explicit dialect (BENCHMARKS.md, twenty-third session).
 
-Why Gluon: the tl.dot GEMM (triton_q4) dequantizes a weight tile, routes it through shared memory into the register
-layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the tensor cores and the
-dequantization take turns (Nsight Compute, BENCHMARKS.md, eighteenth session); Triton's own warp specialization does
-not apply on sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing).
-Here every layout is ours:
+Why Gluon: the tl.dot GEMM (gemma4_agent/quant/triton_q4.py) dequantizes a weight tile, routes it through shared
+memory into the register layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the
+tensor cores and the dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp
+specialization does not apply on sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot,
+or does nothing). Here every layout is ours:
 - y^T = W' x'^T on wgmma, the weight tile first (64 rows a warp group), so the weights are its register operand;
-- x's columns are permuted once a call (`permutation`) so that each thread's operand elements are whole words of
-  its own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized
-  where wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
+- x's columns are permuted once a call (`permuted`) so that each thread's operand elements are whole words of its
+  own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized where
+  wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
   assert_trivial=True)`);
-- a step's wgmmas stay in flight while the next step is dequantized; at 64-128 rows of x a program holds 80-128
-  registers a thread, so several programs share an SM.
-q4_0 only (zero point 8), bf16 x, K a multiple of 128. CPU checks: test/test_gluon_q4.py (the operand's arithmetic
-and order replayed in torch, the sm_90 compile); on the GPU, triton_q4's every-path tests."""
+- IN_FLIGHT = 1: a step's wgmmas stay in flight while the next step is dequantized (0: each step waits for its own).
+Measured on an H100: no faster than the engine's picks, and many configurations give wrong products with IN_FLIGHT
+= 1 (BENCHMARKS.md). CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch, the
+sm_90 compile); on the GPU: `python benchmarks/gpu_decode_kernels.py --parts gluon_gemm`."""
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers: Gluon calls them as they are
+from gemma4_agent.quant.triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers, called as they are
 
 BLOCK_K = 64  # K a step: one TMA box of 8 words a row, four k16 MMAs
 BK = gl.constexpr(BLOCK_K)  # the same, for the kernel
@@ -113,7 +113,7 @@ def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout:
 @gluon.jit
 def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
                    STAGES: gl.constexpr, SUB: gl.constexpr, TAIL: gl.constexpr, WL: gl.constexpr,
-                   PL: gl.constexpr, num_warps: gl.constexpr):
+                   PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
     # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile
@@ -167,9 +167,9 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
         # the step before is done (this step's wgmma groups may still run): its buffers take the load STAGES - 1
         # steps ahead
         if TAIL > 0:
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=2 * SUB, deps=(acc, acc_t))
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=2 * SUB * IN_FLIGHT, deps=(acc, acc_t))
         else:
-            acc = warpgroup_mma_wait(num_outstanding=SUB, deps=(acc, ))
+            acc = warpgroup_mma_wait(num_outstanding=SUB * IN_FLIGHT, deps=(acc, ))
         if kb + STAGES - 1 < n_k:
             _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES,
                        TAIL)
@@ -194,26 +194,8 @@ def tail_for(rows: int) -> int:
     return max(16, 1 << (rest - 1).bit_length()) if 0 < rest <= 64 else 0
 
 
-def configs_for(rows: int) -> dict:
-    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail). Rows
-    of x a program as wide as the rows need (64, 128, 256: the MMA's padding against dequantizing each weight tile
-    once per tile of x), and 257-320 rows in one program (256 and a tail); 64 weight rows, 3 stages of 128 columns
-    (64 with a tail: shared memory) (BENCHMARKS.md, twenty-third session)."""
-    widths = [bm for bm in (64, 128, 256) if bm == 64 or rows > bm // 2]
-    configs = {f"gluon_{bm}": (bm, 64, 3, 2, 0) for bm in widths}
-    if tail_for(rows):
-        configs[f"gluon_256_{tail_for(rows)}"] = (256, 64, 3, 1, tail_for(rows))
-    return configs
-
-
-def usable(x: torch.Tensor, zeros, group: int) -> bool:
-    """Whether this kernel can take x against a weight: an sm_90 GPU, bf16 x, q4_0 (group 32, no zero points)."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and zeros is None and group == 32 and x.shape[1] % 128 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
-
-
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, out=None):
+            x_permuted=None, out=None, in_flight: int = 1):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has
     it (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
@@ -237,5 +219,5 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
                          BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
-                         PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16)
+                         PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16, IN_FLIGHT=in_flight)
     return y
