@@ -11,9 +11,12 @@ or does nothing). Here every layout is ours:
   own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized where
   wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
   assert_trivial=True)`);
-- IN_FLIGHT = 1: a step's wgmmas stay in flight while the next step is dequantized (0: each step waits for its own).
-Measured on an H100: no faster than the engine's picks, and many configurations give wrong products with IN_FLIGHT
-= 1 (BENCHMARKS.md). CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch, the
+- IN_FLIGHT = 0 (the default): each step waits for its own wgmmas. IN_FLIGHT = 1 leaves them in flight while the next
+  step is dequantized, which is unsafe here: wgmma reads its register operand asynchronously, and ptxas gives
+  those registers to the next step's dequantization before the wait (seen in the SASS; passing the operands through
+  the wait's deps does not prevent it), so products come out wrong on some shapes and configurations. Overlap
+  needs the operand in shared memory (double-buffered) instead.
+Measured on an H100 with IN_FLIGHT = 1: no faster than the engine's picks overall (BENCHMARKS.md). CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch, the
 sm_90 compile); on the GPU: `python benchmarks/gpu_decode_kernels.py --parts gluon_gemm`."""
 import torch
 import triton
@@ -113,7 +116,7 @@ def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout:
 @gluon.jit
 def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
                    STAGES: gl.constexpr, SUB: gl.constexpr, TAIL: gl.constexpr, WL: gl.constexpr,
-                   PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
+                   PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 0):
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
     # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile
@@ -195,7 +198,7 @@ def tail_for(rows: int) -> int:
 
 
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, out=None, in_flight: int = 1):
+            x_permuted=None, out=None, in_flight: int = 0):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has
     it (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
