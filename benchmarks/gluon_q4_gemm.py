@@ -16,8 +16,9 @@ or does nothing). Here every layout is ours:
   those registers to the next step's dequantization before the wait (seen in the SASS; passing the operands through
   the wait's deps does not prevent it), so products come out wrong on some shapes and configurations. Overlap
   needs the operand in shared memory (double-buffered) instead.
-Measured on an H100 with IN_FLIGHT = 1: no faster than the engine's picks overall (BENCHMARKS.md). CPU checks: test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch, the
-sm_90 compile); on the GPU: `python benchmarks/gpu_decode_kernels.py --parts gluon_gemm`."""
+Measured on an H100 with IN_FLIGHT = 1: no faster than the engine's picks overall (BENCHMARKS.md). CPU checks:
+test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch; the sm_90 compile, its SASS checked for
+operand registers written early); on the GPU: `python benchmarks/gpu_decode_kernels.py --parts gluon_gemm`."""
 import torch
 import triton
 from triton.experimental import gluon
@@ -34,7 +35,7 @@ def permutation(K: int, device=None) -> torch.Tensor:
     """perm with x'[:, p] = x[:, perm[p]]: in each block of 64, the MMA's column p = 32h + 16a + 8b + 2t + c (thread t
     of a quad, k16 block j = 2h + a, element pair b, element c) reads element 16t + 8h + 4a + 2b + c, i.e. word 2t + h
     nibble 4a + 2b + c of the thread's row."""
-    p = torch.arange(64, device=device)  # made where it is used: no host copy (a CUDA graph may be capturing)
+    p = torch.arange(64, device=device)
     h, a, b, t, c = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2
     block = 16 * t + 8 * h + 4 * a + 2 * b + c
     return (torch.arange(0, K, 64, device=device)[:, None] + block[None, :]).reshape(-1)

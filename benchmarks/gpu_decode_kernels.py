@@ -15,9 +15,9 @@
 2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
 2e. dequantize + cuBLAS with the weight dequantized in row chunks that stay in L2, each multiplied as soon as it is
    written, on one stream or with the next chunk's dequantization beside it (`chunked_dequant`).
-2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized straight into wgmma's register operand, wgmma
-   left in flight, several programs an SM) at a frame's prefill rows, every configuration, against the engine's pick
-   and bf16 cuBLAS (`gluon_gemm`).
+2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized straight into wgmma's register operand, several
+   programs an SM; each step waits for its own wgmmas, IN_FLIGHT 0) at a frame's prefill rows, every configuration,
+   against the engine's pick and bf16 cuBLAS (`gluon_gemm`).
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -1035,9 +1035,9 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     """The Gluon int4 GEMM (benchmarks/gluon_q4_gemm.py) per 12B shape at a frame's prefill rows, every
     configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM or the wide GEMM:
-    engine_pick) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's permutation, its
-    relative error against dequantize + matmul; then ms a frame summed over the layers, the best configuration per
-    shape."""
+    engine_pick) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's
+    permutation, its relative error against dequantize + matmul; then ms a frame summed over the layers, the best
+    right configuration per shape."""
     import gluon_q4_gemm as gq
 
     # block_m x block_n x stages x sub x tail: every one fits the shared memory (256 x 64 x 3 x 2: ~204 KB), and
