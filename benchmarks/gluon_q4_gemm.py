@@ -31,14 +31,14 @@ BLOCK_K = 64  # K a step: one TMA box of 8 words a row, four k16 MMAs
 BK = gl.constexpr(BLOCK_K)  # the same, for the kernel
 
 
-def permutation(K: int, device=None) -> torch.Tensor:
+def permutation(K: int) -> torch.Tensor:
     """perm with x'[:, p] = x[:, perm[p]]: in each block of 64, the MMA's column p = 32h + 16a + 8b + 2t + c (thread t
     of a quad, k16 block j = 2h + a, element pair b, element c) reads element 16t + 8h + 4a + 2b + c, i.e. word 2t + h
     nibble 4a + 2b + c of the thread's row."""
-    p = torch.arange(64, device=device)
+    p = torch.arange(64)
     h, a, b, t, c = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2
     block = 16 * t + 8 * h + 4 * a + 2 * b + c
-    return (torch.arange(0, K, 64, device=device)[:, None] + block[None, :]).reshape(-1)
+    return (torch.arange(0, K, 64)[:, None] + block[None, :]).reshape(-1)
 
 
 def permuted(x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +199,10 @@ def tail_for(rows: int) -> int:
 
 
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, out=None, in_flight: int = 0):
+            x_permuted=None, in_flight: int = 0):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
-    [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has
-    it (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
+    [N, K / 32] fp16 or their int16 bits). `x_permuted`: permuted(x) where the caller has it (one copy a call
+    otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
     (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
     `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -219,7 +219,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
     xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
-    y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
                          BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
