@@ -23,7 +23,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from gemma4_agent.quant.triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers, called as they are
 
@@ -117,10 +118,15 @@ def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout:
 @gluon.jit
 def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
                    STAGES: gl.constexpr, SUB: gl.constexpr, TAIL: gl.constexpr, WL: gl.constexpr,
-                   PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 0):
+                   PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 0,
+                   AL: gl.constexpr = None):
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
-    # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile
+    # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile.
+    # AL (a shared layout): the operand goes through shared memory, two steps' worth, and wgmma reads it from there,
+    # so each step's wgmmas stay in flight while the next step is dequantized (IN_FLIGHT is then 1 whatever given):
+    # what a register operand cannot do safely (module docstring)
+    SMEM_A: gl.constexpr = AL is not None
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM) if TAIL == 0 else 1
     m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (it is read once from L2)
@@ -137,6 +143,8 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
         at_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tail_layout, k_width=2)
         xt_smem = gl.allocate_shared_memory(xt_desc.dtype, [STAGES * SUB, TAIL, BK], xt_desc.layout)
         acc_t = gl.zeros([BN, TAIL], gl.float32, layout=tail_layout)
+    if SMEM_A:
+        a_smem = gl.allocate_shared_memory(gl.bfloat16, [2 * SUB, BN, BK], AL)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -164,16 +172,26 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
             words = w_smem.index(stage).slice(j * (BK // 8), BK // 8, dim=1).load(WL).to(gl.uint32, bitcast=True)
             words = gl.convert_layout(gl.reshape(words, [BN, 4, 2]), PL, assert_trivial=True)
             a = _operand(words, s, magic, a_layout, BN)
-            acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
-            if TAIL > 0:
-                acc_t = warpgroup_mma(gl.convert_layout(a, at_layout, assert_trivial=True),
-                                      xt_smem.index(stage * SUB + j).permute((1, 0)), acc_t, is_async=True)
+            if SMEM_A:  # the buffer the step before last read: its wgmmas are done (the wait below)
+                a_buf = a_smem.index((kb % 2) * SUB + j)
+                a_buf.store(a)
+                fence_async_shared()
+                acc = warpgroup_mma(a_buf, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
+                if TAIL > 0:
+                    acc_t = warpgroup_mma(a_buf, xt_smem.index(stage * SUB + j).permute((1, 0)), acc_t,
+                                          is_async=True)
+            else:
+                acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
+                if TAIL > 0:
+                    acc_t = warpgroup_mma(gl.convert_layout(a, at_layout, assert_trivial=True),
+                                          xt_smem.index(stage * SUB + j).permute((1, 0)), acc_t, is_async=True)
         # the step before is done (this step's wgmma groups may still run): its buffers take the load STAGES - 1
         # steps ahead
+        LEFT: gl.constexpr = SUB * (1 if SMEM_A else IN_FLIGHT)
         if TAIL > 0:
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=2 * SUB * IN_FLIGHT, deps=(acc, acc_t))
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=2 * LEFT, deps=(acc, acc_t))
         else:
-            acc = warpgroup_mma_wait(num_outstanding=SUB * IN_FLIGHT, deps=(acc, ))
+            acc = warpgroup_mma_wait(num_outstanding=LEFT, deps=(acc, ))
         if kb + STAGES - 1 < n_k:
             _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES,
                        TAIL)
@@ -198,13 +216,19 @@ def tail_for(rows: int) -> int:
     return max(16, 1 << (rest - 1).bit_length()) if 0 < rest <= 64 else 0
 
 
+def operand_layout(BN: int):
+    """The shared layout of the operand's buffers (q4_gemm's smem_operand)."""
+    return gl.NVMMASharedLayout.get_default_for([BN, BLOCK_K], gl.bfloat16)
+
+
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, in_flight: int = 0):
+            x_permuted=None, in_flight: int = 0, smem_operand: bool = False):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16 or their int16 bits). `x_permuted`: permuted(x) where the caller has it (one copy a call
     otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
     (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
-    `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for)."""
+    `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for). `smem_operand`: the operand
+    through shared memory, its wgmmas left in flight (see q4_gemm_kernel)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
@@ -223,5 +247,6 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
                          BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
-                         PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16, IN_FLIGHT=in_flight)
+                         PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16, IN_FLIGHT=in_flight,
+                         AL=operand_layout(block_n) if smem_operand else None)
     return y

@@ -3,7 +3,7 @@ per-frame latency (70 and 280 image tokens, 12 decoded tokens), eager and compil
 ceilings and floor as benchmarks/gpu_12b.py.
 
     python benchmarks/gpu_12b_int4.py --out OUT_DIR [--embedding] [--compiled-only] [--image-tokens 280 70]
-        [--fused-qkv on|off] [--selector fixed|grammar] [--compile-any-length on|off]
+        [--fused-qkv on|off] [--selector fixed|grammar] [--compile-any-length on|off] [--without-decode-ahead]
 """
 import argparse
 import json
@@ -33,6 +33,8 @@ def main() -> int:
     add_compile_any_length(parser)
     parser.add_argument("--fused-qkv", choices=["on", "off"], default="on",
                         help="SessionConfig.fused_qkv (model/triton_qkv.py)")
+    parser.add_argument("--without-decode-ahead", action="store_true",
+                        help="also time as many frames with SessionConfig.decode_ahead off, in the same process")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -60,7 +62,8 @@ def main() -> int:
                 r = run_bench("gemma4-12b", "cuda", args.frames, tokens, 12 if fixed else 32, "prefix", 600,
                               "bfloat16", warmup=3, model=model, compile=compiled, fused_qkv=args.fused_qkv == "on",
                               profile_to=Path(args.out, f"profile_int4_{tag}.txt"), selector=args.selector,
-                              compile_any_length=args.compile_any_length == "on", profile_later=profiles)
+                              compile_any_length=args.compile_any_length == "on", profile_later=profiles,
+                              without_decode_ahead=args.without_decode_ahead)
             except Exception as exc:  # report and go on: one failing variant must not hide the others
                 traceback.print_exc()
                 rows.append({"compile": compiled, "image_tokens": tokens, "error": repr(exc)[:300]})
@@ -77,7 +80,7 @@ def main() -> int:
                                                     "decode_steps_mean", "decode_ms_per_token_p50",
                                                     "decode_graph_ms_per_token", "decode_graph_synced_ms_per_token",
                                                     "decode_host_wait_ms_per_token", "floor_ms", "ratio_to_floor",
-                                                    "no_hot_path_allocation")}), flush=True)
+                                                    "no_hot_path_allocation", "without_decode_ahead")}), flush=True)
             write_report(args, ceilings, resident, rows)  # after every run: one cut off keeps what finished
     for take_profile in profiles:
         try:

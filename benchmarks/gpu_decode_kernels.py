@@ -15,9 +15,9 @@
 2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
 2e. dequantize + cuBLAS with the weight dequantized in row chunks that stay in L2, each multiplied as soon as it is
    written, on one stream or with the next chunk's dequantization beside it (`chunked_dequant`).
-2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized straight into wgmma's register operand, several
-   programs an SM; each step waits for its own wgmmas, IN_FLIGHT 0) at a frame's prefill rows, every configuration,
-   against the engine's pick and bf16 cuBLAS (`gluon_gemm`).
+2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized into wgmma's register operand, each step waiting
+   for its own wgmmas, or into a shared-memory operand, double-buffered, with each step's wgmmas left in flight) at a
+   frame's prefill rows, several configurations, against the engine's pick and bf16 cuBLAS (`gluon_gemm`).
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
    chunk (the kernels against PyTorch's SDPA).
 3b. the residual add between two RMSNorms (twice a layer): the add_norms kernel against Inductor's fusion of the
@@ -1040,9 +1040,13 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     right configuration per shape."""
     import gluon_q4_gemm as gq
 
-    # block_m x block_n x stages x sub x tail: every one fits the shared memory (256 x 64 x 3 x 2: ~204 KB), and
-    # at 257-320 rows one program for all (256 and a tail)
-    grid = [(bm, bn, st, sub, 0) for bm in (64, 128, 256) for bn in (64, 128) for st, sub in ((3, 1), (4, 1), (3, 2))]
+    # block_m x block_n x stages x sub x tail x operand in shared memory (1) or registers (0): each fits the shared
+    # memory, and at 257-320 rows one program takes all (256 and a tail). The register operand waits for each step's
+    # wgmmas (IN_FLIGHT 0); through shared memory they stay in flight while the next step is dequantized
+    grid = [(64, 64, 3, 2, 0, 0), (128, 128, 3, 2, 0, 0)] + [
+        (bm, bn, st, sub, 0, 1) for bm, bn, st, sub in ((64, 64, 4, 1), (64, 128, 3, 2), (128, 64, 3, 2),
+                                                         (128, 128, 3, 1), (128, 128, 3, 2), (256, 64, 3, 1),
+                                                         (256, 64, 2, 2), (256, 128, 2, 1))]
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -1060,15 +1064,19 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             row["gluon"] = {}
-            tail = [(256, 64, 3, 1, gq.tail_for(m)), (256, 64, 2, 2, gq.tail_for(m))] if gq.tail_for(m) else []
-            for config in grid + tail:
-                key = "x".join(map(str, config))
+            t = gq.tail_for(m)
+            tail = [(256, 64, 2, 2, t, 0), (256, 64, 3, 1, t, 1), (256, 64, 2, 2, t, 1),
+                    (256, 128, 2, 1, t, 1)] if t else []
+            for *config, smem in grid + tail:
+                key = "x".join(map(str, config)) + (" smem" if smem else " regs")
                 try:
-                    y = gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp)
+                    y = gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp, smem_operand=bool(smem))
                     torch.cuda.synchronize()
                     err = ((y.float() - want).norm() / want.norm()).item()
-                    alone = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp), 1)
-                    permuted = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config), 1)
+                    alone = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config, x_permuted=xp,
+                                                        smem_operand=bool(smem)), 1)
+                    permuted = graph_ms(lambda: gq.q4_gemm(x, mod.qweight, mod.scales, *config,
+                                                           smem_operand=bool(smem)), 1)
                     row["gluon"][key] = {"us": alone * 1e3, "with_permutation_us": permuted * 1e3, "rel_err": err}
                 except Exception as exc:  # one configuration failing (compile, launch) must not hide the others
                     row["gluon"][key] = {"error": repr(exc)[:300]}

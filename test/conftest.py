@@ -198,3 +198,42 @@ def case_errors(cases: str, device: str) -> list:
     scope = {}
     exec(cases, scope)
     return scope["errors"](device)
+
+
+def decoding_ahead_agrees(session_class, mode: str, device: str = "cpu") -> None:
+    """SessionConfig.decode_ahead: each decode step launched with its token chosen on the device, read back
+    afterwards. A step launched for a token that ends the action (a stop token) is taken back: the tokens, the steps
+    counted and the session's positions, ring slots and pending tokens (window mode) are as without, frame after
+    frame, through the window's evictions. `session_class`: a StreamingSession whose graph path is on."""
+    import numpy as np
+    import torch
+
+    from gemma4_agent.engine import SessionConfig, StreamingSession
+    from gemma4_agent.engine.bench import SyntheticPrompts
+    from gemma4_agent.engine.session import GreedySelector
+    from gemma4_agent.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_json(ROOT / "benchmarks" / "tiny-config.json"), device=device, dtype=torch.float32)
+    cfg = dict(mode=mode, image_tokens=70, max_new_tokens=6, max_prefix=48, max_context=600, window_frames=2)
+    prompts = lambda: SyntheticPrompts(model.config, 40)  # noqa: E731
+    by_step = session_class(model, prompts(), SessionConfig(**cfg, decode_ahead=False))
+    ahead = session_class(model, prompts(), SessionConfig(**cfg))
+    probe = StreamingSession(model, prompts(), SessionConfig(**cfg, cuda_graph=False))
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
+    for s in (by_step, ahead, probe):
+        s.set_prefix("go")
+    stop = {probe.step(frames[0], GreedySelector()).tokens[2]}  # a token greedy picks: some actions end on it early
+    lengths = []
+    for frame in frames:
+        a = by_step.step(frame, GreedySelector(stop))
+        b = ahead.step(frame, GreedySelector(stop))
+        assert b.tokens == a.tokens and b.decode_steps == a.decode_steps == len(a.tokens) - 1
+        assert (ahead.next_pos, ahead.cache.ring_written, ahead.pending) == (
+            by_step.next_pos, by_step.cache.ring_written, by_step.pending)
+        lengths.append(len(a.tokens))
+    assert min(lengths) < 6 and hasattr(ahead, "_token_host") and not hasattr(by_step, "_token_host")
+    # past its deadline an action is its first token, ahead or not
+    a = by_step.step(frames[0], GreedySelector(), deadline=0.0)
+    b = ahead.step(frames[0], GreedySelector(), deadline=0.0)
+    assert b.tokens == a.tokens and len(a.tokens) == 1 and a.deadline_hit and b.deadline_hit

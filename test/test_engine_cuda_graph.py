@@ -12,7 +12,7 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import Runs, stepped_alike
+from conftest import Runs, decoding_ahead_agrees, stepped_alike
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
@@ -131,3 +131,10 @@ def test_replaying_the_decode_step_graph_repeats_the_last_step():
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
         assert replay_ms(replaying.decode_step_graph(), reps=5) > 0
         assert replay_ms(replaying.decode_step_graph(), reps=5, synced=True) > 0
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_decoding_ahead_leaves_what_decoding_step_by_step_leaves(mode):
+    # the real graphs and streams: the token read back while the next step runs (test_engine_graph_staging.py has
+    # the same on CPU)
+    decoding_ahead_agrees(StreamingSession, mode, device="cuda")

@@ -14,7 +14,7 @@ from gemma4_agent.engine.bench import SyntheticPrompts
 from gemma4_agent.model import ModelConfig, build_model
 from gemma4_agent.quant.int4 import quantize_model
 
-from conftest import Runs, stepped_alike
+from conftest import Runs, decoding_ahead_agrees, stepped_alike
 
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-config.json"
 
@@ -90,3 +90,8 @@ def test_jump_forward_chunks_staged_like_the_decode_step():
         for la, lb in zip(a.logits_log, b.logits_log):
             torch.testing.assert_close(lb, la, rtol=0, atol=0)
     assert {("ids", 1), ("ids", 3), ("ids", 5)} <= set(staged._graphs)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_decoding_ahead_leaves_what_decoding_step_by_step_leaves(mode):
+    decoding_ahead_agrees(StagedSession, mode)

@@ -4,7 +4,8 @@ permuted) is replayed in torch on the engine's own packed weights and must equal
 the permuted column order that x is given, bit for bit; (2) the kernel compiles for sm_90 with that operand already in
 wgmma's register layout (no data moved between threads: asserted by the compiler), no spills, and no register of a
 wgmma's operand written before that wgmma is done (with IN_FLIGHT = 1 ptxas does write them: the wrong products
-measured on the H100). On the GPU, gpu_decode_kernels.py --parts gluon_gemm checks its products and times it."""
+measured on the H100); (3) with the operand through shared memory instead, it compiles with each step's wgmmas left
+in flight. On the GPU, gpu_decode_kernels.py --parts gluon_gemm checks its products and times it."""
 import re
 import sys
 from pathlib import Path
@@ -64,12 +65,9 @@ def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted()
 triton = pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(64, 64, 4, 1, 0), (128, 64, 4, 1, 0), (256, 64, 3, 1, 0),
-                                                            (128, 128, 4, 1, 0), (128, 64, 3, 2, 0), (64, 64, 4, 2, 0),
-                                                            (256, 64, 3, 1, 32), (256, 64, 3, 1, 64)])
-def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_until_its_wgmma_is_done(block_m, block_n,
-                                                                                                    stages, sub, tail):
-    from test_kernels_compile import SM90, _cuobjdump, stack_bytes
+def compiled(block_m, block_n, stages, sub, tail, smem_operand=False):
+    """q4_gemm_kernel compiled for sm_90 (Triton here: 3.8 in CI; 3.6, the lent machines', checked too)."""
+    from test_kernels_compile import SM90
     from triton.experimental.gluon._runtime import GluonASTSource
 
     xl, wl = G.layouts(block_m, block_n, sub)
@@ -79,13 +77,24 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
            "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
            "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
            **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "TAIL", "WL", "PL", "num_warps",
-                                              "IN_FLIGHT")}}
+                                              "IN_FLIGHT", "AL")}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
     warps = block_n // 16
     constexprs = dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=G.words_layout(block_n, warps),
-                      PL=G.pairs_layout(block_n, warps), num_warps=warps, IN_FLIGHT=0)
-    kernel = triton.compile(GluonASTSource(G.q4_gemm_kernel, sig, constexprs, attrs), target=SM90,
-                            options={"num_warps": warps})  # convert_layout(assert_trivial) holds, or this raises
+                      PL=G.pairs_layout(block_n, warps), num_warps=warps, IN_FLIGHT=0,
+                      AL=G.operand_layout(block_n) if smem_operand else None)
+    return triton.compile(GluonASTSource(G.q4_gemm_kernel, sig, constexprs, attrs), target=SM90,
+                          options={"num_warps": warps})  # convert_layout(assert_trivial) holds, or this raises
+
+
+@pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(64, 64, 4, 1, 0), (128, 64, 4, 1, 0), (256, 64, 3, 1, 0),
+                                                            (128, 128, 4, 1, 0), (128, 64, 3, 2, 0), (64, 64, 4, 2, 0),
+                                                            (256, 64, 3, 1, 32), (256, 64, 3, 1, 64)])
+def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_until_its_wgmma_is_done(block_m, block_n,
+                                                                                                    stages, sub, tail):
+    from test_kernels_compile import _cuobjdump, stack_bytes
+
+    kernel = compiled(block_m, block_n, stages, sub, tail)
     assert stack_bytes(kernel) == 0
     sass = _cuobjdump(kernel, "-sass")
     assert f"HGMMA.64x{block_m}x16.F32.BF16" in sass
@@ -93,6 +102,25 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
         assert f"HGMMA.64x{tail}x16.F32.BF16" in sass  # the tail's MMA on the same operand
     assert not re.search(r"\b(STS|LDSM|SHFL)\b", sass)  # the operand never goes through shared memory or shuffles
     assert operand_registers_overwritten_in_flight(sass) == []
+
+
+@pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(128, 128, 3, 2, 0), (256, 64, 2, 2, 32),
+                                                            (256, 128, 2, 1, 32), (64, 64, 4, 1, 0)])
+def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_flight(block_m, block_n, stages, sub,
+                                                                                   tail):
+    from test_kernels_compile import _cuobjdump, stack_bytes
+
+    kernel = compiled(block_m, block_n, stages, sub, tail, smem_operand=True)
+    assert stack_bytes(kernel) == 0
+    sass = _cuobjdump(kernel, "-sass")
+    # wgmma reads both operands from shared memory (descriptors, no register operand) ...
+    assert re.search(rf"HGMMA\.64x{block_m}x16\.F32\.BF16 R\d+, gdesc\[", sass)
+    assert not re.search(r"HGMMA\.\S+ R\d+, R\d+,", sass)
+    # ... written there by stmatrix and fenced for the async proxy before the wgmmas that read it ...
+    order = re.findall(r"\b(STSM|FENCE\.VIEW\.ASYNC\.S|HGMMA)\b", sass)
+    assert "STSM" in order and order.index("STSM") < order.index("FENCE.VIEW.ASYNC.S") < order.index("HGMMA")
+    # ... and the main loop leaves the step's wgmma groups (one a block of 64, two with a tail) in flight
+    assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub * (2 if tail else 1)}" in sass
 
 
 def operand_registers_overwritten_in_flight(sass: str) -> list:

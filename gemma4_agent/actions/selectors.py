@@ -42,6 +42,13 @@ class GreedySelector:
         self.total_free += 1
         return int(torch.argmax(logits.reshape(-1)))
 
+    def choose_on_device(self, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """select() without reading the choice back: written into `out` (long [1], the logits' device); the engine
+        launches the next step before it reads the choice (SessionConfig.decode_ahead)."""
+        self.free_tokens += 1
+        self.total_free += 1
+        torch.argmax(logits.reshape(-1), 0, keepdim=True, out=out)
+
     def accept(self, token: int) -> None:
         self.tokens.append(int(token))
 

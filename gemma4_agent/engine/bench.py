@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
 from ..model.network import build_model
 from ..quant.int4 import Int4Linear
-from .session import SessionConfig, StreamingSession
+from .session import GreedySelector, SessionConfig, StreamingSession
 
 GRIDS = {70: (10, 7), 140: (14, 10), 280: (20, 14), 560: (28, 20), 1120: (40, 28)}  # (cols, rows) of merged patches
 
@@ -46,23 +46,18 @@ class SyntheticPrompts:
         return [106, 107, 108, 109]
 
 
-class FixedLength:
+class FixedLength(GreedySelector):
     """Greedy for exactly n tokens (n - 1 decode steps after the prefill)."""
 
     def __init__(self, n: int):
+        super().__init__()
         self.n, self.count = n, 0
 
     def reset(self):
         self.count = 0
 
-    def select(self, logits):
-        return int(torch.argmax(logits))
-
     def accept(self, token):
         self.count += 1
-
-    def forced(self):
-        return []
 
     def done(self):
         return self.count >= self.n
@@ -156,12 +151,15 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
               cache: str = "prefix", prefix_tokens: int = 600, dtype: str = "auto", warmup: int = 3,
               window_frames: int = 4, model=None, compile: bool = False, profile_to: str | Path | None = None,
               join_projections: bool = True, triton_gemv: bool = True, fused_qkv: bool = True,
-              selector: str = "fixed", compile_any_length: bool = True, profile_later: list | None = None) -> dict:
+              selector: str = "fixed", compile_any_length: bool = True, profile_later: list | None = None,
+              without_decode_ahead: bool = False) -> dict:
     """selector "fixed": greedy for exactly `decode_tokens` tokens a frame; "grammar": an action a frame
     (grammar_selector), `decode_tokens` its cap.
 
     `profile_to`: a kernel profile of a few more frames, after the timed ones. With `profile_later` (a list) it is
-    not taken now: a function taking it is appended, to be called once every run of the process is timed. The
+    not taken now: a function taking it is appended, to be called once every run of the process is timed.
+    `without_decode_ahead`: as many frames again with SessionConfig.decode_ahead off, reported apart (the host's
+    wait between decode steps, in the same process). The
     profiler leaves CUPTI attached to the process (pytorch/pytorch#144455), which slows every later launch and
     synchronisation: a second run timed after a first one's profile paid 0.1-0.2 ms more a decoded token at the 12B
     (BENCHMARKS.md, sixteenth session). The session stays alive until then."""
@@ -206,6 +204,14 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         "decode_steps_mean": float(np.mean([r.decode_steps for r in results])),
         "warmup_s": sum(warmup_frames_s), "warmup_frames_s": warmup_frames_s, "set_prefix_s": prefix_s,
     }
+    if without_decode_ahead:
+        session.config.decode_ahead = False
+        apart = [session.step(frame, chooser) for _ in range(frames)]
+        session.config.decode_ahead = True
+        report["without_decode_ahead"] = {
+            "per_frame_ms": percentiles([r.timings_ms["total"] for r in apart]),
+            "decode_ms_per_token_p50": float(np.median([r.timings_ms["decode"] / max(1, r.decode_steps)
+                                                        for r in apart]))}
     decile = max(1, frames // 10)
     report["first_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[:decile]]))
     report["last_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[-decile:]]))
