@@ -75,18 +75,29 @@ def _nibble(words, magic, S, C, i: gl.constexpr):
 
 
 @gluon.jit
-def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
-    # [BN, 4, 2] words and their scales [BN, 4, 1] -> [BN, 64] bf16 in wgmma's register layout (asserted trivial: no
-    # data moves)
+def _nibbles(words, s, magic):
+    # [BN, 4, 2] words and their scales [BN, 4, 1] -> [BN, t, h, c, b, a] bf16: nibble 4a + 2b + c of word 2t + h
     C = 8.0 * s
-    w = gl.join(gl.join(gl.join(_nibble(words, magic, s, C, 0), _nibble(words, magic, s, C, 1)),
-                        gl.join(_nibble(words, magic, s, C, 2), _nibble(words, magic, s, C, 3))),
-                gl.join(gl.join(_nibble(words, magic, s, C, 4), _nibble(words, magic, s, C, 5)),
-                        gl.join(_nibble(words, magic, s, C, 6), _nibble(words, magic, s, C, 7))))
-    # [BN, t1 t0, h, (nibble bit 0, 1, 2 as the joins nest them: c, b, a)] -> [BN, h, a, b, t1, t0, c]
-    w = gl.reshape(w, [BN, 2, 2, 2, 2, 2, 2])
+    return gl.join(gl.join(gl.join(_nibble(words, magic, s, C, 0), _nibble(words, magic, s, C, 1)),
+                           gl.join(_nibble(words, magic, s, C, 2), _nibble(words, magic, s, C, 3))),
+                   gl.join(gl.join(_nibble(words, magic, s, C, 4), _nibble(words, magic, s, C, 5)),
+                           gl.join(_nibble(words, magic, s, C, 6), _nibble(words, magic, s, C, 7))))
+
+
+@gluon.jit
+def _operand(words, s, magic, a_layout: gl.constexpr, BN: gl.constexpr):
+    # the words' weights [BN, 64] in wgmma's register layout, in x's permuted column order (asserted trivial: no
+    # data moves): [BN, t1 t0, h, c, b, a] -> [BN, h, a, b, t1, t0, c]
+    w = gl.reshape(_nibbles(words, s, magic), [BN, 2, 2, 2, 2, 2, 2])
     w = gl.permute(w, [0, 3, 6, 5, 1, 2, 4])
     return gl.convert_layout(gl.reshape(w, [BN, 64]), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _operand_natural(words, s, magic, BN: gl.constexpr):
+    # the same weights in x's own column order (for shared memory, where any register layout can be stored):
+    # [BN, t, h, c, b, a] -> [BN, t, h, a, b, c]
+    return gl.reshape(gl.permute(_nibbles(words, s, magic), [0, 1, 2, 5, 4, 3]), [BN, 64])
 
 
 @gluon.jit
@@ -123,7 +134,8 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
     # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile.
-    # AL (a shared layout): the operand goes through shared memory, two steps' worth, and wgmma reads it from there,
+    # AL (a shared layout): the operand goes through shared memory, two steps' worth, in x's own column order (x not
+    # permuted: any register layout can be stored), and wgmma reads it from there,
     # so each step's wgmmas stay in flight while the next step is dequantized (IN_FLIGHT is then 1 whatever given):
     # what a register operand cannot do safely (module docstring)
     SMEM_A: gl.constexpr = AL is not None
@@ -171,16 +183,16 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
             s = s0 if j == 0 else s1
             words = w_smem.index(stage).slice(j * (BK // 8), BK // 8, dim=1).load(WL).to(gl.uint32, bitcast=True)
             words = gl.convert_layout(gl.reshape(words, [BN, 4, 2]), PL, assert_trivial=True)
-            a = _operand(words, s, magic, a_layout, BN)
             if SMEM_A:  # the buffer the step before last read: its wgmmas are done (the wait below)
                 a_buf = a_smem.index((kb % 2) * SUB + j)
-                a_buf.store(a)
+                a_buf.store(_operand_natural(words, s, magic, BN))
                 fence_async_shared()
                 acc = warpgroup_mma(a_buf, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
                 if TAIL > 0:
                     acc_t = warpgroup_mma(a_buf, xt_smem.index(stage * SUB + j).permute((1, 0)), acc_t,
                                           is_async=True)
             else:
+                a = _operand(words, s, magic, a_layout, BN)
                 acc = warpgroup_mma(a, x_smem.index(stage * SUB + j).permute((1, 0)), acc, is_async=True)
                 if TAIL > 0:
                     acc_t = warpgroup_mma(gl.convert_layout(a, at_layout, assert_trivial=True),
@@ -228,7 +240,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
     (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
     `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for). `smem_operand`: the operand
-    through shared memory, its wgmmas left in flight (see q4_gemm_kernel)."""
+    through shared memory in x's own column order (x is not permuted), its wgmmas left in flight (q4_gemm_kernel)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
@@ -238,7 +250,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     if k % (sub * BLOCK_K) or scales.shape != (n, k // 32):
         raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K} with scales [N, K / 32], "
                          f"got {tuple(scales.shape)}")
-    xp = x_permuted if x_permuted is not None else permuted(x)
+    xp = x if smem_operand else x_permuted if x_permuted is not None else permuted(x)
     xl, wl = layouts(block_m, block_n, sub)
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
     xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc

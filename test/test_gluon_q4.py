@@ -4,8 +4,8 @@ permuted) is replayed in torch on the engine's own packed weights and must equal
 the permuted column order that x is given, bit for bit; (2) the kernel compiles for sm_90 with that operand already in
 wgmma's register layout (no data moved between threads: asserted by the compiler), no spills, and no register of a
 wgmma's operand written before that wgmma is done (with IN_FLIGHT = 1 ptxas does write them: the wrong products
-measured on the H100); (3) with the operand through shared memory instead, it compiles with each step's wgmmas left
-in flight. On the GPU, gpu_decode_kernels.py --parts gluon_gemm checks its products and times it."""
+measured on the H100); (3) with the operand through shared memory instead (in x's own column order, also replayed),
+it compiles with each step's wgmmas left in flight. On the GPU, gpu_decode_kernels.py --parts gluon_gemm checks its products and times it."""
 import re
 import sys
 from pathlib import Path
@@ -28,12 +28,14 @@ def nibble(words: np.ndarray, s: np.ndarray, i: int) -> np.ndarray:
     return v * S - (S + 8 * s)
 
 
-def operand(words: np.ndarray, s: np.ndarray) -> torch.Tensor:
-    """The kernel's _operand for one block of 64 columns: words [BN, 4, 2] (a thread's two words last), their
-    scales [BN, 4, 1] -> [BN, 64]."""
+def operand(words: np.ndarray, s: np.ndarray, natural: bool = False) -> torch.Tensor:
+    """The kernel's _operand (or _operand_natural) for one block of 64 columns: words [BN, 4, 2] (a thread's two
+    words last), their scales [BN, 4, 1] -> [BN, 64]."""
     n = [torch.from_numpy(nibble(words, s, i)) for i in range(8)]
     j = lambda a, b: torch.stack([a, b], -1)  # noqa: E731 (gl.join: a new last dimension)
     w = j(j(j(n[0], n[1]), j(n[2], n[3])), j(j(n[4], n[5]), j(n[6], n[7])))
+    if natural:
+        return w.permute(0, 1, 2, 5, 4, 3).reshape(len(words), 64)
     return w.reshape(len(words), 2, 2, 2, 2, 2, 2).permute(0, 3, 6, 5, 1, 2, 4).reshape(len(words), 64)
 
 
@@ -45,7 +47,9 @@ def test_permutation_permutes_each_block_of_64_and_permuted_applies_it():
     assert torch.equal(G.permuted(x), x[:, perm])
 
 
-def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted():
+@pytest.mark.parametrize("natural", [False, True])
+def test_operand_is_the_dequantized_weight_in_the_order_x_is_given(natural):
+    # the register operand: x's permuted column order; the shared-memory one: x's own
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 64, bias=False)
     with torch.no_grad():
@@ -55,10 +59,11 @@ def test_register_operand_is_the_dequantized_weight_in_the_order_x_is_permuted()
     mod = Int4Linear.from_float(lin, "q4_0")
     words = mod.qweight.view(torch.int32).numpy().view(np.uint32)
     scales = mod.scales.view(torch.float16).float().numpy()
-    want = mod.dequantize(torch.float32)[:, G.permutation(256)]
+    want = mod.dequantize(torch.float32)
+    want = want if natural else want[:, G.permutation(256)]
     for kb in range(4):
         s = scales[:, 2 * kb + np.arange(4) // 2, None]  # a pair's group: first two pairs, then last two
-        got = operand(words[:, 8 * kb:8 * kb + 8].reshape(-1, 4, 2), s)
+        got = operand(words[:, 8 * kb:8 * kb + 8].reshape(-1, 4, 2), s, natural)
         assert torch.equal(got, want[:, 64 * kb:64 * kb + 64])
 
 
@@ -116,9 +121,9 @@ def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_fligh
     # wgmma reads both operands from shared memory (descriptors, no register operand) ...
     assert re.search(rf"HGMMA\.64x{block_m}x16\.F32\.BF16 R\d+, gdesc\[", sass)
     assert not re.search(r"HGMMA\.\S+ R\d+, R\d+,", sass)
-    # ... written there by stmatrix and fenced for the async proxy before the wgmmas that read it ...
-    order = re.findall(r"\b(STSM|FENCE\.VIEW\.ASYNC\.S|HGMMA)\b", sass)
-    assert "STSM" in order and order.index("STSM") < order.index("FENCE.VIEW.ASYNC.S") < order.index("HGMMA")
+    # ... stored there (16 bytes a store) and fenced for the async proxy before the wgmmas that read it ...
+    order = re.findall(r"\b(STS\.128|FENCE\.VIEW\.ASYNC\.S|HGMMA)\b", sass)
+    assert "STS.128" in order and order.index("STS.128") < order.index("FENCE.VIEW.ASYNC.S") < order.index("HGMMA")
     # ... and the main loop leaves the step's wgmma groups (one a block of 64, two with a tail) in flight
     assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub * (2 if tail else 1)}" in sass
 
