@@ -15,7 +15,7 @@
 2d. smaller swapped tiles at 76 rows, three or four programs an SM (`small_tiles`), likewise.
 2e. dequantize + cuBLAS with the weight dequantized in row chunks that stay in L2, each multiplied as soon as it is
    written, on one stream or with the next chunk's dequantization beside it (`chunked_dequant`).
-2f. the Gluon int4 GEMM (gluon_q4_gemm.py: the weights dequantized into wgmma's register operand, each step waiting
+2f. the Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py: the weights dequantized into wgmma's register operand, each step waiting
    for its own wgmmas, or into a shared-memory operand, double-buffered, with each step's wgmmas left in flight) at a
    frame's prefill rows, several configurations, against the engine's pick and bf16 cuBLAS (`gluon_gemm`).
 3. attention per layer type, one decode step (the Triton kernels against the matmul form) and a frame's prefill
@@ -1033,12 +1033,12 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 
 
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
-    """The Gluon int4 GEMM (benchmarks/gluon_q4_gemm.py) per 12B shape at a frame's prefill rows, every
+    """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, every
     configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM or the wide GEMM:
     engine_pick) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's
     permutation, its relative error against dequantize + matmul; then ms a frame summed over the layers, the best
     right configuration per shape."""
-    import gluon_q4_gemm as gq
+    from gemma4_agent.quant import gluon_q4 as gq
 
     # block_m x block_n x stages x sub x tail x operand in shared memory (1) or registers (0): each fits the shared
     # memory, and at 257-320 rows one program takes all (256 and a tail). The register operand waits for each step's

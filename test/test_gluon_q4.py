@@ -1,4 +1,4 @@
-"""The Gluon int4 GEMM experiment (benchmarks/gluon_q4_gemm.py), checked without a GPU: Gluon has no interpreter, so
+"""The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py), checked without a GPU: Gluon has no interpreter, so
 (1) the weight operand it builds in registers (a word's nibbles placed by the bits-of-1.0 trick, joined, reshaped and
 permuted) is replayed in torch on the engine's own packed weights and must equal the engine's dequantized weight in
 the permuted column order that x is given, bit for bit; (2) the kernel compiles for sm_90 with that operand already in
@@ -7,8 +7,6 @@ wgmma's operand written before that wgmma is done (with IN_FLIGHT = 1 ptxas does
 measured on the H100); (3) with the operand through shared memory instead (in x's own column order, also replayed),
 it compiles with each step's wgmmas left in flight. On the GPU, gpu_decode_kernels.py --parts gluon_gemm checks its products and times it."""
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ import torch
 
 from gemma4_agent.quant.int4 import Int4Linear
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-G = pytest.importorskip("gluon_q4_gemm", exc_type=ImportError)
+G = pytest.importorskip("gemma4_agent.quant.gluon_q4", exc_type=ImportError)
 
 
 def nibble(words: np.ndarray, s: np.ndarray, i: int) -> np.ndarray:

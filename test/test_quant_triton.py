@@ -227,7 +227,10 @@ def test_every_int4_path_on_the_gpu_matches_the_dequantized_matmul():
         for m in (1, 3, 16, 40, 76, 286):  # and a frame's prefill rows (the wide GEMM's 64 + 16 and 256 + 32)
             x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
             ref = x.float() @ ref_w.t()
-            for path in T.paths_for(m, mod.group_size):
+            paths = T.paths_for(m, mod.group_size, T.gluon_usable(x, mod.zeros, mod.group_size))
+            if scheme == "q4_0" and 16 < m and torch.cuda.get_device_capability()[0] == 9:
+                assert any(p.startswith("gluon_") for p in paths), (m, list(paths))  # sm_90: the Gluon GEMM too
+            for path in paths:
                 y = T._launch(x, mod.qweight, mod.scales, mod.zeros, mod.group_size, path).float()
                 assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (scheme, m, path)
 
@@ -323,3 +326,22 @@ def test_wide_gemm_on_the_gpu_in_splits_of_k(m, split):
                                                num_warps=8, num_stages=3)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3, split
         assert not counts.any().item()
+
+
+def test_a_gluon_configuration_whose_product_strays_is_not_a_candidate():
+    # the check the first use of a shape makes before timing (the kernels themselves need an sm_90 GPU): each call
+    # writes its product into the one output, as _launch's candidates do
+    import torch
+
+    from gemma4_agent.quant import triton_q4 as T
+
+    y = torch.zeros(4, 8)
+    want = torch.randn(4, 8)
+    def fails():
+        raise RuntimeError("no kernel image for this GPU")
+
+    calls = {"gemm": lambda: y.copy_(want), "dequant": lambda: y.copy_(want),
+             "gluon_64": lambda: y.copy_(want * (1 + 1e-4)), "gluon_128": lambda: y.copy_(want.flip(0)),
+             "gluon_256_32": fails}
+    assert list(T._without_wrong_gluon(calls, y)) == ["gemm", "dequant", "gluon_64"]
+    assert T._without_wrong_gluon({"gemm": calls["gemm"], "dequant": calls["dequant"]}, y).keys() == {"gemm", "dequant"}

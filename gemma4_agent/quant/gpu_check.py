@@ -111,9 +111,11 @@ def check_accuracy(device, reduced: bool) -> list[dict]:
                 with int4_backend("kernel"):
                     outputs = {"auto": mod(x.to(torch.bfloat16)).float()}
                 if device.type == "cuda" and triton_q4.available():
-                    for path in triton_q4.paths_for(m, mod.group_size):
-                        outputs[path] = triton_q4._launch(x.to(torch.bfloat16), mod.qweight, mod.scales, mod.zeros,
-                                                          mod.group_size, path).float()
+                    xb = x.to(torch.bfloat16)
+                    gluon = triton_q4.gluon_usable(xb, mod.zeros, mod.group_size)
+                    for path in triton_q4.paths_for(m, mod.group_size, gluon):
+                        outputs[path] = triton_q4._launch(xb, mod.qweight, mod.scales, mod.zeros, mod.group_size,
+                                                          path).float()
                 for path, y in outputs.items():
                     rel = float((y - ref).norm() / ref.norm())
                     rows.append({"scheme": scheme, "shape": f"{out}x{inp}", "batch": m, "path": path, "rel_err": rel,

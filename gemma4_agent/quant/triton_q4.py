@@ -17,12 +17,14 @@ Chosen by the number of rows of x:
     gemm_wide  the same GEMM with all the rows of x in each program (up to 256 + 64: a frame's prefill), so each
              weight tile is dequantized once, not once per 16-128-row tile of x.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
+    gluon_*  on sm_90 for q4_0 and bf16 x (gluon_q4.py): the weight tile dequantized into shared memory for wgmma,
+             whose MMAs run while the next tile is dequantized; one program for all of a frame's 257-320 rows.
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
-gemm, gemm_wide (up to 320 rows) and dequant at 17-512 (a frame's prefill at 70-280 image tokens). The
-dequantization writes 4x the int4 bytes whatever the row count, which the GEMMs save and pay back in slower
-arithmetic as rows grow; none wins everywhere (H100, BENCHMARKS.md, nineteenth session: at 286 rows the wide GEMM
-is fastest on gate/up, down and the full layers' o, dequant + cuBLAS on the rest).
+gemm, gemm_wide (up to 320 rows), gluon_* (sm_90, q4_0) and dequant at 17-512 (a frame's prefill at 70-280 image
+tokens). The dequantization writes 4x the int4 bytes whatever the row count, which the GEMMs save and pay back in
+slower arithmetic as rows grow; none wins everywhere (H100, BENCHMARKS.md: at 286 rows the wide GEMM is fastest on
+down and the full layers' o, dequant + cuBLAS on o, Gluon on q/k/v, gate/up and the full layers' q/k).
 w = (q - z) * s, z = 8 for q4_0, s fp16 per group; fp32 accumulation.
 
 Exposed as the custom op `gemma4_agent::int4_matmul` so torch.compile treats it as one opaque call and
@@ -603,15 +605,56 @@ def _gemv_rows(x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
 _CHUNK = FastestOf()
 
 
-def paths_for(rows: int, group: int = 32) -> dict:
-    """The interchangeable ways to multiply `rows` rows (name -> function), the untimed default first."""
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """gluon_q4 where this Triton has Gluon, else None (imported on first use: it compiles nothing until called)."""
+    try:
+        from . import gluon_q4
+    except ImportError:
+        return None
+    return gluon_q4
+
+
+def gluon_usable(x: torch.Tensor, zeros: Optional[torch.Tensor], group: int) -> bool:
+    """Whether the Gluon GEMM (gluon_q4.py) is a candidate for x against this weight."""
+    return _gluon() is not None and _gluon().usable(x, zeros, group)
+
+
+def _gluon_gemm(config: tuple, x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    _gluon().q4_gemm(x, qweight, s, *config, smem_operand=True, out=y)
+
+
+def _without_wrong_gluon(calls: dict, y: torch.Tensor) -> dict:
+    # the first use of a shape: a Gluon configuration that fails to run or whose product strays from dequantize +
+    # cuBLAS's (a Triton release it was not checked on) is not a candidate. Outside any CUDA graph: picks are made
+    # before capture.
+    if not any(name.startswith("gluon_") for name in calls):
+        return calls
+    calls["dequant"]()
+    want = y.to(torch.float32, copy=True)  # y is written again by each candidate
+    ok = {}
+    for name, run in calls.items():
+        if name.startswith("gluon_"):
+            try:
+                run()
+                ok[name] = bool(((y.float() - want).norm() <= 1e-2 * want.norm()).item())
+            except Exception:  # noqa: BLE001 (a compile or launch failure drops the candidate, not the matmul)
+                ok[name] = False
+    return {name: run for name, run in calls.items() if ok.get(name, True)}
+
+
+def paths_for(rows: int, group: int = 32, gluon: bool = False) -> dict:
+    """The interchangeable ways to multiply `rows` rows (name -> function), the untimed default first. `gluon`:
+    the Gluon GEMM's configurations among them (gluon_usable)."""
     if rows == 1:
         return {"gemv": _gemv, "gemv_q8": _gemv_q8} if group % 32 == 0 else {"gemv": _gemv}
     if rows <= ROWS_MAX_ROWS:
         return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
     if rows <= MEASURED_MAX_ROWS:
         wide = {"gemm_wide": _gemm_wide} if wide_rows(rows) else {}
-        return {"gemm": _gemm, **wide, "dequant": _dequant_matmul}
+        glu = {name: functools.partial(_gluon_gemm, config)
+               for name, config in _gluon().configs_for(rows).items()} if gluon else {}
+        return {"gemm": _gemm, **wide, **glu, "dequant": _dequant_matmul}
     return {"dequant": _dequant_matmul}
 
 
@@ -626,10 +669,14 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths_for(m, group).items()}
+    paths = paths_for(m, group, gluon_usable(x, zeros, group))
+    calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()}
     # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
     wide = (wide_rows(m),) if "gemm_wide" in calls else ()
-    _CHUNK.run((n, k, 1 << (m - 1).bit_length(), has_zeros) + wide, calls, path)
+    key = (n, k, 1 << (m - 1).bit_length(), has_zeros) + wide
+    if path is None and key not in _CHUNK.picks:
+        calls = _without_wrong_gluon(calls, y)
+    _CHUNK.run(key, calls, path)
     return y
 
 

@@ -1,24 +1,24 @@
-"""An experiment, not in the engine: an int4 (q4_0, as the engine packs it) x bf16 GEMM for a frame's prefill on
-sm_90 (H100/H200) in Gluon, Triton's explicit dialect (BENCHMARKS.md, twenty-third session).
+"""The prefill's int4 GEMM on sm_90 (H100/H200) in Gluon, Triton's explicit dialect: q4_0 weights (as the engine
+packs them) times bf16 x. Candidates of triton_q4's int4 matmul at 17-512 rows, timed against the others on first use
+per shape (and their product checked first), so taken only where faster (BENCHMARKS.md, twenty-fourth session: at a
+280-token frame's 286 rows, q/k/v 1.7x and gate/up 1.06x faster than the engine's other paths on an H100).
 
-Why Gluon: the tl.dot GEMM (gemma4_agent/quant/triton_q4.py) dequantizes a weight tile, routes it through shared
-memory into the register layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the
-tensor cores and the dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp
-specialization does not apply on sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot,
-or does nothing). Here every layout is ours:
-- y^T = W' x'^T on wgmma, the weight tile first (64 rows a warp group), so the weights are its register operand;
-- x's columns are permuted once a call (`permuted`) so that each thread's operand elements are whole words of its
-  own (two a row a block of 64): the words go from TMA's shared-memory ring to registers and are dequantized where
-  wgmma reads them, no data moves between threads (asserted at compile time: `convert_layout(...,
-  assert_trivial=True)`);
-- IN_FLIGHT = 0 (the default): each step waits for its own wgmmas. IN_FLIGHT = 1 leaves them in flight while the next
-  step is dequantized, which is unsafe here: wgmma reads its register operand asynchronously, and ptxas gives
-  those registers to the next step's dequantization before the wait (seen in the SASS; passing the operands through
-  the wait's deps does not prevent it), so products come out wrong on some shapes and configurations. Overlap
-  needs the operand in shared memory (double-buffered) instead.
-Measured on an H100 with IN_FLIGHT = 1: no faster than the engine's picks overall (BENCHMARKS.md). CPU checks:
-test/test_gluon_q4.py (the operand's arithmetic and order replayed in torch; the sm_90 compile, its SASS checked for
-operand registers written early); on the GPU: `python benchmarks/gpu_decode_kernels.py --parts gluon_gemm`."""
+Why Gluon: the tl.dot GEMM (triton_q4) dequantizes a weight tile, routes it through shared memory into the register
+layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, so the tensor cores and the
+dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp specialization does not apply on
+sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing). Here every
+layout is ours. y^T = W x^T on wgmma, the weight tile first (64 rows a warp group); x and the weight words come
+through a TMA ring in shared memory; at 257-320 rows one program takes every row (256 and a tail of 16-64, a second
+wgmma on the same operand), so each weight tile is dequantized once a frame. The dequantized tile goes either
+- to shared memory (the engine's form, `smem_operand`): two steps' worth, in x's own column order, each step's
+  wgmmas left in flight while the next step is dequantized; or
+- straight into wgmma's register operand, x's columns permuted once a call (`permuted`) so that each thread's
+  operand elements are whole words of its own (the layout change asserted to move no data). Each step must then wait
+  for its own wgmmas (IN_FLIGHT = 0): wgmma reads a register operand asynchronously, and ptxas gives those registers
+  to the next step's dequantization before the wait (seen in the SASS; the products came out wrong with IN_FLIGHT =
+  1, twenty-third session). Kept for comparison (gpu_decode_kernels.py --parts gluon_gemm).
+q4_0 only (zero point 8), bf16 x, K a multiple of 128. CPU checks: test/test_gluon_q4.py (the operand's arithmetic
+and order replayed in torch; the sm_90 compile and its SASS); on the GPU, triton_q4's every-path tests."""
 import torch
 import triton
 from triton.experimental import gluon
@@ -26,7 +26,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from gemma4_agent.quant.triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers, called as they are
+from .triton_q4 import _nibble as _place_nibble, _unit  # triton.jit helpers: Gluon calls them as they are
 
 BLOCK_K = 64  # K a step: one TMA box of 8 words a row, four k16 MMAs
 BK = gl.constexpr(BLOCK_K)  # the same, for the kernel
@@ -233,12 +233,29 @@ def operand_layout(BN: int):
     return gl.NVMMASharedLayout.get_default_for([BN, BLOCK_K], gl.bfloat16)
 
 
+def configs_for(rows: int) -> dict:
+    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail), all
+    with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320 rows
+    one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step otherwise
+    (the full layers' q/k at 76 and 286 rows)."""
+    configs = {"gluon_128": (128, 128, 3, 1, 0)}
+    if tail_for(rows):
+        configs[f"gluon_256_{tail_for(rows)}"] = (256, 64, 3, 1, tail_for(rows))
+    return configs
+
+
+def usable(x: torch.Tensor, zeros, group: int) -> bool:
+    """Whether this kernel can take x against a weight: an sm_90 GPU, bf16 x, q4_0 (group 32, no zero points)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and zeros is None and group == 32 and x.shape[1] % 128 == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, in_flight: int = 0, smem_operand: bool = False):
+            x_permuted=None, in_flight: int = 0, smem_operand: bool = False, out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
-    [N, K / 32] fp16 or their int16 bits). `x_permuted`: permuted(x) where the caller has it (one copy a call
-    otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows
-    (64: one warp group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
+    [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has it
+    (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows (64: one warp
+    group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
     `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for). `smem_operand`: the operand
     through shared memory in x's own column order (x is not permuted), its wgmmas left in flight (q4_gemm_kernel)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -255,7 +272,7 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     x_desc = TensorDescriptor(xp, [m, k], [k, 1], [block_m, BLOCK_K], xl)
     xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
     q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
                          BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
