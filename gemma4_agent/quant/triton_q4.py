@@ -621,6 +621,8 @@ def gluon_usable(x: torch.Tensor, zeros: Optional[torch.Tensor], group: int) -> 
 
 
 def _gluon_gemm(config: tuple, x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+    if x.data_ptr() % 16:  # TMA reads x from a 16-byte aligned address: a view at an odd offset takes the general path
+        return _dequant_matmul(x, qweight, s, z, y, group, has_zeros)
     _gluon().q4_gemm(x, qweight, s, *config, smem_operand=True, out=y)
 
 
