@@ -1045,8 +1045,8 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     # wgmmas (IN_FLIGHT 0); through shared memory they stay in flight while the next step is dequantized
     grid = [(64, 64, 3, 2, 0, 0), (128, 128, 3, 2, 0, 0)] + [
         (bm, bn, st, sub, 0, 1) for bm, bn, st, sub in ((64, 64, 4, 1), (64, 128, 3, 2), (128, 64, 3, 2),
-                                                         (128, 128, 3, 1), (128, 128, 3, 2), (256, 64, 3, 1),
-                                                         (256, 64, 2, 2), (256, 128, 2, 1))]
+                                                         (128, 128, 3, 1), (128, 128, 2, 1), (128, 128, 3, 2),
+                                                         (256, 64, 3, 1), (256, 64, 2, 2), (256, 128, 2, 1))]
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -1065,7 +1065,7 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             row["gluon"] = {}
             t = gq.tail_for(m)
-            tail = [(256, 64, 2, 2, t, 0), (256, 64, 3, 1, t, 1), (256, 64, 2, 2, t, 1),
+            tail = [(256, 64, 2, 2, t, 0), (256, 64, 3, 1, t, 1), (256, 64, 2, 1, t, 1), (256, 64, 2, 2, t, 1),
                     (256, 128, 2, 1, t, 1)] if t else []
             for *config, smem in grid + tail:
                 key = "x".join(map(str, config)) + (" smem" if smem else " regs")

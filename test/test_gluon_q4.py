@@ -107,7 +107,9 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
 
 
 @pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(128, 128, 3, 2, 0), (256, 64, 2, 2, 32),
-                                                            (256, 128, 2, 1, 32), (64, 64, 4, 1, 0)])
+                                                            (256, 128, 2, 1, 32), (64, 64, 4, 1, 0),
+                                                            *[c for rows in (76, 286)
+                                                              for c in G.configs_for(rows).values()]])
 def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_flight(block_m, block_n, stages, sub,
                                                                                    tail):
     from test_kernels_compile import _cuobjdump, stack_bytes

@@ -237,10 +237,12 @@ def configs_for(rows: int) -> dict:
     """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail), all
     with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320 rows
     one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step otherwise
-    (the full layers' q/k at 76 and 286 rows)."""
-    configs = {"gluon_128": (128, 128, 3, 1, 0)}
+    (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs an SM
+    (94 and 74 KB of shared memory; not yet timed on a GPU), so one's MMAs can run while the other dequantizes."""
+    configs = {"gluon_128": (128, 128, 3, 1, 0), "gluon_128_s2": (128, 128, 2, 1, 0)}
     if tail_for(rows):
         configs[f"gluon_256_{tail_for(rows)}"] = (256, 64, 3, 1, tail_for(rows))
+        configs[f"gluon_256_{tail_for(rows)}_s2"] = (256, 64, 2, 1, tail_for(rows))
     return configs
 
 
