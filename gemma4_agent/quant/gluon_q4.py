@@ -135,9 +135,9 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
     # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile.
     # AL (a shared layout): the operand goes through shared memory, two steps' worth, in x's own column order (x not
-    # permuted: any register layout can be stored), and wgmma reads it from there,
-    # so each step's wgmmas stay in flight while the next step is dequantized (IN_FLIGHT is then 1 whatever given):
-    # what a register operand cannot do safely (module docstring)
+    # permuted: any register layout can be stored), and wgmma reads it from there, so each step's wgmmas stay in
+    # flight while the next step is dequantized (IN_FLIGHT is then 1 whatever given), which a register operand cannot
+    # do safely (module docstring)
     SMEM_A: gl.constexpr = AL is not None
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM) if TAIL == 0 else 1
