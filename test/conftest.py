@@ -213,7 +213,8 @@ def decoding_ahead_agrees(session_class, mode: str, device: str = "cpu") -> None
     from gemma4_agent.engine.session import GreedySelector
     from gemma4_agent.model import ModelConfig, build_model
 
-    model = build_model(ModelConfig.from_json(ROOT / "benchmarks" / "tiny-config.json"), device=device, dtype=torch.float32)
+    model = build_model(ModelConfig.from_json(ROOT / "benchmarks" / "tiny-config.json"), device=device,
+                        dtype=torch.float32)
     cfg = dict(mode=mode, image_tokens=70, max_new_tokens=6, max_prefix=48, max_context=600, window_frames=2)
     prompts = lambda: SyntheticPrompts(model.config, 40)  # noqa: E731
     by_step = session_class(model, prompts(), SessionConfig(**cfg, decode_ahead=False))

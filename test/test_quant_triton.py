@@ -337,6 +337,7 @@ def test_a_gluon_configuration_whose_product_strays_is_not_a_candidate():
 
     y = torch.zeros(4, 8)
     want = torch.randn(4, 8)
+
     def fails():
         raise RuntimeError("no kernel image for this GPU")
 

@@ -19,6 +19,8 @@ wgmma on the same operand), so each weight tile is dequantized once a frame. The
   1, twenty-third session). Kept for comparison (gpu_decode_kernels.py --parts gluon_gemm).
 q4_0 only (zero point 8), bf16 x, K a multiple of 128. CPU checks: test/test_gluon_q4.py (the operand's arithmetic
 and order replayed in torch; the sm_90 compile and its SASS); on the GPU, triton_q4's every-path tests."""
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -246,10 +248,15 @@ def configs_for(rows: int) -> dict:
     return configs
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9  # asked once per device, not per matmul
+
+
 def usable(x: torch.Tensor, zeros, group: int) -> bool:
     """Whether this kernel can take x against a weight: an sm_90 GPU, bf16 x, q4_0 (group 32, no zero points)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and zeros is None and group == 32 and x.shape[1] % 128 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+            and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,

@@ -671,7 +671,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     s = scales.view(torch.float16)
     z = zeros if zeros is not None else s  # unused when HAS_ZEROS is False
     has_zeros = zeros is not None
-    paths = paths_for(m, group, gluon_usable(x, zeros, group))
+    paths = paths_for(m, group, ROWS_MAX_ROWS < m <= MEASURED_MAX_ROWS and gluon_usable(x, zeros, group))
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()}
     # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
     wide = (wide_rows(m),) if "gemm_wide" in calls else ()
