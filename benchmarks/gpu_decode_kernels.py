@@ -1040,13 +1040,13 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     right configuration per shape."""
     from gemma4_agent.quant import gluon_q4 as gq
 
-    # block_m x block_n x stages x sub x tail x operand in shared memory (1) or registers (0): each fits the shared
-    # memory, and at 257-320 rows one program takes all (256 and a tail). The register operand waits for each step's
-    # wgmmas (IN_FLIGHT 0); through shared memory they stay in flight while the next step is dequantized
-    grid = [(64, 64, 3, 2, 0, 0), (128, 128, 3, 2, 0, 0)] + [
-        (bm, bn, st, sub, 0, 1) for bm, bn, st, sub in ((64, 64, 4, 1), (64, 128, 3, 2), (128, 64, 3, 2),
-                                                         (128, 128, 3, 1), (128, 128, 2, 1), (128, 128, 3, 2),
-                                                         (256, 64, 3, 1), (256, 64, 2, 2), (256, 128, 2, 1))]
+    # block_m x block_n x stages x sub x tail x split x operand in shared memory (1) or registers (0): each fits the
+    # shared memory, and at 257-320 rows one program takes all (256 and a tail). The register operand waits for each
+    # step's wgmmas (IN_FLIGHT 0); through shared memory they stay in flight while the next step is dequantized
+    grid = [(64, 64, 3, 2, 0, 1, 0), (128, 128, 3, 2, 0, 1, 0)] + [
+        (bm, bn, st, sub, 0, 1, 1) for bm, bn, st, sub in ((64, 64, 4, 1), (64, 128, 3, 2), (128, 64, 3, 2),
+                                                            (128, 128, 3, 1), (128, 128, 2, 1), (128, 128, 3, 2),
+                                                            (256, 64, 3, 1), (256, 64, 2, 2), (256, 128, 2, 1))]
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -1065,8 +1065,9 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             row["gluon"] = {}
             t = gq.tail_for(m)
-            tail = [(256, 64, 2, 2, t, 0), (256, 64, 3, 1, t, 1), (256, 64, 2, 1, t, 1), (256, 64, 2, 2, t, 1),
-                    (256, 128, 2, 1, t, 1)] if t else []
+            tail = [(256, 64, 2, 2, t, 1, 0), (256, 64, 3, 1, t, 1, 1), (256, 64, 2, 1, t, 1, 1),
+                    (256, 64, 2, 2, t, 1, 1), (256, 128, 2, 1, t, 1, 1), (256, 128, 3, 1, t, 1, 1),
+                    (256, 64, 3, 1, t, 2, 1), (256, 64, 2, 1, t, 2, 1), (256, 128, 3, 1, t, 2, 1)] if t else []
             for *config, smem in grid + tail:
                 key = "x".join(map(str, config)) + (" smem" if smem else " regs")
                 try:

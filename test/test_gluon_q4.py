@@ -67,7 +67,7 @@ def test_operand_is_the_dequantized_weight_in_the_order_x_is_given(natural):
 triton = pytest.importorskip("triton")
 
 
-def compiled(block_m, block_n, stages, sub, tail, smem_operand=False):
+def compiled(block_m, block_n, stages, sub, tail, smem_operand=False, split=1):
     """q4_gemm_kernel compiled for sm_90 (Triton here: 3.8 in CI; 3.6, the lent machines', checked too)."""
     from test_kernels_compile import SM90
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -77,14 +77,14 @@ def compiled(block_m, block_n, stages, sub, tail, smem_operand=False):
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>",
            "xt_desc": f"tensordesc<bf16[{tail or block_m}, 64],{tl_!r}>",
            "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
-           "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
-           **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "TAIL", "WL", "PL", "num_warps",
-                                              "IN_FLIGHT", "AL")}}
+           "s_ptr": "*fp16", "y_ptr": "*fp32" if split > 1 else "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "K_GROUPS": "i32", **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "TAIL", "WL", "PL",
+                                                                 "num_warps", "IN_FLIGHT", "AL", "SPLIT")}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
     warps = block_n // 16
     constexprs = dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=G.words_layout(block_n, warps),
                       PL=G.pairs_layout(block_n, warps), num_warps=warps, IN_FLIGHT=0,
-                      AL=G.operand_layout(block_n) if smem_operand else None)
+                      AL=G.operand_layout(block_n) if smem_operand else None, SPLIT=split)
     return triton.compile(GluonASTSource(G.q4_gemm_kernel, sig, constexprs, attrs), target=SM90,
                           options={"num_warps": warps})  # convert_layout(assert_trivial) holds, or this raises
 
@@ -106,17 +106,21 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
     assert operand_registers_overwritten_in_flight(sass) == []
 
 
-@pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(128, 128, 3, 2, 0), (256, 64, 2, 2, 32),
-                                                            (256, 128, 2, 1, 32), (64, 64, 4, 1, 0),
-                                                            *[c for rows in (76, 286)
-                                                              for c in G.configs_for(rows).values()]])
+@pytest.mark.parametrize("block_m,block_n,stages,sub,tail,split", [(128, 128, 3, 2, 0, 1), (256, 64, 2, 2, 32, 1),
+                                                                  (256, 128, 2, 1, 32, 1), (64, 64, 4, 1, 0, 1),
+                                                                  *[c for rows in (76, 286)
+                                                                    for c in G.configs_for(rows).values()]])
 def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_flight(block_m, block_n, stages, sub,
-                                                                                   tail):
+                                                                                   tail, split):
     from test_kernels_compile import _cuobjdump, stack_bytes
 
-    kernel = compiled(block_m, block_n, stages, sub, tail, smem_operand=True)
-    assert stack_bytes(kernel) == 0
+    kernel = compiled(block_m, block_n, stages, sub, tail, smem_operand=True, split=split)
     sass = _cuobjdump(kernel, "-sass")
+    if split == 1:
+        assert stack_bytes(kernel) == 0
+    else:  # the parts' float32 adds (fire and forget), whose addresses may spill after the loop, never inside it
+        assert "REDG.E.ADD.F32" in sass and not re.search(r"\b(ATOMG|STG)\b", sass)
+        assert not [line for line in main_loop(sass) if re.search(r"\b(STL|LDL)\b", line[1])]
     # wgmma reads both operands from shared memory (descriptors, no register operand) ...
     assert re.search(rf"HGMMA\.64x{block_m}x16\.F32\.BF16 R\d+, gdesc\[", sass)
     assert not re.search(r"HGMMA\.\S+ R\d+, R\d+,", sass)
@@ -127,17 +131,22 @@ def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_fligh
     assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub * (2 if tail else 1)}" in sass
 
 
-def operand_registers_overwritten_in_flight(sass: str) -> list:
-    """(wgmma, instruction) pairs in the main loop where an instruction writes a register of a wgmma's register
-    operand before the wait that completes that wgmma (the loop taken twice round). wgmma reads the operand
-    asynchronously: such a write races it (the twenty-third session's wrong products with wgmmas left in flight)."""
+def main_loop(sass: str) -> list:
+    """(address, opcode, operands) of the innermost loop around the first wgmma."""
     lines = [(int(a, 16), op, rest) for a, op, rest in re.findall(
         r"/\*([0-9a-f]{4})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)([^;]*);", sass)]
     first = next(a for a, op, _ in lines if "HGMMA" in op)
     start, end = min(((int(m.group(1), 16), a) for a, op, rest in lines if "BRA" in op
                       for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) <= first < a),
                      key=lambda se: se[1] - se[0])
-    body = [line for line in lines if start <= line[0] <= end]
+    return [line for line in lines if start <= line[0] <= end]
+
+
+def operand_registers_overwritten_in_flight(sass: str) -> list:
+    """(wgmma, instruction) pairs in the main loop where an instruction writes a register of a wgmma's register
+    operand before the wait that completes that wgmma (the loop taken twice round). wgmma reads the operand
+    asynchronously: such a write races it (the twenty-third session's wrong products with wgmmas left in flight)."""
+    body = main_loop(sass)
     races = []
     for i, (a, op, rest) in enumerate(body):
         m = re.search(r"\sR\d+, R(\d+),", rest) if "HGMMA" in op else None  # rest: "x64x16.F32.BF16 R24, R56, ..."

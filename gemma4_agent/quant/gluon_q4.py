@@ -103,10 +103,12 @@ def _operand_natural(words, s, magic, BN: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, step, SUB: gl.constexpr,
+def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, step, first, SUB: gl.constexpr,
                STAGES: gl.constexpr, TAIL: gl.constexpr):
-    # step `step`'s SUB blocks of x (and of its TAIL rows) and its words into the ring, one barrier for all
+    # step `step` (of this program's, from step `first` of K) : its SUB blocks of x (and of its TAIL rows) and its
+    # words into the ring, one barrier for all
     stage = step % STAGES
+    step += first
     XT_BYTES: gl.constexpr = xt_desc.block_type.nbytes if TAIL > 0 else 0
     NBYTES: gl.constexpr = SUB * (x_desc.block_type.nbytes + XT_BYTES) + w_desc.block_type.nbytes
     mbarrier.expect(ready.index(stage), NBYTES)
@@ -120,19 +122,25 @@ def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, 
 
 
 @gluon.jit
-def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
-    # y [M, N] rows m0.. from acc [BN weight rows, BM rows of x]
+def _store(y_ptr, acc, m0, n0, M, N, BM: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr,
+           SPLIT: gl.constexpr):
+    # y [M, N] rows m0.. from acc [BN weight rows, BM rows of x]; with SPLIT > 1 y is float32 (zeroed by the
+    # caller) and acc is added into it (a fire-and-forget reduction: bf16 atomics would be compare-and-swap loops)
     rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
     rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
     mask = gl.expand_dims(rn < N, 1) & gl.expand_dims(rm < M, 0)
-    gl.store(y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1), acc.to(gl.bfloat16), mask=mask)
+    ptrs = y_ptr + gl.expand_dims(rm, 0) * N + gl.expand_dims(rn, 1)
+    if SPLIT > 1:
+        gl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        gl.store(ptrs, acc.to(gl.bfloat16), mask=mask)
 
 
 @gluon.jit
 def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM: gl.constexpr, BN: gl.constexpr,
                    STAGES: gl.constexpr, SUB: gl.constexpr, TAIL: gl.constexpr, WL: gl.constexpr,
                    PL: gl.constexpr, num_warps: gl.constexpr, IN_FLIGHT: gl.constexpr = 0,
-                   AL: gl.constexpr = None):
+                   AL: gl.constexpr = None, SPLIT: gl.constexpr = 1):
     # a step of the pipeline: SUB blocks of 64 columns (one barrier, one words copy and its bookkeeping for all).
     # TAIL > 0: one program takes all of x's rows, BM and the TAIL after them (a second MMA on the same operand), so
     # 286 rows cost 256 + 32 rows of MMAs and one dequantization a weight tile.
@@ -140,8 +148,11 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     # permuted: any register layout can be stored), and wgmma reads it from there, so each step's wgmmas stay in
     # flight while the next step is dequantized (IN_FLIGHT is then 1 whatever given), which a register operand cannot
     # do safely (module docstring)
+    # SPLIT > 1: K in SPLIT parts, one a program, their products added into a float32 y (for shapes of too few
+    # weight tiles to fill the GPU; at 2 parts the sum is the same whichever part comes first: 0 + a + b = 0 + b + a)
     SMEM_A: gl.constexpr = AL is not None
-    pid = gl.program_id(0)
+    part = gl.program_id(0) % SPLIT
+    pid = gl.program_id(0) // SPLIT
     tiles_m = gl.cdiv(M, BM) if TAIL == 0 else 1
     m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (it is read once from L2)
     n0 = (pid // tiles_m) * BN
@@ -162,10 +173,11 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    n_k = K // (SUB * BK)
+    n_k = K // (SUB * BK * SPLIT)  # this program's steps, from step `first` of K
+    first = part * n_k
     for i in gl.static_range(STAGES - 1):
         if i < n_k:
-            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, i, SUB, STAGES, TAIL)
+            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, i, first, SUB, STAGES, TAIL)
     # a thread's scales: its two rows, the group of its words (2t, 2t + 1: group t // 2 of a block's two)
     sl: gl.constexpr = gl.SliceLayout(2, PL)
     rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, sl))
@@ -177,9 +189,9 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     for kb in range(n_k):
         stage = kb % STAGES
         # the step's scales (SUB is 1 or 2), asked for before the wait for its words
-        s0 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb * SUB).to(gl.float32), 2)
+        s0 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * (first + kb) * SUB).to(gl.float32), 2)
         if SUB > 1:
-            s1 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb * SUB + 2).to(gl.float32), 2)
+            s1 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * (first + kb) * SUB + 2).to(gl.float32), 2)
         mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
         for j in gl.static_range(SUB):
             s = s0 if j == 0 else s1
@@ -207,15 +219,15 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
         else:
             acc = warpgroup_mma_wait(num_outstanding=LEFT, deps=(acc, ))
         if kb + STAGES - 1 < n_k:
-            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, kb + STAGES - 1, SUB, STAGES,
-                       TAIL)
+            _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, kb + STAGES - 1, first, SUB,
+                       STAGES, TAIL)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
-    _store(y_ptr, acc, m0, n0, M, N, BM, BN, acc_layout)
+    _store(y_ptr, acc, m0, n0, M, N, BM, BN, acc_layout, SPLIT)
     if TAIL > 0:
         acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, ))
-        _store(y_ptr, acc_t, BM, n0, M, N, TAIL, BN, tail_layout)
+        _store(y_ptr, acc_t, BM, n0, M, N, TAIL, BN, tail_layout, SPLIT)
 
 
 def layouts(BM: int, BN: int, sub: int = 1):
@@ -236,15 +248,18 @@ def operand_layout(BN: int):
 
 
 def configs_for(rows: int) -> dict:
-    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail), all
-    with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320 rows
-    one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step otherwise
-    (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs an SM
-    (94 and 74 KB of shared memory; not yet timed on a GPU), so one's MMAs can run while the other dequantizes."""
-    configs = {"gluon_128": (128, 128, 3, 1, 0), "gluon_128_s2": (128, 128, 2, 1, 0)}
-    if tail_for(rows):
-        configs[f"gluon_256_{tail_for(rows)}"] = (256, 64, 3, 1, tail_for(rows))
-        configs[f"gluon_256_{tail_for(rows)}_s2"] = (256, 64, 2, 1, tail_for(rows))
+    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail, split),
+    all with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320
+    rows one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step
+    otherwise (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs
+    an SM (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes. At 257-320 rows also
+    (twenty-fifth session) 128 weight rows a program, so that x is read from L2 half as often, and K in two halves
+    for the shapes whose 64-row tiles leave SMs idle (o and down: 60 programs for 132 SMs)."""
+    configs = {"gluon_128": (128, 128, 3, 1, 0, 1), "gluon_128_s2": (128, 128, 2, 1, 0, 1)}
+    t = tail_for(rows)
+    if t:
+        configs.update({f"gluon_256_{t}": (256, 64, 3, 1, t, 1), f"gluon_256_{t}_s2": (256, 64, 2, 1, t, 1),
+                        f"gluon_256_{t}_n128": (256, 128, 3, 1, t, 1), f"gluon_256_{t}_k2": (256, 64, 3, 1, t, 2)})
     return configs
 
 
@@ -260,21 +275,25 @@ def usable(x: torch.Tensor, zeros, group: int) -> bool:
 
 
 def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3, sub: int = 2, tail: int = 0,
-            x_permuted=None, in_flight: int = 0, smem_operand: bool = False, out=None):
+            split: int = 1, x_permuted=None, in_flight: int = 0, smem_operand: bool = False, out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight (qweight [N, K / 2] packed as the engine packs it, scales
     [N, K / 32] fp16 or their int16 bits), into `out` where given. `x_permuted`: permuted(x) where the caller has it
     (one copy a call otherwise). A program: block_m rows of x (64, 128 or 256), block_n weight rows (64: one warp
     group, 128: two), `sub` (1 or 2) blocks of 64 columns a pipeline step, `stages` steps in flight;
     `tail` > 0: one program takes every row, block_m and `tail` after them (tail_for). `smem_operand`: the operand
-    through shared memory in x's own column order (x is not permuted), its wgmmas left in flight (q4_gemm_kernel)."""
+    through shared memory in x's own column order (x is not permuted), its wgmmas left in flight (q4_gemm_kernel).
+    `split` 2: K in two halves, one a program, added into a float32 buffer then rounded into y (for the shapes of too
+    few weight tiles to fill the GPU; more parts would make the sum depend on the order the programs finish in)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
     n = words.shape[0]
     if tail and m > block_m + tail:
         raise ValueError(f"q4_gemm: {m} rows do not fit {block_m} + a tail of {tail}")
-    if k % (sub * BLOCK_K) or scales.shape != (n, k // 32):
-        raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K} with scales [N, K / 32], "
+    if split not in (1, 2):
+        raise ValueError(f"q4_gemm: split must be 1 or 2, got {split}")
+    if k % (sub * BLOCK_K * split) or scales.shape != (n, k // 32):
+        raise ValueError(f"q4_gemm: K {k} must be a multiple of {sub * BLOCK_K * split} with scales [N, K / 32], "
                          f"got {tuple(scales.shape)}")
     xp = x if smem_operand else x_permuted if x_permuted is not None else permuted(x)
     xl, wl = layouts(block_m, block_n, sub)
@@ -282,9 +301,12 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
     xt_desc = TensorDescriptor(xp, [m, k], [k, 1], [tail, BLOCK_K], layouts(tail, block_n)[0]) if tail else x_desc
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, sub * BLOCK_K // 8], wl)
     y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n), )
-    q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BM=block_m,
+    total = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else y  # the parts added into it
+    grid = ((1 if tail else triton.cdiv(m, block_m)) * triton.cdiv(n, block_n) * split, )
+    q4_gemm_kernel[grid](x_desc, xt_desc, w_desc, scales.view(torch.float16), total, m, n, k, k // 32, BM=block_m,
                          BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=words_layout(block_n, block_n // 16),
                          PL=pairs_layout(block_n, block_n // 16), num_warps=block_n // 16, IN_FLIGHT=in_flight,
-                         AL=operand_layout(block_n) if smem_operand else None)
+                         AL=operand_layout(block_n) if smem_operand else None, SPLIT=split)
+    if split > 1:
+        y.copy_(total)
     return y
