@@ -134,3 +134,13 @@ def test_a_profile_left_for_later_is_taken_when_called_and_not_before(tmp_path):
     assert not later.exists() and "profile_s" not in r and len(pending) == 1
     pending[0]()
     assert "Self CPU" in later.read_text() and r["profile_s"] > 0
+
+
+def test_frames_timed_without_decode_ahead_are_reported_apart_with_their_tokens_compared():
+    from gemma4_agent.engine.bench import run_bench
+
+    config = str(ROOT / "benchmarks" / "tiny-config.json")
+    r = run_bench(config, "cpu", 3, 70, 3, "prefix", 40, warmup=1, without_decode_ahead=True)
+    apart = r["without_decode_ahead"]
+    assert set(apart["per_frame_ms"]) >= {"p50", "p90", "p99"} and apart["decode_ms_per_token_p50"] > 0
+    assert apart["same_tokens_as_decode_ahead"] == 1.0  # the same frame from the same prefix: the same tokens

@@ -159,7 +159,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     `profile_to`: a kernel profile of a few more frames, after the timed ones. With `profile_later` (a list) it is
     not taken now: a function taking it is appended, to be called once every run of the process is timed.
     `without_decode_ahead`: as many frames again with SessionConfig.decode_ahead off, reported apart (the host's
-    wait between decode steps, in the same process). The
+    wait between decode steps, in the same process), with the share of frames whose tokens are the same. The
     profiler leaves CUPTI attached to the process (pytorch/pytorch#144455), which slows every later launch and
     synchronisation: a second run timed after a first one's profile paid 0.1-0.2 ms more a decoded token at the 12B
     (BENCHMARKS.md, sixteenth session). The session stays alive until then."""
@@ -211,7 +211,10 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
         report["without_decode_ahead"] = {
             "per_frame_ms": percentiles([r.timings_ms["total"] for r in apart]),
             "decode_ms_per_token_p50": float(np.median([r.timings_ms["decode"] / max(1, r.decode_steps)
-                                                        for r in apart]))}
+                                                        for r in apart])),
+            # the same frame from the same prefix each time (prefix mode): its tokens must not depend on decoding ahead
+            "same_tokens_as_decode_ahead": float(np.mean([list(r.tokens) == list(a.tokens)
+                                                          for r, a in zip(results, apart)]))}
     decile = max(1, frames // 10)
     report["first_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[:decile]]))
     report["last_decile_p50_ms"] = float(np.median([r.timings_ms["total"] for r in results[-decile:]]))
