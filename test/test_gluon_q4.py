@@ -106,10 +106,14 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
     assert operand_registers_overwritten_in_flight(sass) == []
 
 
-@pytest.mark.parametrize("block_m,block_n,stages,sub,tail,split", [(128, 128, 3, 2, 0, 1), (256, 64, 2, 2, 32, 1),
-                                                                  (256, 128, 2, 1, 32, 1), (64, 64, 4, 1, 0, 1),
-                                                                  *[c for rows in (76, 286)
-                                                                    for c in G.configs_for(rows).values()]])
+def engine_configs(gemm) -> list:
+    """The keyword arguments of the engine's configurations (gluon_q4.configs_for) that call `gemm`."""
+    return [c.keywords for rows in (76, 286) for c in G.configs_for(rows).values() if c.func is gemm]
+
+
+@pytest.mark.parametrize("block_m,block_n,stages,sub,tail,split", sorted({
+    (128, 128, 3, 2, 0, 1), (256, 64, 2, 2, 32, 1), (256, 128, 2, 1, 32, 1), (64, 64, 4, 1, 0, 1),
+    *[tuple(c[k] for k in ("block_m", "block_n", "stages", "sub", "tail", "split")) for c in engine_configs(G.q4_gemm)]}))
 def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_flight(block_m, block_n, stages, sub,
                                                                                    tail, split):
     from test_kernels_compile import _cuobjdump, stack_bytes
@@ -129,6 +133,32 @@ def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_fligh
     assert "STS.128" in order and order.index("STS.128") < order.index("FENCE.VIEW.ASYNC.S") < order.index("HGMMA")
     # ... and the main loop leaves the step's wgmma groups (one a block of 64, two with a tail) in flight
     assert f"WARPGROUP.DEPBAR.LE gsb0, 0x{sub * (2 if tail else 1)}" in sass
+
+
+@pytest.mark.parametrize("block_n,stages", sorted({(c["block_n"], c["stages"]) for c in engine_configs(G.q4_gemm_wb)}))
+def test_the_weights_as_second_operand_compile_with_each_steps_wgmma_left_in_flight(block_n, stages):
+    from test_kernels_compile import SM90, _cuobjdump, stack_bytes
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    xl, wl = G.layouts(64, block_n)
+    sig = {"x_desc": f"tensordesc<bf16[64, 64],{xl!r}>", "w_desc": f"tensordesc<i32[{block_n}, 8],{wl!r}>",
+           "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
+           **{name: "constexpr" for name in ("BN", "STAGES", "WL", "PL", "AL", "num_warps")}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
+    constexprs = dict(BN=block_n, STAGES=stages, WL=G.words_layout(64, 4), PL=G.pairs_layout(64, 4),
+                      AL=G.operand_layout(block_n), num_warps=4)
+    kernel = triton.compile(GluonASTSource(G.q4_gemm_wb_kernel, sig, constexprs, attrs), target=SM90,
+                            options={"num_warps": 4})
+    assert stack_bytes(kernel) == 0
+    sass = _cuobjdump(kernel, "-sass")
+    # x's 64 rows against block_n weight rows, both operands read from shared memory ...
+    assert re.search(rf"HGMMA\.64x{block_n}x16\.F32\.BF16 R\d+, gdesc\[", sass)
+    assert not re.search(r"HGMMA\.\S+ R\d+, R\d+,", sass)
+    # ... the dequantized weights stored there and fenced before the wgmmas, which stay in flight a step
+    loop = [op for _, op, _ in main_loop(sass)]
+    assert loop.index("STS.128") < loop.index("FENCE.VIEW.ASYNC.S") < next(
+        i for i, op in enumerate(loop) if op.startswith("HGMMA"))
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
 
 
 def main_loop(sass: str) -> list:

@@ -230,6 +230,64 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
         _store(y_ptr, acc_t, BM, n0, M, N, TAIL, BN, tail_layout, SPLIT)
 
 
+@gluon.jit
+def q4_gemm_wb_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BN: gl.constexpr, STAGES: gl.constexpr,
+                      WL: gl.constexpr, PL: gl.constexpr, AL: gl.constexpr, num_warps: gl.constexpr):
+    # The roles swapped: y = x W^T with x's 64 rows as wgmma's first operand and BN (256) dequantized weight rows as
+    # its second, so a program reads 64 rows of x and the weights' tile is dequantized once for each 64 rows of x.
+    # Where q4_gemm_kernel's 64-weight-row programs each read all of x from L2 (the pace at a 280-token frame's 286
+    # rows, BENCHMARKS.md twenty-fourth session), this reads x a quarter as often and the int4 words (a quarter of
+    # x's bytes a weight tile) once for each 64 rows of x. One warp group; the tile dequantized 64 rows at a time
+    # (q4_gemm_kernel's layouts) into a double-buffered shared tile, each step's wgmmas left in flight meanwhile.
+    BM: gl.constexpr = 64
+    CHUNKS: gl.constexpr = BN // 64
+    pid = gl.program_id(0)
+    tiles_m = gl.cdiv(M, BM)
+    m0 = (pid % tiles_m) * BM  # the programs sharing a weight tile run together (its words read once from HBM)
+    n0 = (pid // tiles_m) * BN
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BN, 16])
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    b_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BN, BK], AL)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    n_k = K // BK
+    for i in gl.static_range(STAGES - 1):
+        if i < n_k:
+            _load_step(x_desc, x_desc, w_desc, x_smem, x_smem, w_smem, ready, m0, n0, i, 0, 1, STAGES, 0)
+    sl: gl.constexpr = gl.SliceLayout(2, PL)
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, sl))
+    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, sl))
+    acc = gl.zeros([BM, BN], gl.float32, layout=acc_layout)
+    magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
+    for kb in range(n_k):
+        stage = kb % STAGES
+        mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
+        b_buf = b_smem.index(kb % 2)  # the buffer the step before last read: its wgmmas are done (the wait below)
+        for c in gl.static_range(CHUNKS):
+            r = n0 + c * 64 + rows
+            s_off = gl.expand_dims(gl.minimum(r, N - 1) * K_GROUPS, 1) + gl.expand_dims(pair // 2, 0)
+            s = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb).to(gl.float32), 2)
+            words = w_smem.index(stage).slice(c * 64, 64, dim=0).load(WL).to(gl.uint32, bitcast=True)
+            words = gl.convert_layout(gl.reshape(words, [64, 4, 2]), PL, assert_trivial=True)
+            b_buf.slice(c * 64, 64, dim=0).store(_operand_natural(words, s, magic, 64))
+        fence_async_shared()
+        acc = warpgroup_mma(x_smem.index(stage), b_buf.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the step before is done
+        if kb + STAGES - 1 < n_k:
+            _load_step(x_desc, x_desc, w_desc, x_smem, x_smem, w_smem, ready, m0, n0, kb + STAGES - 1, 0, 1, STAGES,
+                       0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
+    mask = gl.expand_dims(rm < M, 1) & gl.expand_dims(rn < N, 0)
+    gl.store(y_ptr + gl.expand_dims(rm, 1) * N + gl.expand_dims(rn, 0), acc.to(gl.bfloat16), mask=mask)
+
+
 def layouts(BM: int, BN: int, sub: int = 1):
     """The shared-memory layouts of x's and the words' TMA tiles (`sub` blocks of 64 columns a step)."""
     return (gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.bfloat16),
@@ -248,18 +306,26 @@ def operand_layout(BN: int):
 
 
 def configs_for(rows: int) -> dict:
-    """The configurations the engine times at `rows` rows of x: name -> (block_m, block_n, stages, sub, tail, split),
-    all with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320
-    rows one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step
-    otherwise (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs
-    an SM (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes. At 257-320 rows also
-    (twenty-fifth session) 128 weight rows a program, so that x is read from L2 half as often, and K in two halves
-    for the shapes whose 64-row tiles leave SMs idle (o and down: 60 programs for 132 SMs)."""
-    configs = {"gluon_128": (128, 128, 3, 1, 0, 1), "gluon_128_s2": (128, 128, 2, 1, 0, 1)}
+    """The configurations the engine times at `rows` rows of x: name -> a function (x, qweight, scales, out=y), each
+    with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320 rows
+    one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step otherwise
+    (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs an SM
+    (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes. Since the twenty-fifth
+    session also: at 257-320 rows 128 weight rows a program (x read from L2 half as often) and K in two halves (for
+    o and down, whose 64-row tiles are 60 programs for 132 SMs); at every row count the weights as wgmma's second
+    operand (q4_gemm_wb: x read from L2 a quarter as often as with 64 weight rows a program)."""
+    def q4(block_m, block_n, stages, tail=0, split=1):
+        return functools.partial(q4_gemm, block_m=block_m, block_n=block_n, stages=stages, sub=1, tail=tail,
+                                 split=split, smem_operand=True)
+
+    configs = {"gluon_128": q4(128, 128, 3), "gluon_128_s2": q4(128, 128, 2),
+               "gluon_wb_256": functools.partial(q4_gemm_wb, block_n=256, stages=3),
+               "gluon_wb_256_s2": functools.partial(q4_gemm_wb, block_n=256, stages=2),
+               "gluon_wb_128": functools.partial(q4_gemm_wb, block_n=128, stages=4)}
     t = tail_for(rows)
     if t:
-        configs.update({f"gluon_256_{t}": (256, 64, 3, 1, t, 1), f"gluon_256_{t}_s2": (256, 64, 2, 1, t, 1),
-                        f"gluon_256_{t}_n128": (256, 128, 3, 1, t, 1), f"gluon_256_{t}_k2": (256, 64, 3, 1, t, 2)})
+        configs.update({f"gluon_256_{t}": q4(256, 64, 3, t), f"gluon_256_{t}_s2": q4(256, 64, 2, t),
+                        f"gluon_256_{t}_n128": q4(256, 128, 3, t), f"gluon_256_{t}_k2": q4(256, 64, 3, t, 2)})
     return configs
 
 
@@ -309,4 +375,25 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
                          AL=operand_layout(block_n) if smem_operand else None, SPLIT=split)
     if split > 1:
         y.copy_(total)
+    return y
+
+
+def q4_gemm_wb(x, qweight, scales, block_n: int = 256, stages: int = 3, out=None):
+    """y [M, N] = x [M, K] (bf16) times the q4_0 weight as q4_gemm, with the weights as wgmma's second operand
+    (q4_gemm_wb_kernel): programs of 64 rows of x and `block_n` (64-256, a multiple of 64) weight rows."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    m, k = x.shape
+    words = qweight.view(torch.int32)
+    n = words.shape[0]
+    if k % BLOCK_K or scales.shape != (n, k // 32) or block_n % 64 or not 64 <= block_n <= 256:
+        raise ValueError(f"q4_gemm_wb: K {k} must be a multiple of {BLOCK_K} with scales [N, K / 32] (got "
+                         f"{tuple(scales.shape)}) and block_n a multiple of 64 up to 256 (got {block_n})")
+    xl, wl = layouts(64, block_n)
+    x_desc = TensorDescriptor(x, [m, k], [k, 1], [64, BLOCK_K], xl)
+    w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, BLOCK_K // 8], wl)
+    y = out if out is not None else torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    grid = (triton.cdiv(m, 64) * triton.cdiv(n, block_n), )
+    q4_gemm_wb_kernel[grid](x_desc, w_desc, scales.view(torch.float16), y, m, n, k, k // 32, BN=block_n,
+                            STAGES=stages, WL=words_layout(64, 4), PL=pairs_layout(64, 4),
+                            AL=operand_layout(block_n), num_warps=4)
     return y

@@ -620,10 +620,10 @@ def gluon_usable(x: torch.Tensor, zeros: Optional[torch.Tensor], group: int) -> 
     return _gluon() is not None and _gluon().usable(x, zeros, group)
 
 
-def _gluon_gemm(config: tuple, x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
+def _gluon_gemm(gemm, x, qweight, s, z, y, group: int, has_zeros: bool) -> None:
     if x.data_ptr() % 16:  # TMA reads x from a 16-byte aligned address: a view at an odd offset takes the general path
         return _dequant_matmul(x, qweight, s, z, y, group, has_zeros)
-    _gluon().q4_gemm(x, qweight, s, *config, smem_operand=True, out=y)
+    gemm(x, qweight, s, out=y)  # one of gluon_q4.configs_for's
 
 
 def _without_wrong_gluon(calls: dict, y: torch.Tensor) -> dict:
@@ -654,8 +654,8 @@ def paths_for(rows: int, group: int = 32, gluon: bool = False) -> dict:
         return {"gemm": _gemm, "dequant": _dequant_matmul, "rows": _gemv_rows}
     if rows <= MEASURED_MAX_ROWS:
         wide = {"gemm_wide": _gemm_wide} if wide_rows(rows) else {}
-        glu = {name: functools.partial(_gluon_gemm, config)
-               for name, config in _gluon().configs_for(rows).items()} if gluon else {}
+        glu = {name: functools.partial(_gluon_gemm, gemm)
+               for name, gemm in _gluon().configs_for(rows).items()} if gluon else {}
         return {"gemm": _gemm, **wide, **glu, "dequant": _dequant_matmul}
     return {"dequant": _dequant_matmul}
 
