@@ -105,7 +105,7 @@ def _operand_natural(words, s, magic, BN: gl.constexpr):
 @gluon.jit
 def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, step, first, SUB: gl.constexpr,
                STAGES: gl.constexpr, TAIL: gl.constexpr):
-    # step `step` (of this program's, from step `first` of K) : its SUB blocks of x (and of its TAIL rows) and its
+    # this program's step `step` (step `first` + `step` of K): its SUB blocks of x (and of its TAIL rows) and its
     # words into the ring, one barrier for all
     stage = step % STAGES
     step += first
