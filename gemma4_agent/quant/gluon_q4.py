@@ -103,6 +103,14 @@ def _operand_natural(words, s, magic, BN: gl.constexpr):
 
 
 @gluon.jit
+def _scales(s_ptr, rows, pair, N, K_GROUPS, group):
+    # the scales [R, 4, 1] of a thread's words (PL's slice: `pair` 0-3 is the word pair, two a group of 32) from group
+    # `group` on, of weight rows `rows` (those past the last row read the last row's: their products are not stored)
+    off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(pair // 2, 0)
+    return gl.expand_dims(gl.load(s_ptr + off + group).to(gl.float32), 2)
+
+
+@gluon.jit
 def _load_step(x_desc, xt_desc, w_desc, x_smem, xt_smem, w_smem, ready, m0, n0, step, first, SUB: gl.constexpr,
                STAGES: gl.constexpr, TAIL: gl.constexpr):
     # this program's step `step` (step `first` + `step` of K): its SUB blocks of x (and of its TAIL rows) and its
@@ -182,16 +190,15 @@ def q4_gemm_kernel(x_desc, xt_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BM:
     sl: gl.constexpr = gl.SliceLayout(2, PL)
     rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, sl))
     pair = gl.arange(0, 4, layout=gl.SliceLayout(0, sl))
-    s_off = gl.expand_dims(gl.minimum(rows, N - 1) * K_GROUPS, 1) + gl.expand_dims(pair // 2, 0)
     acc = gl.zeros([BN, BM], gl.float32, layout=acc_layout)
     # the bits of 1.0 as a value the compiler cannot fold into an immediate (K_GROUPS < 2^30): one LOP3 a nibble
     magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
     for kb in range(n_k):
         stage = kb % STAGES
         # the step's scales (SUB is 1 or 2), asked for before the wait for its words
-        s0 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * (first + kb) * SUB).to(gl.float32), 2)
+        s0 = _scales(s_ptr, rows, pair, N, K_GROUPS, 2 * (first + kb) * SUB)
         if SUB > 1:
-            s1 = gl.expand_dims(gl.load(s_ptr + s_off + 2 * (first + kb) * SUB + 2).to(gl.float32), 2)
+            s1 = _scales(s_ptr, rows, pair, N, K_GROUPS, 2 * (first + kb) * SUB + 2)
         mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
         for j in gl.static_range(SUB):
             s = s0 if j == 0 else s1
@@ -238,7 +245,7 @@ def q4_gemm_wb_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BN: gl.co
     # Where q4_gemm_kernel's 64-weight-row programs each read all of x from L2 (the pace at a 280-token frame's 286
     # rows, BENCHMARKS.md twenty-fourth session), this reads x a quarter as often and the int4 words (a quarter of
     # x's bytes a weight tile) once for each 64 rows of x. One warp group; the tile dequantized 64 rows at a time
-    # (q4_gemm_kernel's layouts) into a double-buffered shared tile, each step's wgmmas left in flight meanwhile.
+    # (q4_gemm_kernel's layouts) into a double-buffered shared tile, each step's wgmma left in flight meanwhile.
     BM: gl.constexpr = 64
     CHUNKS: gl.constexpr = BN // 64
     pid = gl.program_id(0)
@@ -264,12 +271,17 @@ def q4_gemm_wb_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, K_GROUPS, BN: gl.co
     magic = ((K_GROUPS >> 30) | 0x3F800000).to(gl.uint32)
     for kb in range(n_k):
         stage = kb % STAGES
+        # each chunk's scales (rows 64 apart: CHUNKS is 1, 2 or 4), asked for before the wait for the step's words
+        s0 = _scales(s_ptr, n0 + rows, pair, N, K_GROUPS, 2 * kb)
+        if CHUNKS > 1:
+            s1 = _scales(s_ptr, n0 + 64 + rows, pair, N, K_GROUPS, 2 * kb)
+        if CHUNKS > 2:
+            s2 = _scales(s_ptr, n0 + 128 + rows, pair, N, K_GROUPS, 2 * kb)
+            s3 = _scales(s_ptr, n0 + 192 + rows, pair, N, K_GROUPS, 2 * kb)
         mbarrier.wait(ready.index(stage), (kb // STAGES) & 1)
         b_buf = b_smem.index(kb % 2)  # the buffer the step before last read: its wgmmas are done (the wait below)
         for c in gl.static_range(CHUNKS):
-            r = n0 + c * 64 + rows
-            s_off = gl.expand_dims(gl.minimum(r, N - 1) * K_GROUPS, 1) + gl.expand_dims(pair // 2, 0)
-            s = gl.expand_dims(gl.load(s_ptr + s_off + 2 * kb).to(gl.float32), 2)
+            s = s0 if c == 0 else s1 if c == 1 else s2 if c == 2 else s3
             words = w_smem.index(stage).slice(c * 64, 64, dim=0).load(WL).to(gl.uint32, bitcast=True)
             words = gl.convert_layout(gl.reshape(words, [64, 4, 2]), PL, assert_trivial=True)
             b_buf.slice(c * 64, 64, dim=0).store(_operand_natural(words, s, magic, 64))
@@ -380,14 +392,14 @@ def q4_gemm(x, qweight, scales, block_m: int, block_n: int = 64, stages: int = 3
 
 def q4_gemm_wb(x, qweight, scales, block_n: int = 256, stages: int = 3, out=None):
     """y [M, N] = x [M, K] (bf16) times the q4_0 weight as q4_gemm, with the weights as wgmma's second operand
-    (q4_gemm_wb_kernel): programs of 64 rows of x and `block_n` (64-256, a multiple of 64) weight rows."""
+    (q4_gemm_wb_kernel): programs of 64 rows of x and `block_n` (64, 128 or 256) weight rows."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     words = qweight.view(torch.int32)
     n = words.shape[0]
-    if k % BLOCK_K or scales.shape != (n, k // 32) or block_n % 64 or not 64 <= block_n <= 256:
+    if k % BLOCK_K or scales.shape != (n, k // 32) or block_n not in (64, 128, 256):
         raise ValueError(f"q4_gemm_wb: K {k} must be a multiple of {BLOCK_K} with scales [N, K / 32] (got "
-                         f"{tuple(scales.shape)}) and block_n a multiple of 64 up to 256 (got {block_n})")
+                         f"{tuple(scales.shape)}) and block_n 64, 128 or 256 (got {block_n})")
     xl, wl = layouts(64, block_n)
     x_desc = TensorDescriptor(x, [m, k], [k, 1], [64, BLOCK_K], xl)
     w_desc = TensorDescriptor(words, [n, k // 8], [k // 8, 1], [block_n, BLOCK_K // 8], wl)
