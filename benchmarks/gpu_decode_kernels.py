@@ -1034,18 +1034,14 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 
 
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
-    """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, every
-    configuration, against what the engine's int4_matmul picks (dequantize + cuBLAS, the GEMM or the wide GEMM:
-    engine_pick) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone (x permuted before) and with x's
-    permutation, its relative error against dequantize + matmul; then ms a frame summed over the layers, the best
-    right configuration per shape."""
+    """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, each
+    configuration the engine times (gluon_q4.configs_for) and the register operand waiting for each step's wgmmas
+    (the twenty-third session's form, for comparison), against what the engine's int4_matmul picks (engine_pick,
+    among its other paths and those same configurations) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone
+    (x permuted before, for the register operand) and with x's permutation, its relative error against dequantize +
+    matmul; then ms a frame summed over the layers, the best right configuration per shape."""
     from gemma4_agent.quant import gluon_q4 as gq
 
-    # block_m x block_n x stages x sub x tail x split x operand in shared memory (1) or registers (0): each fits the
-    # shared memory, and at 257-320 rows one program takes all (256 and a tail). The register operand waits for each
-    # step's wgmmas (IN_FLIGHT 0); through shared memory they stay in flight while the next step is dequantized. The
-    # forms slower everywhere in the twenty-fourth session's run are left out
-    grid = [(64, 64, 4, 1, 0, 1, 1), (128, 128, 3, 1, 0, 1, 1), (128, 128, 2, 1, 0, 1, 1)]
     rows = []
     for m in row_counts:
         for name, out, inp in SHAPES:
@@ -1063,23 +1059,20 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
             row["bf16_cublas_us"] = graph_ms(lambda: x @ w.t(), 1) * 1e3
             row["gluon"] = {}
+            # each: (key, the call, the call permuting x first where its form reads x permuted, else None)
             t = gq.tail_for(m)
-            tail = [(256, 64, 2, 2, t, 1, 0), (256, 64, 3, 1, t, 1, 1), (256, 64, 2, 1, t, 1, 1),
-                    (256, 128, 2, 1, t, 1, 1), (256, 128, 3, 1, t, 1, 1), (256, 64, 3, 1, t, 2, 1),
-                    (256, 64, 2, 1, t, 2, 1)] if t else []
-            # each: (key, the call with x permuted before where its form needs it, the call with the permutation)
-            ways = [("x".join(map(str, config)) + (" smem" if smem else " regs"),
-                     functools.partial(gq.q4_gemm, *config, x_permuted=xp, smem_operand=bool(smem)),
-                     functools.partial(gq.q4_gemm, *config, smem_operand=bool(smem))) for *config, smem in grid + tail]
-            ways += [(f"wb {bn}x{st}",) + (functools.partial(gq.q4_gemm_wb, block_n=bn, stages=st),) * 2
-                     for bn, st in ((256, 3), (256, 2), (128, 4), (128, 3))]  # the weights as second operand
+            regs = (256, 64, 2, 2, t) if t else (64, 64, 3, 2, 0)
+            ways = [(config, gemm, None) for config, gemm in gq.configs_for(m).items()] + [
+                ("regs " + "x".join(map(str, regs)), functools.partial(gq.q4_gemm, *regs, x_permuted=xp),
+                 functools.partial(gq.q4_gemm, *regs))]
             for key, gemm, gemm_permuting in ways:
                 try:
                     y = gemm(x, mod.qweight, mod.scales)
                     torch.cuda.synchronize()
                     err = ((y.float() - want).norm() / want.norm()).item()
                     alone = graph_ms(lambda: gemm(x, mod.qweight, mod.scales), 1)
-                    permuted = graph_ms(lambda: gemm_permuting(x, mod.qweight, mod.scales), 1)
+                    permuted = alone if gemm_permuting is None else graph_ms(
+                        lambda: gemm_permuting(x, mod.qweight, mod.scales), 1)
                     row["gluon"][key] = {"us": alone * 1e3, "with_permutation_us": permuted * 1e3, "rel_err": err}
                 except Exception as exc:  # one configuration failing (compile, launch) must not hide the others
                     row["gluon"][key] = {"error": repr(exc)[:300]}

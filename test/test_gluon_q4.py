@@ -195,3 +195,4 @@ def operand_registers_overwritten_in_flight(sass: str) -> list:
 
 def test_tail_for_rows():
     assert G.tail_for(286) == 32 and G.tail_for(260) == 16 and G.tail_for(256) == 0 and G.tail_for(321) == 0
+    assert G.tail_for(76, 64) == 16 and G.tail_for(128, 64) == 64 and G.tail_for(64, 64) == 0

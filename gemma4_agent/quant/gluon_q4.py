@@ -306,9 +306,9 @@ def layouts(BM: int, BN: int, sub: int = 1):
             gl.NVMMASharedLayout.get_default_for([BN, sub * BLOCK_K // 8], gl.int32))
 
 
-def tail_for(rows: int) -> int:
-    """The tail tile (16-64 rows) that takes what 256 rows leave, 0 where that is nothing or too much."""
-    rest = rows - 256
+def tail_for(rows: int, block_m: int = 256) -> int:
+    """The tail tile (16-64 rows) that takes what block_m rows leave, 0 where that is nothing or too much."""
+    rest = rows - block_m
     return max(16, 1 << (rest - 1).bit_length()) if 0 < rest <= 64 else 0
 
 
@@ -325,7 +325,8 @@ def configs_for(rows: int) -> dict:
     (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes. Since the twenty-fifth
     session also: at 257-320 rows 128 weight rows a program (x read from L2 half as often) and K in two halves (for
     o and down, whose 64-row tiles are 60 programs for 132 SMs); at every row count the weights as wgmma's second
-    operand (q4_gemm_wb: x read from L2 a quarter as often as with 64 weight rows a program)."""
+    operand (q4_gemm_wb: x read from L2 a quarter as often as with 64 weight rows a program); and at 65-128 rows
+    (a 70-token frame's 76) one program for all of x's rows, 64 and a tail, as at 257-320."""
     def q4(block_m, block_n, stages, tail=0, split=1):
         return functools.partial(q4_gemm, block_m=block_m, block_n=block_n, stages=stages, sub=1, tail=tail,
                                  split=split, smem_operand=True)
@@ -338,6 +339,9 @@ def configs_for(rows: int) -> dict:
     if t:
         configs.update({f"gluon_256_{t}": q4(256, 64, 3, t), f"gluon_256_{t}_s2": q4(256, 64, 2, t),
                         f"gluon_256_{t}_n128": q4(256, 128, 3, t), f"gluon_256_{t}_k2": q4(256, 64, 3, t, 2)})
+    t = tail_for(rows, 64)
+    if t:
+        configs.update({f"gluon_64_{t}": q4(64, 64, 3, t), f"gluon_64_{t}_n128": q4(64, 128, 3, t)})
     return configs
 
 
