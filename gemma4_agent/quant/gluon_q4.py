@@ -8,8 +8,9 @@ layout wgmma wants and then waits for each wgmma, one program of 8 warps an SM, 
 dequantization take turns (Nsight Compute, eighteenth session); Triton's own warp specialization does not apply on
 sm_90 (`tl.range(warp_specialize=True)` fails to compile around a dequantized dot, or does nothing). Here every
 layout is ours. y^T = W x^T on wgmma, the weight tile first (64 rows a warp group); x and the weight words come
-through a TMA ring in shared memory; at 257-320 rows one program takes every row (256 and a tail of 16-64, a second
-wgmma on the same operand), so each weight tile is dequantized once a frame. The dequantized tile goes either
+through a TMA ring in shared memory; at 65-128 and 257-320 rows one program takes every row (64 or 256 and a tail of
+16-64, a second wgmma on the same operand), so each weight tile is dequantized once a frame. (q4_gemm_wb swaps the
+roles: x's rows first, the weights second, so that x is read from L2 less often.) The dequantized tile goes either
 - to shared memory (the engine's form, `smem_operand`): two steps' worth, in x's own column order, each step's
   wgmmas left in flight while the next step is dequantized; or
 - straight into wgmma's register operand, x's columns permuted once a call (`permuted`) so that each thread's
