@@ -132,6 +132,10 @@ def bench_gemv(ceilings: dict, baseline=None) -> list:
                 us = graph_ms(lambda: [module._launch(x, m.qweight, m.scales, None, 32, path) for m in mods],
                               len(mods)) * 1e3
                 row[label + "_us"] = row.get(label + "_us", 0.0) + us / 2
+        # one weight set again and again: its bytes from L2 where they fit (50 MB on an H100), what a GEMV would take
+        # with its weights asked into L2 ahead, e.g. beside the latency-bound kernels before it
+        row["int4_gemv_q8_l2_us"] = graph_ms(lambda: [triton_q4._launch(x, mods[0].qweight, mods[0].scales, None, 32,
+                                                                        "gemv_q8") for _ in range(8)], 8) * 1e3
         del mods
         dense = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
                  for _ in range(max(1, min(8, (400 << 20) // (out * inp * 2))))]
