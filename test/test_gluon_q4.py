@@ -67,26 +67,32 @@ def test_operand_is_the_dequantized_weight_in_the_order_x_is_given(natural):
 triton = pytest.importorskip("triton")
 
 
-def compiled(block_m, block_n, stages, sub, tail, smem_operand=False, split=1):
-    """q4_gemm_kernel compiled for sm_90 (Triton here: 3.8 in CI; 3.6, the lent machines', checked too)."""
+def compiled_sm90(kernel, tensors: dict, constexprs: dict):
+    """A Gluon kernel compiled for sm_90 (Triton here: 3.8 in CI; 3.6, the lent machines', checked too) with the
+    argument types `tensors` (in order, then the constexprs) and 16-divisible pointers and N, K."""
     from test_kernels_compile import SM90
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    sig = {**tensors, "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
+           **{name: "constexpr" for name in constexprs}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
+    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=SM90,
+                          options={"num_warps": constexprs["num_warps"]})  # convert_layout(assert_trivial) holds
+
+
+def compiled(block_m, block_n, stages, sub, tail, smem_operand=False, split=1):
+    """q4_gemm_kernel compiled for sm_90."""
     xl, wl = G.layouts(block_m, block_n, sub)
     tl_ = G.layouts(tail, block_n)[0] if tail else xl
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 64],{xl!r}>",
            "xt_desc": f"tensordesc<bf16[{tail or block_m}, 64],{tl_!r}>",
            "w_desc": f"tensordesc<i32[{block_n}, {8 * sub}],{wl!r}>",
-           "s_ptr": "*fp16", "y_ptr": "*fp32" if split > 1 else "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "K_GROUPS": "i32", **{name: "constexpr" for name in ("BM", "BN", "STAGES", "SUB", "TAIL", "WL", "PL",
-                                                                 "num_warps", "IN_FLIGHT", "AL", "SPLIT")}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
+           "s_ptr": "*fp16", "y_ptr": "*fp32" if split > 1 else "*bf16"}
     warps = block_n // 16
     constexprs = dict(BM=block_m, BN=block_n, STAGES=stages, SUB=sub, TAIL=tail, WL=G.words_layout(block_n, warps),
                       PL=G.pairs_layout(block_n, warps), num_warps=warps, IN_FLIGHT=0,
                       AL=G.operand_layout(block_n) if smem_operand else None, SPLIT=split)
-    return triton.compile(GluonASTSource(G.q4_gemm_kernel, sig, constexprs, attrs), target=SM90,
-                          options={"num_warps": warps})  # convert_layout(assert_trivial) holds, or this raises
+    return compiled_sm90(G.q4_gemm_kernel, sig, constexprs)
 
 
 @pytest.mark.parametrize("block_m,block_n,stages,sub,tail", [(64, 64, 4, 1, 0), (128, 64, 4, 1, 0), (256, 64, 3, 1, 0),
@@ -113,7 +119,8 @@ def engine_configs(gemm) -> list:
 
 @pytest.mark.parametrize("block_m,block_n,stages,sub,tail,split", sorted({
     (128, 128, 3, 2, 0, 1), (256, 64, 2, 2, 32, 1), (256, 128, 2, 1, 32, 1), (64, 64, 4, 1, 0, 1),
-    *[tuple(c[k] for k in ("block_m", "block_n", "stages", "sub", "tail", "split")) for c in engine_configs(G.q4_gemm)]}))
+    *[tuple(c[k] for k in ("block_m", "block_n", "stages", "sub", "tail", "split"))
+      for c in engine_configs(G.q4_gemm)]}))
 def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_flight(block_m, block_n, stages, sub,
                                                                                    tail, split):
     from test_kernels_compile import _cuobjdump, stack_bytes
@@ -137,18 +144,14 @@ def test_the_shared_memory_operand_compiles_with_each_steps_wgmmas_left_in_fligh
 
 @pytest.mark.parametrize("block_n,stages", sorted({(c["block_n"], c["stages"]) for c in engine_configs(G.q4_gemm_wb)}))
 def test_the_weights_as_second_operand_compile_with_each_steps_wgmma_left_in_flight(block_n, stages):
-    from test_kernels_compile import SM90, _cuobjdump, stack_bytes
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from test_kernels_compile import _cuobjdump, stack_bytes
 
     xl, wl = G.layouts(64, block_n)
-    sig = {"x_desc": f"tensordesc<bf16[64, 64],{xl!r}>", "w_desc": f"tensordesc<i32[{block_n}, 8],{wl!r}>",
-           "s_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "K_GROUPS": "i32",
-           **{name: "constexpr" for name in ("BN", "STAGES", "WL", "PL", "AL", "num_warps")}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in ("s_ptr", "y_ptr", "N", "K")}
-    constexprs = dict(BN=block_n, STAGES=stages, WL=G.words_layout(64, 4), PL=G.pairs_layout(64, 4),
-                      AL=G.operand_layout(block_n), num_warps=4)
-    kernel = triton.compile(GluonASTSource(G.q4_gemm_wb_kernel, sig, constexprs, attrs), target=SM90,
-                            options={"num_warps": 4})
+    kernel = compiled_sm90(G.q4_gemm_wb_kernel,
+                           {"x_desc": f"tensordesc<bf16[64, 64],{xl!r}>",
+                            "w_desc": f"tensordesc<i32[{block_n}, 8],{wl!r}>", "s_ptr": "*fp16", "y_ptr": "*bf16"},
+                           dict(BN=block_n, STAGES=stages, WL=G.words_layout(64, 4), PL=G.pairs_layout(64, 4),
+                                AL=G.operand_layout(block_n), num_warps=4))
     assert stack_bytes(kernel) == 0
     sass = _cuobjdump(kernel, "-sass")
     # x's 64 rows against block_n weight rows, both operands read from shared memory ...

@@ -674,7 +674,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     has_zeros = zeros is not None
     paths = paths_for(m, group, ROWS_MAX_ROWS < m <= MEASURED_MAX_ROWS and gluon_usable(x, zeros, group))
     calls = {p: functools.partial(f, x, qweight, s, z, y, group, has_zeros) for p, f in paths.items()}
-    # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself
+    # rows of one power of two share a pick, but for the wide GEMM's tiles, which follow the row count itself (and
+    # so do the Gluon forms' tails, gluon_q4.tail_for: the same 256 or 64 and tail wherever one is named)
     wide = (wide_rows(m),) if "gemm_wide" in calls else ()
     key = (n, k, 1 << (m - 1).bit_length(), has_zeros) + wide
     if path is None and key not in _CHUNK.picks:
