@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemma4_agent.engine.bench import FixedLength, SyntheticPrompts, frame_for  # noqa: E402
+from gemma4_agent.actions.selectors import GreedySelector  # noqa: E402
+from gemma4_agent.engine.bench import SyntheticPrompts, frame_for  # noqa: E402
 from gemma4_agent.engine.session import SessionConfig, StreamingSession  # noqa: E402
 from gemma4_agent.model import ModelConfig, build_model  # noqa: E402
 from gemma4_agent.quant.int4 import quantize_model  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> int:
     side = model.config.vision_config.patch_size * model.config.vision_config.pooling_kernel_size
     frame = frame_for(args.image_tokens, side)
     def step_ms(session) -> float:
-        return session.step(frame, FixedLength(args.decode_tokens)).timings_ms["total"]
+        return session.step(frame, GreedySelector(max_tokens=args.decode_tokens)).timings_ms["total"]
 
     def new_session(mode: str) -> StreamingSession:
         s = StreamingSession(model, SyntheticPrompts(model.config, args.prefix_tokens),

@@ -1039,7 +1039,7 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, each
-    configuration the engine times (gluon_q4.configs_for) and the register operand waiting for each step's wgmmas
+    configuration of gluon_q4.configs_for (those not yet in the engine too) and the register operand waiting for each step's wgmmas
     (the twenty-third session's form, for comparison), against what the engine's int4_matmul picks (engine_pick,
     among its other paths and those same configurations) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone
     (x permuted before, for the register operand) and with x's permutation, its relative error against dequantize +
@@ -1066,7 +1066,7 @@ def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
             # each: (key, the call, the call permuting x first where its form reads x permuted, else None)
             t = gq.tail_for(m)
             regs = (256, 64, 2, 2, t) if t else (64, 64, 3, 2, 0)
-            ways = [(config, gemm, None) for config, gemm in gq.configs_for(m).items()] + [
+            ways = [(config, gemm, None) for config, gemm in gq.configs_for(m, unmeasured=True).items()] + [
                 ("regs " + "x".join(map(str, regs)), functools.partial(gq.q4_gemm, *regs, x_permuted=xp),
                  functools.partial(gq.q4_gemm, *regs))]
             for key, gemm, gemm_permuting in ways:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .actions import ActionParser, SafetyFilter, action_to_twist, load_action_spec
@@ -24,6 +23,7 @@ from .actions.grammar import GrammarSelector
 from .engine.session import SessionConfig, StreamingSession
 from .engines.backends import load_engine
 from .model.config import ImageTokens
+from .model.loader import resolve_dtype
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,8 @@ class AgentConfig(BaseModel):
     engine: Path = Field(default_factory=default_engine_path, description="engine folder (manifest.json inside)")
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs (model.loader.resolve_dtype)")
     compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with "
                           "a throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x "
                           "faster")
@@ -92,9 +93,8 @@ class ActResult:
 class Agent:
     def __init__(self, config: AgentConfig | None = None):
         self.config = config = config or AgentConfig()
-        dtype = {"auto": torch.bfloat16 if config.device == "cuda" else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
-        self.engine = load_engine(config.engine, config.backend, config.device, dtype)
+        self.engine = load_engine(config.engine, config.backend, config.device,
+                                  resolve_dtype(config.dtype, config.device))
         defaults = self.engine.agent_defaults
         self.image_tokens = config.image_tokens or defaults.get("image_tokens", 280)
         self.session = StreamingSession(

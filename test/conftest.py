@@ -210,7 +210,7 @@ def decoding_ahead_agrees(session_class, mode: str, device: str = "cpu") -> None
 
     from gemma4_agent.engine import SessionConfig, StreamingSession
     from gemma4_agent.engine.bench import SyntheticPrompts
-    from gemma4_agent.engine.session import GreedySelector
+    from gemma4_agent.actions.selectors import GreedySelector
     from gemma4_agent.model import ModelConfig, build_model
 
     model = build_model(ModelConfig.from_json(ROOT / "benchmarks" / "tiny-config.json"), device=device,

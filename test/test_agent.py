@@ -34,7 +34,7 @@ def test_constrained_actions_are_always_valid(random_engine):
 
 
 def test_unconstrained_random_model_rarely_speaks_json(random_engine):
-    from gemma4_agent.engine.session import GreedySelector
+    from gemma4_agent.actions.selectors import GreedySelector
 
     agent = Agent(AgentConfig(engine=random_engine))
     valid = 0

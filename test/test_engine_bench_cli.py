@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gemma4_agent.model.loader import resolve_dtype
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,8 @@ def test_bench_cli_reports_latency_percentiles(tmp_path, cache, extra):
                            "--json", str(out), *extra], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["cache"] == cache and report["frames"] == 4 and report["device"] and report["dtype"] == "float32"
+    assert report["cache"] == cache and report["frames"] == 4 and report["device"]
+    assert report["dtype"] == str(resolve_dtype("auto", "cpu")).replace("torch.", "")  # fp32 but on CPUs with AMX
     assert report["quant"] == ("q4_0" if extra else None)
     p = report["per_frame_ms"]
     assert 0 < p["p50"] <= p["p90"] <= p["p99"]

@@ -148,3 +148,16 @@ def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, gemma4_agent, gemma4_agent.model, gemma4_agent.model.tokenizer; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_dtype_is_bf16_on_cuda_and_on_cpus_with_amx(monkeypatch):
+    from gemma4_agent.model.loader import resolve_dtype
+
+    assert resolve_dtype("float32", "cuda") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # this CPU's answer, whichever it is
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: the safe choice
+    assert resolve_dtype("auto", "cpu") == torch.float32

@@ -17,9 +17,11 @@ import torch
 from tqdm import tqdm
 
 from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
+from ..model.loader import DTYPES, load_model, resolve_dtype
 from ..model.network import build_model
 from ..quant.int4 import Int4Linear
-from .session import GreedySelector, SessionConfig, StreamingSession
+from ..actions.selectors import GreedySelector
+from .session import SessionConfig, StreamingSession
 
 GRIDS = {70: (10, 7), 140: (14, 10), 280: (20, 14), 560: (28, 20), 1120: (40, 28)}  # (cols, rows) of merged patches
 
@@ -46,23 +48,6 @@ class SyntheticPrompts:
         return [106, 107, 108, 109]
 
 
-class FixedLength(GreedySelector):
-    """Greedy for exactly n tokens (n - 1 decode steps after the prefill)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n, self.count = n, 0
-
-    def reset(self):
-        self.count = 0
-
-    def accept(self, token):
-        self.count += 1
-
-    def done(self):
-        return self.count >= self.n
-
-
 def grammar_selector(model):
     """What the agent decodes with, for timing an action rather than a fixed count of tokens: the action grammar
     (config/actions.yaml's default) over the demo tokenizer's vocabulary, jump-forward on. The model's logits may be
@@ -74,17 +59,9 @@ def grammar_selector(model):
     return GrammarSelector(load_action_spec(), build_tokenizer(), vocab_size=model.config.text_config.vocab_size)
 
 
-def bench_dtype(name: str, device: str) -> torch.dtype:
-    """--dtype: "auto" is bf16 on CUDA, float32 on CPU."""
-    return {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-            "bfloat16": torch.bfloat16}[name]
-
-
 def load_for_bench(path: str, device: str, dtype: torch.dtype):
     p = Path(path)
     if p.is_dir() and any(p.glob("model*.safetensors*")):
-        from ..model.loader import load_model
-
         return load_model(p, dtype=dtype, device=device)
     return build_model(ModelConfig.resolve(path), device=device, dtype=dtype)
 
@@ -163,7 +140,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     profiler leaves CUPTI attached to the process (pytorch/pytorch#144455), which slows every later launch and
     synchronisation: a second run timed after a first one's profile paid 0.1-0.2 ms more a decoded token at the 12B
     (BENCHMARKS.md, sixteenth session). The session stays alive until then."""
-    torch_dtype = bench_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     model = model if model is not None else load_for_bench(config, device, torch_dtype)
     vision = model.config.vision_config
     side = vision.patch_size * vision.pooling_kernel_size
@@ -180,7 +157,7 @@ def run_bench(config: str, device: str = "cpu", frames: int = 50, image_tokens: 
     session.set_prefix("bench")  # with compile, the any-length code compiles here
     prefix_s = time.perf_counter() - t0
     frame = frame_for(image_tokens, side)
-    chooser = FixedLength(decode_tokens) if selector == "fixed" else grammar_selector(model)
+    chooser = GreedySelector(max_tokens=decode_tokens) if selector == "fixed" else grammar_selector(model)
     warmup_frames_s = []
     for _ in range(warmup):  # the first frame compiles, autotunes and captures: the wait before a first action
         t0 = time.perf_counter()
@@ -366,7 +343,8 @@ def add_arguments(parser) -> None:
                         help="greedy for a fixed count of tokens, or an action of the action grammar (jump-forward)")
     parser.add_argument("--cache", choices=["prefix", "window", "none"], default="prefix")
     parser.add_argument("--prefix-tokens", type=positive(int), default=600)
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="auto: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs")
     parser.add_argument("--ceilings", action="store_true", help="CUDA: measure bandwidth/matmul rate and the floor")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder (on CUDA: prefill chunks and the graph-captured decode step)")
@@ -381,7 +359,7 @@ def run(args) -> int:
         print("gemma4-agent bench: error: --device cuda: no CUDA device here (use --device cpu)", file=sys.stderr)
         return 2
     try:
-        model = load_for_bench(args.config, args.device, bench_dtype(args.dtype, args.device))
+        model = load_for_bench(args.config, args.device, resolve_dtype(args.dtype, args.device))
     except (OSError, ValueError) as err:  # a wrong path or a malformed config: say so, no traceback
         print(f"gemma4-agent bench: error: --config {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from ..actions.selectors import GreedySelector
 from ..model.config import SLIDING, ImageTokens
 from ..model.network import Gemma4, attention_mask
 from ..model.preprocess import frame_patches, scale_patches
@@ -75,34 +76,6 @@ class StepResult:
     deadline_hit: bool = False
     logits_log: list[torch.Tensor] = field(default_factory=list)
     cached_log: list[list[dict]] = field(default_factory=list)  # what the cache held for each logits (tests)
-
-
-class GreedySelector:
-    """argmax until an end token or the token cap."""
-
-    def __init__(self, stop_ids: set[int] | None = None):
-        self.stop_ids = stop_ids or set()
-        self._done = False
-
-    def reset(self) -> None:
-        self._done = False
-
-    def select(self, logits: torch.Tensor) -> int:
-        return int(torch.argmax(logits))
-
-    def choose_on_device(self, logits: torch.Tensor, out: torch.Tensor) -> None:
-        """select() without reading the choice back: written into `out` (a long [1] on the logits' device), so that
-        the next decode step can be launched before the host knows it (StreamingSession._decode_ahead)."""
-        torch.argmax(logits.reshape(-1), 0, keepdim=True, out=out)
-
-    def accept(self, token: int) -> None:
-        self._done = token in self.stop_ids
-
-    def forced(self) -> list[int]:
-        return []
-
-    def done(self) -> bool:
-        return self._done
 
 
 class StreamingSession:
@@ -302,7 +275,7 @@ class StreamingSession:
         """One frame: preprocess, prefill frame + suffix from the cached prefix, decode an action."""
         if not self.prefix_ids:
             raise RuntimeError("call set_prefix(instruction) before step()")
-        selector = selector or GreedySelector()
+        selector = selector or GreedySelector(max_tokens=self.config.max_new_tokens)
         self.frame_index += 1
         t0 = time.perf_counter()
         frame = self.encode_frame(rgb)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.session import GreedySelector, SessionConfig, StreamingSession
+from ..actions.selectors import GreedySelector
+from ..engine.session import SessionConfig, StreamingSession
 from ..model.config import ModelConfig
 from .backends import load_engine
 from .manifest import EngineError, check_manifest, read_manifest
@@ -83,7 +84,7 @@ def compare(engine_dir: str | Path, checkpoint: str | Path, frames: int = 8, mod
         res = {}
         for side, s in sessions.items():
             t0 = time.perf_counter()
-            res[side] = s.step(rgb, GreedySelector(), keep_logits=True)
+            res[side] = s.step(rgb, GreedySelector(max_tokens=max_new_tokens), keep_logits=True)
             times[side].append((time.perf_counter() - t0) * 1e3)
         a, b = res["engine"], res["torch"]
         for i, (la, lb) in enumerate(zip(a.logits_log, b.logits_log)):

@@ -29,6 +29,22 @@ _PREFIXES = (
 _IGNORED_PREFIXES = ("model.embed_audio.", "model.audio_tower.", "lm_head.")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """A dtype setting ("auto", "float32" or "bfloat16") for a device. "auto": bf16 on CUDA, and on a CPU with AMX
+    (Intel's matrix tiles, which oneDNN runs bf16 matmuls on); float32 on other CPUs, where bf16's element-wise work is
+    emulated or slower (BENCHMARKS.md, per-frame latency on CPU: the demo engine 16.4 ms in fp32, 22.9 in bf16 on an
+    AVX512-BF16 CPU without AMX)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device == "cuda":
+        return torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, present since torch 2.3
+    return torch.bfloat16 if amx is not None and amx() else torch.float32
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the tensor and what is wrong."""
 

@@ -318,13 +318,16 @@ def operand_layout(BN: int):
     return gl.NVMMASharedLayout.get_default_for([BN, BLOCK_K], gl.bfloat16)
 
 
-def configs_for(rows: int) -> dict:
+def configs_for(rows: int, unmeasured: bool = False) -> dict:
     """The configurations the engine times at `rows` rows of x: name -> a function (x, qweight, scales, out=y), each
     with the operand in shared memory. The fastest on an H100 (BENCHMARKS.md, twenty-fourth session): at 257-320 rows
     one program for all (256 and a tail) of 64 weight rows; 128 x 128 with one block of 64 columns a step otherwise
     (the full layers' q/k at 76 and 286 rows). Each also with 2 stages instead of 3, which fits two programs an SM
-    (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes. Since the twenty-fifth
-    session also: at 257-320 rows 128 weight rows a program (x read from L2 half as often) and K in two halves (for
+    (94 and 74 KB of shared memory), so one's MMAs can run while the other dequantizes.
+
+    `unmeasured`: also the forms built in the twenty-fifth session, compiled and checked for sm_90 on the CPU but not
+    yet run on a GPU, so kept from the engine until they are (the drop-on-failure check in triton_q4 would not catch
+    one that hung): at 257-320 rows 128 weight rows a program (x read from L2 half as often) and K in two halves (for
     o and down, whose 64-row tiles are 60 programs for 132 SMs); at every row count the weights as wgmma's second
     operand (q4_gemm_wb: x read from L2 a quarter as often as with 64 weight rows a program); and at 65-128 rows
     (a 70-token frame's 76) one program for all of x's rows, 64 and a tail, as at 257-320."""
@@ -332,18 +335,18 @@ def configs_for(rows: int) -> dict:
         return functools.partial(q4_gemm, block_m=block_m, block_n=block_n, stages=stages, sub=1, tail=tail,
                                  split=split, smem_operand=True)
 
-    configs = {"gluon_128": q4(128, 128, 3), "gluon_128_s2": q4(128, 128, 2),
-               "gluon_wb_256": functools.partial(q4_gemm_wb, block_n=256, stages=3),
-               "gluon_wb_256_s2": functools.partial(q4_gemm_wb, block_n=256, stages=2),
-               "gluon_wb_128": functools.partial(q4_gemm_wb, block_n=128, stages=4)}
+    measured = {"gluon_128": q4(128, 128, 3), "gluon_128_s2": q4(128, 128, 2)}
+    new = {"gluon_wb_256": functools.partial(q4_gemm_wb, block_n=256, stages=3),
+           "gluon_wb_256_s2": functools.partial(q4_gemm_wb, block_n=256, stages=2),
+           "gluon_wb_128": functools.partial(q4_gemm_wb, block_n=128, stages=4)}
     t = tail_for(rows)
     if t:
-        configs.update({f"gluon_256_{t}": q4(256, 64, 3, t), f"gluon_256_{t}_s2": q4(256, 64, 2, t),
-                        f"gluon_256_{t}_n128": q4(256, 128, 3, t), f"gluon_256_{t}_k2": q4(256, 64, 3, t, 2)})
+        measured.update({f"gluon_256_{t}": q4(256, 64, 3, t), f"gluon_256_{t}_s2": q4(256, 64, 2, t)})
+        new.update({f"gluon_256_{t}_n128": q4(256, 128, 3, t), f"gluon_256_{t}_k2": q4(256, 64, 3, t, 2)})
     t = tail_for(rows, 64)
     if t:
-        configs.update({f"gluon_64_{t}": q4(64, 64, 3, t), f"gluon_64_{t}_n128": q4(64, 128, 3, t)})
-    return configs
+        new.update({f"gluon_64_{t}": q4(64, 64, 3, t), f"gluon_64_{t}_n128": q4(64, 128, 3, t)})
+    return {**measured, **new} if unmeasured else measured
 
 
 @functools.lru_cache(maxsize=None)

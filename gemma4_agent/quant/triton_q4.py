@@ -18,8 +18,8 @@ Chosen by the number of rows of x:
              weight tile is dequantized once, not once per 16-128-row tile of x.
     rows     one gemv per row: a few rows of a matrix that stays in L2 between them.
     gluon_*  on sm_90 for q4_0 and bf16 x (gluon_q4.py): the weight tile dequantized into shared memory for wgmma,
-             whose MMAs run while the next tile is dequantized; several tilings (gluon_q4.configs_for), among them
-             one program for all of a frame's rows (64 or 256 and a tail) and the weights as second operand.
+             whose MMAs run while the next tile is dequantized; the tilings measured on a GPU (gluon_q4.configs_for),
+             among them one program for all of a 280-token frame's rows (256 and a tail).
 Above MEASURED_MAX_ROWS: dequant. Otherwise the fastest candidate at that shape and power of two of rows, timed on
 this GPU on first use: gemv and gemv_q8 at one row, rows, gemm and dequant at 2-16 rows (jump-forward chunks),
 gemm, gemm_wide (up to 320 rows), gluon_* (sm_90, q4_0) and dequant at 17-512 (a frame's prefill at 70-280 image
