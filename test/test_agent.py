@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gemma4_agent.agent import Agent, AgentConfig
 from gemma4_agent.actions import load_action_spec, parse_action
@@ -31,6 +32,19 @@ def test_constrained_actions_are_always_valid(random_engine):
         assert abs(result.twist["linear_x"]) <= spec.safety.max_linear_x
         # jump-forward: one model call per free token at most
         assert result.decode_steps <= result.free_tokens
+
+
+def test_bf16_on_cpu_acts_as_fp32_does(random_engine):
+    # dtype auto is bf16 on CPUs with AMX (model.loader.resolve_dtype): the whole CPU path in bf16, every action valid
+    agents = {d: Agent(AgentConfig(engine=random_engine, dtype=d, budget_ms=60_000)) for d in ("float32", "bfloat16")}
+    assert next(agents["bfloat16"].session.model.parameters()).dtype == torch.bfloat16
+    spec = load_action_spec()
+    same = 0
+    for frame in _frames(30, seed=2):
+        results = {d: agent.act(frame) for d, agent in agents.items()}
+        assert results["bfloat16"].status == "ok" and parse_action(results["bfloat16"].text, spec).ok
+        same += results["bfloat16"].action["action"] == results["float32"].action["action"]
+    assert same >= 24  # a random model's near-ties may flip under bf16's rounding; most frames agree
 
 
 def test_unconstrained_random_model_rarely_speaks_json(random_engine):
