@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..actions.selectors import GreedySelector
 from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
 from ..model.loader import DTYPES, load_model, resolve_dtype
 from ..model.network import build_model
 from ..quant.int4 import Int4Linear
-from ..actions.selectors import GreedySelector
 from .session import SessionConfig, StreamingSession
 
 GRIDS = {70: (10, 7), 140: (14, 10), 280: (20, 14), 560: (28, 20), 1120: (40, 28)}  # (cols, rows) of merged patches
