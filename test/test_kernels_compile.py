@@ -271,6 +271,9 @@ def test_cache_attention_kernels_compile_without_spilling(dim, block):
                                                                             "sv_h", "sv_s"), warps)
         assert re.search(r"mma", kernel.asm["ptx"]), "scores and p v should run on the tensor cores"
         assert stack_bytes(kernel) == 0, block_s
+        # the mask's bytes are asked for with k's and v's, not after the scores' MMAs (a second trip to memory)
+        ops = re.findall(r"\b(LDG\.E\.U8|HG?MMA)\b", _cuobjdump(kernel, "-sass"))  # mma or, at 64+ rows, wgmma
+        assert ops.index("LDG.E.U8") < min(ops.index(m) for m in ("HMMA", "HGMMA") if m in ops), block_s
         assert_pdl_order(kernel)
     merge = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "R_PAD": "i32", "SPLITS": "i32", "so_h": "i32",
              "so_r": "i32", "D": "constexpr", "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr",

@@ -64,11 +64,12 @@ if triton is not None:
         for s0 in range(start, start + SPLIT_LEN, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < S
-            k = tl.load(k_ptr + h * sk_h + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0)
-            scores = tl.dot(q, tl.trans(k))
-            # row r is query r % MASK_ROWS of its group (the heads sharing a KV head are folded into the rows)
+            # row r is query r % MASK_ROWS of its group (the heads sharing a KV head are folded into the rows);
+            # asked for before k, so that it is not a second trip to memory after the scores' wait (sm_90 SASS)
             allowed = tl.load(mask_ptr + (r % MASK_ROWS)[:, None] * sm_r + s[None, :],
                               mask=r_ok[:, None] & s_ok[None, :], other=0)
+            k = tl.load(k_ptr + h * sk_h + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0)
+            scores = tl.dot(q, tl.trans(k))
             scores = tl.where(allowed != 0, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep zeros, not NaN
