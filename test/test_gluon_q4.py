@@ -114,7 +114,7 @@ def test_compiles_for_sm90_with_the_operand_in_place_and_its_registers_kept_unti
 
 
 def engine_configs(gemm) -> list:
-    """The keyword arguments of the engine's configurations (gluon_q4.configs_for) that call `gemm`."""
+    """The keyword arguments of every configuration of gluon_q4.configs_for (the unmeasured too) that calls `gemm`."""
     return [c.keywords for rows in (76, 286) for c in G.configs_for(rows, unmeasured=True).values() if c.func is gemm]
 
 
