@@ -1039,11 +1039,11 @@ def bench_persistent_gemv(ceilings: dict) -> list:
 
 def bench_gluon_gemm(ceilings: dict, row_counts=(286, 76)) -> list:
     """The Gluon int4 GEMM (gemma4_agent/quant/gluon_q4.py) per 12B shape at a frame's prefill rows, each
-    configuration of gluon_q4.configs_for (those not yet in the engine too) and the register operand waiting for each step's wgmmas
-    (the twenty-third session's form, for comparison), against what the engine's int4_matmul picks (engine_pick,
-    among its other paths and those same configurations) and bf16 cuBLAS: us a matmul in a CUDA graph, the kernel alone
-    (x permuted before, for the register operand) and with x's permutation, its relative error against dequantize +
-    matmul; then ms a frame summed over the layers, the best right configuration per shape."""
+    configuration of gluon_q4.configs_for (those not yet in the engine too) and the register operand waiting for each
+    step's wgmmas (the twenty-third session's form, for comparison), against what the engine's int4_matmul picks
+    (engine_pick, among its other paths and its configurations) and bf16 cuBLAS: us a matmul in a CUDA graph, the
+    kernel alone (x permuted before, for the register operand) and with x's permutation, its relative error against
+    dequantize + matmul; then ms a frame summed over the layers, the best right configuration per shape."""
     from gemma4_agent.quant import gluon_q4 as gq
 
     rows = []

@@ -48,7 +48,8 @@ class AgentConfig(BaseModel):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs (model.loader.resolve_dtype)")
+        "auto", description="auto: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs "
+        "(model.loader.resolve_dtype)")
     compile: bool = Field(False, description="torch backend: torch.compile the decoder, done once at start-up with "
                           "a throw-away frame (30 s for the demo engine on CPU, minutes at the 12B shape); frames ~2x "
                           "faster")
