@@ -129,3 +129,40 @@ def test_the_layers_graph_takes_what_every_layer_shares_as_inputs(tiny_checkpoin
     assert {"cos", "sin", "embedding", "le"} <= shared, shared
     assert not {"cos", "sin", "embedding", "le"} & layers, layers
     assert {"linear", "scaled_dot_product_attention"} <= layers, layers  # the layers are there
+
+
+def test_a_new_session_runs_compiled_however_many_came_before_it(tiny_checkpoints, monkeypatch):
+    # The node's cleanup + configure builds a new session in the same process. Dynamo keeps what it compiles per
+    # code object, by default 8 graphs across every caller: the sessions before took them, and a new one with
+    # lengths of its own (another camera's aspect ratio, another image budget) ran uncompiled, several times
+    # slower, saying so in one log line. Each compiled graph counts its runs here (a pass-through backend).
+    runs: list[str] = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        def backend(gm, example_inputs):
+            def run(*args):
+                runs.append(fn.__name__)
+                return gm.forward(*args)
+            return run
+
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    model = load_model(tiny_checkpoints["kv_separate"])
+    prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
+    torch_dynamo.reset()
+    lengths = set()
+    for width in (16, 32, 48, 64, 80, 96, 112, 128, 144, 160):
+        session = StreamingSession(model, prompts, SessionConfig(mode="prefix", image_tokens=70, max_new_tokens=3,
+                                                                 max_prefix=32, max_context=200, compile=True))
+        del runs[:]
+        session.set_prefix("go to the red ball")
+        assert runs == ["_shared_any_length", "_layers_and_head_any_length"], (width, runs)
+        frame = np.zeros((16, width, 3), dtype=np.uint8)
+        lengths.add(session.encode_frame(frame)[0].shape[0])
+        session.step(frame, Replay([5, 6, 7]))
+        del runs[:]
+        assert session.step(frame, Replay([5, 6, 7])).tokens == [5, 6, 7]
+        assert runs == ["_shared", "_layers_and_head"] * 3, (width, runs)  # the frame chunk and two decode steps
+    assert len(lengths) > 4  # frame chunks of lengths the sessions before had not compiled

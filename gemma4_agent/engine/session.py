@@ -33,6 +33,11 @@ from .kv_cache import CacheFull, StaticKVCache
 
 
 GRAPHED_CHUNK_MAX = 16  # the longest jump-forward chunk replayed from a graph (SessionConfig.graph_chunks)
+# Graphs one session's compiled function may add. Dynamo keeps compiled graphs per code object, by default 8 across
+# every caller: a node reconfigured (cleanup, configure: a new session in the same process) with lengths the sessions
+# before it had not run (another camera's aspect ratio, another image budget) ran them uncompiled, several times slower.
+# With a budget of its own a session compiles what it needs and still reuses what the ones before it compiled.
+COMPILE_BUDGET = 64
 CUDA_SLOT_ALIGN = 64  # the KV cache's slots, a multiple of this on CUDA (kv_cache.StaticKVCache's slot_align)
 
 
@@ -76,6 +81,10 @@ class StepResult:
     deadline_hit: bool = False
     logits_log: list[torch.Tensor] = field(default_factory=list)
     cached_log: list[list[dict]] = field(default_factory=list)  # what the cache held for each logits (tests)
+
+
+def _compile(fn, dynamic: bool):
+    return torch.compile(fn, dynamic=dynamic, recompile_limit=COMPILE_BUDGET)
 
 
 class StreamingSession:
@@ -126,11 +135,10 @@ class StreamingSession:
         if self.config.compile:
             for mod in (model, *joined_modules(model)):
                 to_device_kernel(mod)  # int4 packs built now, outside the compiled code
-            self._compiled = (torch.compile(self._shared, dynamic=False),
-                              torch.compile(self._layers_and_head, dynamic=False))
+            self._compiled = (_compile(self._shared, dynamic=False), _compile(self._layers_and_head, dynamic=False))
             if self.config.compile_any_length:
-                self._compiled_any = (torch.compile(self._shared_any_length, dynamic=True),
-                                      torch.compile(self._layers_and_head_any_length, dynamic=True))
+                self._compiled_any = (_compile(self._shared_any_length, dynamic=True),
+                                      _compile(self._layers_and_head_any_length, dynamic=True))
 
     # --- low level -------------------------------------------------------------------------
     @torch.no_grad()
