@@ -3,6 +3,7 @@ session, match the torch model (fp32, and q4_0 at ORT's exact accuracy level aga
 weights dequantized) frame after frame in prefix and window modes; the graphs pass onnx.checker and
 use only operators TensorRT 10.3 parses; broken or mismatched engine folders are refused."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -181,6 +182,9 @@ def test_broken_engines_are_refused(ort_engines, tmp_path):
     (bare / "manifest.json").unlink()
     with pytest.raises(EngineError, match="no manifest.json"):
         load_engine(bare, "onnxruntime")
+    # a file given where the folder was meant
+    with pytest.raises(EngineError, match=f"is a file: give the engine.s folder \\({re.escape(str(good))} holds it\\)"):
+        load_engine(good / "manifest.json", "onnxruntime")
 
 
 def test_cli_build_and_verify(tiny_checkpoints, tmp_path, capsys):

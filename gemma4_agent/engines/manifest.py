@@ -63,6 +63,9 @@ def write_manifest(folder: Path, manifest: Manifest, files: list[str]) -> Manife
 def read_manifest(folder: Path, verify_files: bool = True) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.is_file():  # often the manifest itself, or a weights file, where its folder was meant
+        raise EngineError(f"engine {folder} is a file: give the engine's folder ({folder.parent} holds it), "
+                          f"with {MANIFEST} and the weights")
     if not folder.is_dir():
         raise EngineError(f"engine folder not found: {folder}")
     if not path.is_file():
