@@ -1,6 +1,8 @@
 """The agent core on a random-weight tiny model with the demo tokenizer: grammar-constrained decoding
 always yields a schema-valid action, the budget is enforced, bad frames never crash."""
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -122,3 +124,24 @@ def test_reset_motion_restarts_the_acceleration_limit(random_engine):
 def test_compile_is_refused_for_prebuilt_backends(random_engine):
     with pytest.raises(ValueError, match="torch backend only"):
         AgentConfig(engine=random_engine, backend="onnxruntime", compile=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_an_agent_let_go_gives_back_its_model_and_memory(random_engine, device):
+    # The node's cleanup + configure makes a new agent in the same process each time. What the one before held (its
+    # model, cache and, on CUDA, graphs; compiled code keeps references of its own) must come back, or a robot
+    # reconfigured a few times runs out of memory.
+    models, allocated = [], []
+    for _ in range(2):
+        agent = Agent(AgentConfig(engine=random_engine, device=device, compile=True, budget_ms=60_000))
+        for frame in _frames(3):
+            assert agent.act(frame).status == "ok"
+        models.append(weakref.ref(agent.session.model))
+        del agent
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated())
+    assert [m() for m in models] == [None, None]
+    assert len(set(allocated)) <= 1, allocated  # the same after each: nothing kept from one agent to the next
