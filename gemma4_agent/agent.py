@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .actions import ActionParser, SafetyFilter, action_to_twist, load_action_spec
 from .actions.grammar import GrammarSelector
-from .engine.session import SessionConfig, StreamingSession
+from .engine.session import SessionConfig, StreamingSession, max_chunk
 from .engines.backends import load_engine
+from .engines.manifest import EngineError
 from .model.config import ImageTokens
 from .model.loader import resolve_dtype
 
@@ -98,12 +99,23 @@ class Agent:
                                   resolve_dtype(config.dtype, config.device))
         defaults = self.engine.agent_defaults
         self.image_tokens = config.image_tokens or defaults.get("image_tokens", 280)
+        frames_kept = 1 if config.mode == "prefix" else config.window_frames
+        max_prefix = defaults.get("max_prefix", 256)
+        max_context = defaults.get("max_context", 1024) * frames_kept
+        needed = max_prefix + frames_kept * (max_chunk(self.image_tokens) + config.max_new_tokens)
+        if config.backend == "torch":
+            # the torch model's cache is allocated here, so it makes room after the prompt for the frames it keeps
+            # and their actions at any image budget
+            max_context = max(max_context, needed)
+        elif needed > max_context:  # a compiled engine's cache was sized when it was built
+            raise EngineError(f"{self.image_tokens} image tokens need a context of {needed} positions here "
+                              f"({config.mode} mode); engine {config.engine} was built for {max_context}: use fewer "
+                              f"image tokens, or rebuild it with `gemma4-agent build-engine ... --max-context "
+                              f"{-(-needed // frames_kept)}`")
         self.session = StreamingSession(
             self.engine.model, self.engine.prompts,
             SessionConfig(mode=config.mode, image_tokens=self.image_tokens, max_new_tokens=config.max_new_tokens,
-                          window_frames=config.window_frames, max_prefix=defaults.get("max_prefix", 256),
-                          max_context=defaults.get("max_context", 1024) if config.mode == "prefix"
-                          else defaults.get("max_context", 1024) * config.window_frames,
+                          window_frames=config.window_frames, max_prefix=max_prefix, max_context=max_context,
                           compile=config.compile))
         self.spec = load_action_spec(config.actions)
         vocab = self.engine.model.config.text_config.vocab_size

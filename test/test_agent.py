@@ -145,3 +145,15 @@ def test_an_agent_let_go_gives_back_its_model_and_memory(random_engine, device):
             allocated.append(torch.cuda.memory_allocated())
     assert [m() for m in models] == [None, None]
     assert len(set(allocated)) <= 1, allocated  # the same after each: nothing kept from one agent to the next
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_an_image_budget_past_the_engines_context_gets_a_cache_that_holds_it(random_engine, mode):
+    # the torch model's cache is sized by the agent: 560 image tokens and an action need more than the engine's
+    # default context (256 positions after a 64-token prefix); a frame's chunk used to fail at configure
+    agent = Agent(AgentConfig(engine=random_engine, image_tokens=560, mode=mode, window_frames=2, budget_ms=60_000))
+    frames_kept = 1 if mode == "prefix" else 2
+    assert agent.session.config.max_context == 64 + frames_kept * (560 + 64 + 32)
+    for frame in _frames(3):  # window mode: the first frame evicted at the third
+        result = agent.act(np.resize(frame, (480, 640, 3)))
+        assert result.status == "ok", result

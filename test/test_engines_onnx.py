@@ -224,10 +224,8 @@ def test_cli_build_and_verify(tiny_checkpoints, tmp_path, capsys):
         assert "TensorRT is not installed here" in capsys.readouterr().out
 
 
-def test_agent_runs_on_the_ort_engine(tmp_path):
-    """The agent core (grammar-constrained decoding) on an onnxruntime engine built from a torch engine
-    folder gives the same actions as on the torch engine."""
-    from gemma4_agent.agent import Agent, AgentConfig
+def _tiny_torch_engine(folder):
+    """A random-weight torch engine with the demo tokenizer; agent.json: 70 image tokens, prefix 64, context 256."""
     from gemma4_agent.demo.tokenizer import build_tokenizer
     from gemma4_agent.engines.torch_engine import write_torch_engine
     from gemma4_agent.model import ModelConfig, build_model
@@ -236,10 +234,17 @@ def test_agent_runs_on_the_ort_engine(tmp_path):
 
     tokenizer = build_tokenizer()
     cfg_json = tiny_config(tokenizer)
-    torch_engine = write_torch_engine(tmp_path / "torch", model=build_model(ModelConfig.model_validate(cfg_json)),
-                                      config_json=cfg_json, tokenizer=tokenizer,
-                                      agent_defaults={"image_tokens": 70, "instruction": "go to the red ball",
-                                                      "max_prefix": 64, "max_context": 256})
+    return write_torch_engine(folder, model=build_model(ModelConfig.model_validate(cfg_json)), config_json=cfg_json,
+                              tokenizer=tokenizer, agent_defaults={"image_tokens": 70, "instruction": "go to the red ball",
+                                                                   "max_prefix": 64, "max_context": 256})
+
+
+def test_agent_runs_on_the_ort_engine(tmp_path):
+    """The agent core (grammar-constrained decoding) on an onnxruntime engine built from a torch engine
+    folder gives the same actions as on the torch engine."""
+    from gemma4_agent.agent import Agent, AgentConfig
+
+    torch_engine = _tiny_torch_engine(tmp_path / "torch")
     ort_engine = build_engine(torch_engine, tmp_path / "ort", "onnxruntime", "none", log=lambda *_: None)
     agents = [Agent(AgentConfig(engine=torch_engine, budget_ms=60_000)),  # no deadline: compare full decodes
               Agent(AgentConfig(engine=ort_engine, backend="onnxruntime", budget_ms=60_000))]
@@ -249,3 +254,22 @@ def test_agent_runs_on_the_ort_engine(tmp_path):
         # one clock for both: the safety filter's acceleration limit depends on the time between commands
         a, b = (agent.act(frame, stamp_s=0.1 * i, now_s=0.1 * i) for agent in agents)
         assert (a.status, a.text, a.twist, a.action) == (b.status, b.text, b.twist, b.action)
+
+
+def test_an_engine_holds_the_context_and_image_budget_it_was_built_for(tmp_path):
+    # build-engine --max-context / --image-tokens: the engine's agent.json says what it was built for (it kept the
+    # checkpoint's, so the agent sized its cache for another engine). An image budget that needs more context than
+    # the engine was built with is refused by name, with the --max-context that would hold it.
+    from gemma4_agent.agent import Agent, AgentConfig
+
+    built = build_engine(_tiny_torch_engine(tmp_path / "torch"), tmp_path / "ort", "onnxruntime", "none",
+                         max_context=720, image_tokens=140, log=lambda *_: None)
+    defaults = json.loads((built / "agent.json").read_text())
+    assert (defaults["image_tokens"], defaults["max_prefix"], defaults["max_context"]) == (140, 64, 720)
+    assert defaults["instruction"] == "go to the red ball"  # the checkpoint's other defaults kept
+    agent = Agent(AgentConfig(engine=built, backend="onnxruntime", image_tokens=560, budget_ms=60_000))
+    assert agent.session.config.max_context == 720  # 64 + 560 + 64 + 32 fit
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    assert agent.act(frame).status == "ok"
+    with pytest.raises(EngineError, match=r"context of 1280 positions .* built for 720: .* --max-context 1280"):
+        Agent(AgentConfig(engine=built, backend="onnxruntime", image_tokens=1120, budget_ms=60_000))

@@ -23,6 +23,15 @@ class CacheFull(RuntimeError):
     pass
 
 
+def ring_sizes(model: Gemma4, max_context: int, max_prefix: int, max_chunk: int) -> dict[str, int]:
+    """Ring slots per layer type after the prefix's: the whole context on full layers, on sliding ones no more
+    than a window and a chunk (what the compiled engines' caches are built with too)."""
+    ring = {t: max_context - max_prefix for t in set(model.layer_types)}
+    if SLIDING in ring:
+        ring[SLIDING] = min(ring[SLIDING], model.config.text_config.sliding_window + max_chunk)
+    return ring
+
+
 class StaticKVCache:
     def __init__(self, model: Gemma4, max_context: int, max_prefix: int, max_chunk: int,
                  device=None, dtype=None, fused_writes: bool = False, slot_align: int = 1):
@@ -32,9 +41,7 @@ class StaticKVCache:
         dtype = dtype or (param.dtype if param.is_floating_point() else torch.bfloat16)
         self.layer_types = list(model.layer_types)
         self.prefix_capacity = max_prefix
-        ring = {t: max_context - max_prefix for t in set(self.layer_types)}
-        if SLIDING in ring:
-            ring[SLIDING] = min(ring[SLIDING], text.sliding_window + max_chunk)
+        ring = ring_sizes(model, max_context, max_prefix, max_chunk)
         if min(ring.values()) < max_chunk:
             raise ValueError(f"max_context {max_context} leaves no room for a {max_chunk}-token chunk after "
                              f"a {max_prefix}-token prefix")

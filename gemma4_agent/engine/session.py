@@ -38,6 +38,7 @@ GRAPHED_CHUNK_MAX = 16  # the longest jump-forward chunk replayed from a graph (
 # before it had not run (another camera's aspect ratio, another image budget) ran them uncompiled, several times slower.
 # With a budget of its own a session compiles what it needs and still reuses what the ones before it compiled.
 COMPILE_BUDGET = 64
+PROMPT_AROUND_FRAME = 64  # room in a frame's chunk for the tokens around its image tokens (<|image>, <image|>, suffix)
 CUDA_SLOT_ALIGN = 64  # the KV cache's slots, a multiple of this on CUDA (kv_cache.StaticKVCache's slot_align)
 
 
@@ -83,6 +84,11 @@ class StepResult:
     cached_log: list[list[dict]] = field(default_factory=list)  # what the cache held for each logits (tests)
 
 
+def max_chunk(image_tokens: int) -> int:
+    """The longest chunk a frame prefills: its image tokens and the prompt around them."""
+    return image_tokens + PROMPT_AROUND_FRAME
+
+
 def _compile(fn, dynamic: bool):
     return torch.compile(fn, dynamic=dynamic, recompile_limit=COMPILE_BUDGET)
 
@@ -99,7 +105,7 @@ class StreamingSession:
         param = model.embed_tokens.weight
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
-        self.max_chunk = self.config.image_tokens + 64
+        self.max_chunk = max_chunk(self.config.image_tokens)
         if self.device.type == "cuda" and self.config.join_projections:
             join_projections(model)
         if self.device.type == "cuda" and self.config.triton_gemv:

@@ -4,8 +4,8 @@
     gemma4-agent build-engine --checkpoint DIR --backend tensorrt --quant q4_0 --out engines/NAME   (on the Jetson)
 
 The folder holds the ONNX graphs (vision / prefill / decode, one shared weights.bin), for TensorRT
-the serialized plan, config.json, tokenizer.json and agent.json from the checkpoint, engine.json (the
-shapes it was built for) and manifest.json (config hash, quant, backend, library versions, max
+the serialized plan, config.json and tokenizer.json from the checkpoint, agent.json (the checkpoint's agent
+defaults with the image budget and lengths the engine was built for), engine.json (the shapes it was built for) and manifest.json (config hash, quant, backend, library versions, max
 lengths, GPU arch; every file with size and sha256).
 """
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from ..engine.session import max_chunk
 from ..model.config import IMAGE_TOKEN_COUNTS, ModelConfig
 from .manifest import EngineError, Manifest, write_manifest
 from .onnx_export import export_graphs, fake_quantize_model  # noqa: F401  (re-exported for tests)
 from .ort_backend import ENGINE_INFO
 
-COPIED = ("config.json", "tokenizer.json", "agent.json")
+COPIED = ("config.json", "tokenizer.json")
 
 
 def library_versions(backend: str) -> dict[str, str]:
@@ -78,7 +79,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     image_tokens = image_tokens or defaults.get("image_tokens", 280)
     max_prefix = max_prefix or defaults.get("max_prefix", 256)
     max_context = max_context or defaults.get("max_context", 1024)
-    max_chunk = image_tokens + 64  # the session's largest chunk (frame block + suffix)
+    chunk = max_chunk(image_tokens)
     out.mkdir(parents=True, exist_ok=True)
     for item in out.iterdir():  # a rebuild never mixes old and new files
         if item.is_file():
@@ -87,7 +88,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
     if model is None:
         model = load_model(checkpoint, dtype=torch.float32)
     log(f"exporting {checkpoint} ({backend}, quant {quant}, {str(dtype)[6:]}) -> {out}")
-    info = export_graphs(model, out, max_context=max_context, max_prefix=max_prefix, max_chunk=max_chunk,
+    info = export_graphs(model, out, max_context=max_context, max_prefix=max_prefix, max_chunk=chunk,
                          quant=quant, dtype=dtype)
     info.update(image_tokens=image_tokens, backend=backend, plans_built=backend == "tensorrt" and not export_only)
     log(f"  ONNX export: {time.perf_counter() - t0:.1f} s")
@@ -102,15 +103,16 @@ def build_engine(checkpoint: str | Path, out: str | Path, backend: str = "onnxru
             shutil.copy2(checkpoint / file, out / file)
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
-    if agent_defaults is not None:
-        (out / "agent.json").write_text(json.dumps(agent_defaults, indent=2) + "\n")
+    # the checkpoint's agent defaults with what this engine was built for: the agent sizes its cache from them
+    built = {**defaults, "image_tokens": image_tokens, "max_prefix": max_prefix, "max_context": max_context}
+    (out / "agent.json").write_text(json.dumps(built, indent=2) + "\n")
     if not (out / "tokenizer.json").is_file():
         raise EngineError(f"{checkpoint} has no tokenizer.json: an engine folder needs one")
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
     manifest = Manifest(name=name or out.name, backend=backend, config_hash=config.fingerprint(), quant=quant,
                         max_context=max_context, image_tokens=image_tokens, library_versions=library_versions(backend),
                         gpu_arch=gpu_arch, machine=platform.machine(),
-                        notes=f"max_prefix={max_prefix} max_chunk={max_chunk} opset={info['opset']}")
+                        notes=f"max_prefix={max_prefix} max_chunk={chunk} opset={info['opset']}")
     write_manifest(out, manifest, files)
     log(f"  engine written: {out} ({sum((out / f).stat().st_size for f in files) / 1e6:.1f} MB, "
         f"{time.perf_counter() - t0:.1f} s)")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.kv_cache import ring_sizes
 from ..model.config import FULL, SLIDING
 from ..model.network import Gemma4, rope_inv_freq
 
@@ -123,11 +124,7 @@ def decoder_io_names(model) -> tuple[list[str], list[str]]:
 
 def cache_capacity(model, max_context: int, max_prefix: int, max_chunk: int) -> dict[str, int]:
     """Slots per layer type, exactly as StaticKVCache lays them out."""
-    text = model.config.text_config
-    ring = {t: max_context - max_prefix for t in set(model.layer_types)}
-    if "sliding_attention" in ring:
-        ring["sliding_attention"] = min(ring["sliding_attention"], text.sliding_window + max_chunk)
-    return {t: max_prefix + r for t, r in ring.items()}
+    return {t: max_prefix + r for t, r in ring_sizes(model, max_context, max_prefix, max_chunk).items()}
 
 
 def _example_inputs(model, T: int, capacity: dict[str, int], dtype):
