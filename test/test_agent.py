@@ -10,6 +10,7 @@ import torch
 
 from gemma4_agent.agent import Agent, AgentConfig
 from gemma4_agent.actions import load_action_spec, parse_action
+from gemma4_agent.engine.kv_cache import CacheFull
 from gemma4_agent.engines.manifest import EngineError
 from gemma4_agent.evaluation.dev_engine import tiny_config, write_random_engine  # noqa: F401 (tiny_config: other tests)
 
@@ -157,3 +158,19 @@ def test_an_image_budget_past_the_engines_context_gets_a_cache_that_holds_it(ran
     for frame in _frames(3):  # window mode: the first frame evicted at the third
         result = agent.act(np.resize(frame, (480, 640, 3)))
         assert result.status == "ok", result
+
+
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_an_instruction_too_long_for_the_cache_is_refused_and_the_one_before_stays(random_engine, mode):
+    # the node hands every instruction from its topic to the agent: one longer than the engine's max_prefix used to
+    # be refused only after the cache was cleared, and the frames after it ran without their prompt. Two agents see
+    # the same frames; one is also sent the long instruction in between.
+    refusing, reference = (Agent(AgentConfig(engine=random_engine, mode=mode, budget_ms=60_000)) for _ in range(2))
+    frame = _frames(1)[0]
+    for agent in (refusing, reference):
+        agent.session.step(frame)  # window mode: this frame stays in the window
+    with pytest.raises(CacheFull, match="max_prefix is 64: shorten the instruction"):
+        refusing.set_instruction("go to the red ball " * 40)
+    assert refusing.instruction == "go to the red ball"
+    a, b = (agent.session.step(frame, keep_logits=True).logits_log[0] for agent in (refusing, reference))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
