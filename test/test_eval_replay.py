@@ -232,6 +232,10 @@ def test_user_mistakes_give_one_line_before_any_work(engine, bags, tmp_path, cap
     err = _one_line_error([bag, "--engine", engine, "--report", taken], capsys)
     assert f"--report {taken}: cannot create the output folder" in err
     assert taken.read_text() == "keep me"
+    # an instruction the engine's prompt cache cannot hold
+    err = _one_line_error([bag, "--engine", engine, "--instruction", "go to the red ball " * 40,
+                           "--report", tmp_path / "r"], capsys)
+    assert "shorten the instruction" in err
 
 
 @pytest.mark.parametrize("name, edit, says", [
@@ -247,3 +251,24 @@ def test_malformed_engine_files_are_named(engine, bags, tmp_path, capsys, name, 
     broken = _repinned(engine, tmp_path / name, edit)
     err = _one_line_error([bags["mcap_raw"], "--engine", broken, "--report", tmp_path / "r"], capsys)
     assert says in err and "rebuild the engine" in err, err
+
+
+def test_an_instruction_in_the_bag_too_long_for_the_engine_is_refused_once_and_the_replay_goes_on(engine, bags):
+    # as the node does with its instruction topic: the instruction before stays, the refusal is said once
+    import dataclasses
+    import warnings
+
+    from gemma4_agent.bagio import pair_frames_with_commands, read_episode
+    from gemma4_agent.evaluation.replay import load_agent, replay_offline
+
+    episode = read_episode(bags["mcap_raw"])
+    labels = pair_frames_with_commands(episode.frames, episode.commands, episode.instructions)[:6]
+    long = "go to the red ball " * 40
+    labels = labels[:2] + [dataclasses.replace(lf, instruction=long) for lf in labels[2:]]
+    agent = load_agent(engine, 60_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: a warning once per place and text
+        records = replay_offline(agent, labels, "bag", progress=False)
+    assert len([w for w in caught if str(w.message).startswith("instruction from the bag refused")]) == 1
+    assert [r.status for r in records] == ["ok"] * 6
+    assert {r.instruction for r in records} == {labels[0].instruction}

@@ -25,6 +25,7 @@ import platform
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -72,9 +73,14 @@ def _record(agent, bag: str, k: int, lf: LabelledFrame, t0_ns: int, result, late
 
 
 def _set_instruction(agent, lf: LabelledFrame, override: str | None) -> None:
+    from ..engine.kv_cache import CacheFull
+
     text = override or lf.instruction
     if text and text.strip() and text.strip() != agent.instruction:
-        agent.set_instruction(text)
+        try:
+            agent.set_instruction(text)
+        except CacheFull as err:  # as the node does with its topic's: the instruction before stays
+            warnings.warn(f"instruction from the bag refused, {agent.instruction!r} kept: {err}", stacklevel=2)
 
 
 def _stamp_rel_s(lf: LabelledFrame, t0_ns: int) -> float:
@@ -234,8 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
+    from ..engine.kv_cache import CacheFull
     from ..engines.manifest import EngineError
     from .report import make_report_folder
 
@@ -249,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
         agent = load_agent(args.engine, budget if args.realtime else OFFLINE_AGENT_BUDGET_MS,
                            image_tokens=args.image_tokens, backend=args.backend, device=args.device,
                            compile=args.compile)
+        if args.instruction:  # refused here, before the replay, when the engine cannot hold it
+            agent.set_instruction(args.instruction)
         if args.budget_ms is None:
             from ..agent import AgentConfig
             budget = AgentConfig.model_fields["budget_ms"].default
@@ -256,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                               cmd_topic=args.cmd_topic, instruction_topic=args.instruction_topic,
                               instruction=args.instruction, max_frames=args.max_frames,
                               progress=not args.no_progress, speed=args.speed)
-    except (BagError, EngineError, OSError) as err:
+    except (BagError, EngineError, OSError, CacheFull) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     records = [r for recs in by_bag.values() for r in recs]
