@@ -130,11 +130,18 @@ class Agent:
         if config.compile:
             self.session.warm_up(self.selector)
 
-    def set_instruction(self, instruction: str) -> None:
-        """Change the task; the prefix is recomputed once."""
+    def check_instruction(self, instruction: str) -> str:
+        """The instruction as set_instruction takes it. Raises where set_instruction would refuse it: ValueError
+        (empty), engine.kv_cache.CacheFull (too long for the engine's prompt cache). Changes nothing."""
         instruction = instruction.strip()
         if not instruction:
             raise ValueError("instruction must not be empty")
+        self.session.prefix_ids_for(instruction, self.system)
+        return instruction
+
+    def set_instruction(self, instruction: str) -> None:
+        """Change the task; the prefix is recomputed once. One refused (check_instruction) leaves the task before."""
+        instruction = self.check_instruction(instruction)
         self.session.set_prefix(instruction, self.system)
         self.instruction = instruction
 

@@ -336,6 +336,17 @@ def test_end_to_end_raw(ros: Harness) -> None:
     assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", since))
     assert wait_until(lambda: (ros.diagnostics(since) or {}).get("instruction") == "go to the blue cube", 3.0)
 
+    # One too long for the engine's prompt cache: refused when set, by parameter or topic, with the reason; the task
+    # before stays (it used to be taken, then refused by the agent after its cache was cleared).
+    too_long = "go to the red ball " * 40
+    assert not ros.set_string("instruction", too_long)
+    ros.instruction_pub.publish(String(data=too_long))
+    assert wait_until(lambda: "shorten the instruction" in ros.log(), 10.0), ros.log()
+    assert ros.get_param("instruction").string_value == "go to the blue cube"
+    since = time.monotonic()
+    assert ros.send_until(lambda i: raw_msg(scene(i)), lambda: ros.got("cmd_vel", since))
+    assert wait_until(lambda: (ros.diagnostics(since) or {}).get("instruction") == "go to the blue cube", 3.0)
+
     # SIGINT: exit 0 and a zero Twist as the last word.
     stop_at = time.monotonic()
     assert_clean_exit(ros, signal.SIGINT)

@@ -245,16 +245,21 @@ class StreamingSession:
     def set_prefix(self, instruction: str, system: str = "") -> None:
         """Prefill the prefix once (again only when the instruction changes). One too long for the cache is refused
         before anything changes: the prefix before it stays."""
-        ids = self.prompts.prefix(instruction, system)
+        ids = self.prefix_ids_for(instruction, system)
         if ids == self.prefix_ids and self.config.mode != "none":
             return
-        if len(ids) > self.cache.prefix_capacity:
-            raise CacheFull(f"the prompt before the frame would be {len(ids)} tokens, the engine's max_prefix is "
-                            f"{self.cache.prefix_capacity}: shorten the instruction")
         if self.config.mode != "none":
             self.prefix_ids = []  # until loaded: a failure part-way must not leave frames running on a cleared cache
             self._load_prefix(ids)
         self.prefix_ids = ids
+
+    def prefix_ids_for(self, instruction: str, system: str = "") -> list[int]:
+        """The prefix's token ids; CacheFull where they would not fit the cache. Changes nothing."""
+        ids = self.prompts.prefix(instruction, system)
+        if len(ids) > self.cache.prefix_capacity:
+            raise CacheFull(f"the prompt before the frame would be {len(ids)} tokens, the engine's max_prefix is "
+                            f"{self.cache.prefix_capacity}: shorten the instruction")
+        return ids
 
     def warm_up(self, selector=None) -> None:
         """One throw-away frame (640x480, black), so that what the first real frame would compile, autotune

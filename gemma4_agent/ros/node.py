@@ -38,6 +38,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from gemma4_agent.agent import ActResult, Agent, AgentConfig
+from gemma4_agent.engine.kv_cache import CacheFull
 from gemma4_agent.errors import one_line
 from gemma4_agent.ros.frame_slot import LatestSlot
 from gemma4_agent.ros.image_convert import BadImage, to_rgb
@@ -163,8 +164,12 @@ class AgentNode(LifecycleNode):
             problem = spec.check(p.value)
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
-            if p.name == "instruction" and not p.value.strip() and self._agent is not None:
-                return SetParametersResult(successful=False, reason="instruction must not be empty")
+            agent = self._agent
+            if p.name == "instruction" and agent is not None:
+                try:  # empty, or too long for the engine's prompt cache: refused here, the task before stays
+                    agent.check_instruction(p.value)
+                except (ValueError, CacheFull) as err:
+                    return SetParametersResult(successful=False, reason=str(err))
         for p in params:
             self._bad_params.pop(p.name, None)  # a valid value replaces one refused at start-up
             spec = BY_NAME.get(p.name)
