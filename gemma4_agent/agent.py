@@ -61,7 +61,8 @@ class AgentConfig(BaseModel):
     system: str | None = None
     mode: Literal["prefix", "window"] = "prefix"
     window_frames: int = Field(4, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="decode cap per action; None: the longest action "
+                                       "the vocabulary can spell (ActionSpec.longest_text) and its end token")
     jump_forward: bool = True
     safety: dict[str, float] = Field(default_factory=dict,
                                      description="overrides of the action file's safety limits (e.g. max_linear_x)")
@@ -95,6 +96,13 @@ class ActResult:
 class Agent:
     def __init__(self, config: AgentConfig | None = None):
         self.config = config = config or AgentConfig()
+        self.spec = load_action_spec(config.actions)  # a bad action file fails before the weights load
+        # the decode cap: by default the longest action the vocabulary can spell and its end token, so none is cut
+        longest = self.spec.longest_text() + 1
+        self.max_new_tokens = config.max_new_tokens or longest
+        if self.max_new_tokens < longest:
+            log.warning(f"max_new_tokens {self.max_new_tokens} is shorter than the longest action ({longest} tokens at "
+                        f"most): longer ones are cut and fall back")
         self.engine = load_engine(config.engine, config.backend, config.device,
                                   resolve_dtype(config.dtype, config.device))
         defaults = self.engine.agent_defaults
@@ -102,22 +110,21 @@ class Agent:
         frames_kept = 1 if config.mode == "prefix" else config.window_frames
         max_prefix = defaults.get("max_prefix", 256)
         max_context = defaults.get("max_context", 1024) * frames_kept
-        needed = max_prefix + frames_kept * (max_chunk(self.image_tokens) + config.max_new_tokens)
+        needed = max_prefix + frames_kept * (max_chunk(self.image_tokens) + self.max_new_tokens)
         if config.backend == "torch":
             # the torch model's cache is allocated here, so it makes room after the prompt for the frames it keeps
             # and their actions at any image budget
             max_context = max(max_context, needed)
         elif needed > max_context:  # a compiled engine's cache was sized when it was built
-            raise EngineError(f"{self.image_tokens} image tokens need a context of {needed} positions here "
-                              f"({config.mode} mode); engine {config.engine} was built for {max_context}: use fewer "
-                              f"image tokens, or rebuild it with `gemma4-agent build-engine ... --max-context "
-                              f"{-(-needed // frames_kept)}`")
+            raise EngineError(f"{self.image_tokens} image tokens and actions of up to {self.max_new_tokens} tokens "
+                              f"need a context of {needed} positions here ({config.mode} mode); engine "
+                              f"{config.engine} was built for {max_context}: use fewer image tokens, or rebuild it "
+                              f"with `gemma4-agent build-engine ... --max-context {-(-needed // frames_kept)}`")
         self.session = StreamingSession(
             self.engine.model, self.engine.prompts,
-            SessionConfig(mode=config.mode, image_tokens=self.image_tokens, max_new_tokens=config.max_new_tokens,
+            SessionConfig(mode=config.mode, image_tokens=self.image_tokens, max_new_tokens=self.max_new_tokens,
                           window_frames=config.window_frames, max_prefix=max_prefix, max_context=max_context,
                           compile=config.compile))
-        self.spec = load_action_spec(config.actions)
         vocab = self.engine.model.config.text_config.vocab_size
         self.selector = GrammarSelector(self.spec, self.engine.tokenizer, vocab_size=vocab,
                                         jump_forward=config.jump_forward)

@@ -5,6 +5,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -157,3 +158,18 @@ def test_number_grammar_spells_exactly_the_range(lo, width, decimals):
         if bad != format_units(0, decimals) and not re.fullmatch(r"-?(0|[1-9]\d*)(\.\d{%d})?" % decimals, bad):
             assert not rx.fullmatch(bad)
     assert not rx.fullmatch("-" + format_units(0, decimals))
+
+
+def test_longest_text_bounds_every_action_and_is_reached():
+    # the agent's decode cap rests on it: no action the grammar allows is longer
+    spec = load_action_spec()
+    rng = np.random.default_rng(0)
+    lengths = []
+    for _ in range(500):
+        name = spec.action_names[rng.integers(len(spec.action_names))]
+        action = {"action": name}
+        for field, info in spec.fields[name].items():
+            action[field] = (info.spec.values[rng.integers(len(info.spec.values))] if info.type == "enum"
+                             else rng.choice([info.min, info.max, rng.uniform(info.min, info.max)]))
+        lengths.append(len(spec.format_action(action)))
+    assert max(lengths) == spec.longest_text() == len('{"action":"move","linear_x":-0.20,"angular_z":-1.00}')

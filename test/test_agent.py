@@ -154,7 +154,7 @@ def test_an_image_budget_past_the_engines_context_gets_a_cache_that_holds_it(ran
     # default context (256 positions after a 64-token prefix); a frame's chunk used to fail at configure
     agent = Agent(AgentConfig(engine=random_engine, image_tokens=560, mode=mode, window_frames=2, budget_ms=60_000))
     frames_kept = 1 if mode == "prefix" else 2
-    assert agent.session.config.max_context == 64 + frames_kept * (560 + 64 + 32)
+    assert agent.session.config.max_context == 64 + frames_kept * (560 + 64 + agent.max_new_tokens)
     for frame in _frames(3):  # window mode: the first frame evicted at the third
         result = agent.act(np.resize(frame, (480, 640, 3)))
         assert result.status == "ok", result
@@ -174,3 +174,28 @@ def test_an_instruction_too_long_for_the_cache_is_refused_and_the_one_before_sta
     assert refusing.instruction == "go to the red ball"
     a, b = (agent.session.step(frame, keep_logits=True).logits_log[0] for agent in (refusing, reference))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_action_longer_than_any_fixed_cap_is_decoded_whole(random_engine, tmp_path):
+    # a vocabulary of one's own (config/actions.yaml says adding actions or fields needs no code change): an action
+    # of seven 3-decimal fields is ~110 characters, past the 32 tokens the decode was capped at, so every one of them
+    # was cut and fell back. The cap is now the longest action the vocabulary can spell.
+    fields = {n: {"type": "number", "min": -10.0, "max": 10.0, "decimals": 3} for n in ("x", "y", "z", "yaw")}
+    fields.update(roll={"type": "number", "min": -3.0, "max": 3.0, "decimals": 3}, pitch={"type": "enum",
+                  "values": ["level", "up", "down"]}, speed={"type": "number", "min": 0.0, "max": 0.5, "decimals": 3})
+    actions = {"version": 1, "decimals": 2, "fallback": "stop", "stop_action": "stop",
+               "actions": {"pose": {"description": "go to a pose", "fields": fields,
+                                    "twist": {"linear_x": "speed", "angular_z": 0.0}},
+                           "stop": {"description": "stand still", "fields": {},
+                                    "twist": {"linear_x": 0.0, "angular_z": 0.0}}}}
+    path = tmp_path / "actions.yaml"
+    path.write_text(json.dumps(actions))  # JSON is YAML
+    agent = Agent(AgentConfig(engine=random_engine, actions=path, budget_ms=60_000))
+    spec = load_action_spec(path)
+    assert agent.max_new_tokens == spec.longest_text() + 1 > 100
+    kinds = set()
+    for frame in _frames(30):
+        result = agent.act(frame)
+        assert result.status == "ok", result
+        kinds.add(result.action["action"])
+    assert kinds == {"pose", "stop"}

@@ -260,16 +260,19 @@ def test_an_engine_holds_the_context_and_image_budget_it_was_built_for(tmp_path)
     # build-engine --max-context / --image-tokens: the engine's agent.json says what it was built for (it kept the
     # checkpoint's, so the agent sized its cache for another engine). An image budget that needs more context than
     # the engine was built with is refused by name, with the --max-context that would hold it.
+    from gemma4_agent.actions import load_action_spec
     from gemma4_agent.agent import Agent, AgentConfig
 
+    action = load_action_spec().longest_text() + 1  # the decode cap: the longest action and its end token
     built = build_engine(_tiny_torch_engine(tmp_path / "torch"), tmp_path / "ort", "onnxruntime", "none",
-                         max_context=720, image_tokens=140, log=lambda *_: None)
+                         max_context=800, image_tokens=140, log=lambda *_: None)
     defaults = json.loads((built / "agent.json").read_text())
-    assert (defaults["image_tokens"], defaults["max_prefix"], defaults["max_context"]) == (140, 64, 720)
+    assert (defaults["image_tokens"], defaults["max_prefix"], defaults["max_context"]) == (140, 64, 800)
     assert defaults["instruction"] == "go to the red ball"  # the checkpoint's other defaults kept
     agent = Agent(AgentConfig(engine=built, backend="onnxruntime", image_tokens=560, budget_ms=60_000))
-    assert agent.session.config.max_context == 720  # 64 + 560 + 64 + 32 fit
+    assert agent.session.config.max_context == 800 >= 64 + 560 + 64 + action
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     assert agent.act(frame).status == "ok"
-    with pytest.raises(EngineError, match=r"context of 1280 positions .* built for 720: .* --max-context 1280"):
+    needed = 64 + 1120 + 64 + action
+    with pytest.raises(EngineError, match=rf"context of {needed} positions .* built for 800: .* --max-context {needed}"):
         Agent(AgentConfig(engine=built, backend="onnxruntime", image_tokens=1120, budget_ms=60_000))

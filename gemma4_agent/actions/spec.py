@@ -368,6 +368,18 @@ class ActionSpec:
             parts.append(f'"{name}":{info.text(act[name])}')
         return ",".join(parts) + "}"
 
+    def longest_text(self) -> int:
+        """Characters in the longest action text the grammar allows: a bound on its tokens (each spells at least
+        one), so a decode cap of this and the end token never cuts an action short."""
+        def widest(info: FieldInfo) -> int:
+            if info.type == "enum":
+                return max(len(json.dumps(v)) for v in info.spec.values)
+            return max(len(format_units(u, info.decimals)) for u in (info.lo, info.hi))  # widest at an end
+
+        return max(len('{"action":}') + len(json.dumps(a)) + sum(len(f',"{f}":') + widest(info)
+                                                                 for f, info in self.fields[a].items())
+                   for a in self.actions)
+
     def ebnf(self) -> str:
         """The xgrammar EBNF grammar of one action text (no whitespace, fixed key order)."""
         names = list(self.actions)
