@@ -378,7 +378,7 @@ class AgentNode(LifecycleNode):
             started = time.monotonic()
             try:
                 agent.set_instruction(pending["instruction"])
-            except ValueError as err:
+            except (ValueError, CacheFull) as err:  # refused: the task before stays (see check_instruction)
                 self.get_logger().error(f"instruction rejected by the agent: {err}")
                 return
             self.get_logger().info(f"instruction set in {(time.monotonic() - started) * 1e3:.0f} ms: "
