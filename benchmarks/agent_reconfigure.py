@@ -1,8 +1,8 @@
 """A node reconfigured in one process: one compiled agent after another (as the node's cleanup + configure builds
 them), each with its own image budget, on the same random 640x480 frames; start-up and per-frame latency of each.
 
-    python benchmarks/agent_reconfigure.py [--engine DIR] [--device cpu|cuda] [--frames N] [--image-tokens 70 140 280 70]
-        [--json OUT]
+    python benchmarks/agent_reconfigure.py [--engine DIR] [--device cpu|cuda] [--frames N]
+        [--image-tokens 70 140 280 70] [--json OUT]
 """
 import argparse
 import gc

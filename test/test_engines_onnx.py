@@ -234,9 +234,9 @@ def _tiny_torch_engine(folder):
 
     tokenizer = build_tokenizer()
     cfg_json = tiny_config(tokenizer)
+    defaults = {"image_tokens": 70, "instruction": "go to the red ball", "max_prefix": 64, "max_context": 256}
     return write_torch_engine(folder, model=build_model(ModelConfig.model_validate(cfg_json)), config_json=cfg_json,
-                              tokenizer=tokenizer, agent_defaults={"image_tokens": 70, "instruction": "go to the red ball",
-                                                                   "max_prefix": 64, "max_context": 256})
+                              tokenizer=tokenizer, agent_defaults=defaults)
 
 
 def test_agent_runs_on_the_ort_engine(tmp_path):
@@ -274,5 +274,5 @@ def test_an_engine_holds_the_context_and_image_budget_it_was_built_for(tmp_path)
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     assert agent.act(frame).status == "ok"
     needed = 64 + 1120 + 64 + action
-    with pytest.raises(EngineError, match=rf"context of {needed} positions .* built for 800: .* --max-context {needed}"):
+    with pytest.raises(EngineError, match=rf"context of {needed} positions .* for 800: .* --max-context {needed}"):
         Agent(AgentConfig(engine=built, backend="onnxruntime", image_tokens=1120, budget_ms=60_000))

@@ -5,8 +5,9 @@
 
 The folder holds the ONNX graphs (vision / prefill / decode, one shared weights.bin), for TensorRT
 the serialized plan, config.json and tokenizer.json from the checkpoint, agent.json (the checkpoint's agent
-defaults with the image budget and lengths the engine was built for), engine.json (the shapes it was built for) and manifest.json (config hash, quant, backend, library versions, max
-lengths, GPU arch; every file with size and sha256).
+defaults with the image budget and lengths the engine was built for), engine.json (the shapes it was built
+for) and manifest.json (config hash, quant, backend, library versions, max lengths, GPU arch; every file with
+size and sha256).
 """
 from __future__ import annotations
 
