@@ -104,3 +104,19 @@ def test_manifest_refuses_other_gpu(trt_export, tmp_path):
     write_manifest(other, manifest, list(manifest.files))
     with pytest.raises(EngineError, match="built for GPU sm_00"):
         load_engine(other, "tensorrt", device="cuda", dtype=torch.bfloat16)
+
+
+def test_the_agent_sizes_its_cache_as_the_plan_was_built(trt_export):
+    # A plan's KV shapes are fixed at its build (decoder_profiles); the agent sizes its cache from the engine's
+    # agent.json. The build wrote the checkpoint's agent.json there, not the --max-context / --max-prefix /
+    # --image-tokens it was built with, so the session's cache and the plan disagreed at the first frame.
+    from gemma4_agent.engine.session import max_chunk
+    from gemma4_agent.engines.onnx_export import cache_capacity
+    from gemma4_agent.model import ModelConfig, build_model
+
+    defaults = json.loads((trt_export / "agent.json").read_text())
+    assert (defaults["max_context"], defaults["max_prefix"], defaults["image_tokens"]) == (400, 32, 70)
+    model = build_model(ModelConfig.from_json(trt_export), device="meta")
+    session_capacity = cache_capacity(model, defaults["max_context"], defaults["max_prefix"],
+                                      max_chunk(defaults["image_tokens"]))
+    assert session_capacity == json.loads((trt_export / "engine.json").read_text())["capacity"]
