@@ -120,3 +120,16 @@ def test_the_agent_sizes_its_cache_as_the_plan_was_built(trt_export):
     session_capacity = cache_capacity(model, defaults["max_context"], defaults["max_prefix"],
                                       max_chunk(defaults["image_tokens"]))
     assert session_capacity == json.loads((trt_export / "engine.json").read_text())["capacity"]
+
+
+@needs_cuda
+@needs_trt
+def test_an_image_budget_other_than_the_plans_is_refused_when_the_agent_starts(trt_export, tmp_path):
+    # the plans' KV shapes depend on the image budget they were built for (a sliding layer holds a window and a
+    # frame's chunk): another budget is refused at configure, not at every frame
+    from gemma4_agent.agent import Agent, AgentConfig
+
+    out = build_engine(trt_export, tmp_path / "plans", "tensorrt", "q4_0", log=print)
+    Agent(AgentConfig(engine=out, backend="tensorrt", device="cuda", budget_ms=60_000))  # its own budget: fine
+    with pytest.raises(EngineError, match="cache slots"):
+        Agent(AgentConfig(engine=out, backend="tensorrt", device="cuda", image_tokens=140, budget_ms=60_000))

@@ -117,6 +117,8 @@ class StreamingSession:
         self.cache = StaticKVCache(model, self.config.max_context, self.config.max_prefix, self.max_chunk,
                                    device=self.device, dtype=self.dtype, fused_writes=self.config.fused_qkv,
                                    slot_align=align)
+        if hasattr(model, "check_cache"):  # an engine whose cache shape was fixed at its build: refused now, not
+            model.check_cache(self.cache)  # at the first frame
         self.windows = {t: model.windows[t] for t in set(model.layer_types)}
         self.prefix_ids: list[int] = []
         self.prefix_len = 0

@@ -250,13 +250,17 @@ class TrtModel:
     def masks(self, q_pos, k_pos, q_block, k_block) -> dict:
         return {t: attention_mask(q_pos, k_pos, q_block, k_block, self.windows[t]) for t in set(self.layer_types)}
 
-    def _bind_cache(self, cache) -> None:
-        """Bind the session's KV buffers (allocated once, never moved) into both contexts, once."""
+    def check_cache(self, cache) -> None:
+        """Refuse a session cache of another shape than the plans' (fixed when they were built)."""
         for t in self.types:
             if cache.capacity[t] != self.capacity[t]:
                 raise EngineError(f"the TensorRT engine was built for {self.capacity[t]} {t} cache slots, the session "
                                   f"has {cache.capacity[t]}: use the engine's max_context / max_prefix / image_tokens "
                                   f"(agent.json) or rebuild")
+
+    def _bind_cache(self, cache) -> None:
+        """Bind the session's KV buffers (allocated once, never moved) into both contexts, once."""
+        self.check_cache(cache)
         for ctx in self.ctx.values():
             for i in range(self.num_layers):
                 for name, buf in ((f"k_{i}", cache.k[i]), (f"v_{i}", cache.v[i])):
