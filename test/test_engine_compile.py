@@ -15,6 +15,28 @@ from conftest import BOI, EOI, IMAGE, Replay, tiny_tokenizer
 torch_dynamo = pytest.importorskip("torch._dynamo")
 
 
+def pass_through_compile(monkeypatch) -> tuple[dict[str, list], list[str]]:
+    """torch.compile with a backend that runs each graph as traced, recording per compiled function its graphs
+    (name -> GraphModules) and each run of one (the function's name, in order)."""
+    graphs: dict[str, list] = {}
+    runs: list[str] = []
+    real_compile = torch.compile
+
+    def compile_(fn, **kwargs):
+        def backend(gm, example_inputs):
+            graphs.setdefault(fn.__name__, []).append(gm)
+
+            def run(*args):
+                runs.append(fn.__name__)
+                return gm.forward(*args)
+            return run
+
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return graphs, runs
+
+
 def test_compiled_int4_session_equals_eager_without_graph_breaks(tiny_checkpoints):
     model = quantize_model(load_model(tiny_checkpoints["kv_separate"]), "q4_0", progress=False)
     prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
@@ -101,17 +123,7 @@ def test_the_layers_graph_takes_what_every_layer_shares_as_inputs(tiny_checkpoin
     # Embedding, masks and RoPE are computed once a step in a graph of their own, which the layers' graph only
     # reads: compiled together, Inductor recomputed masks and RoPE every few layers (48 small kernels a decode step
     # of the 12B on CUDA). Each compiled function's graphs recorded by a pass-through backend.
-    graphs: dict[str, list] = {}
-    real_compile = torch.compile
-
-    def recording_compile(fn, **kwargs):
-        def backend(gm, example_inputs):
-            graphs.setdefault(fn.__name__, []).append(gm)
-            return gm.forward
-
-        return real_compile(fn, backend=backend, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", recording_compile)
+    graphs, _ = pass_through_compile(monkeypatch)
     model = load_model(tiny_checkpoints["kv_separate"])
     prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
     torch_dynamo.reset()
@@ -136,19 +148,7 @@ def test_a_new_session_runs_compiled_however_many_came_before_it(tiny_checkpoint
     # code object, by default 8 graphs across every caller: the sessions before took them, and a new one with
     # lengths of its own (another camera's aspect ratio, another image budget) ran uncompiled, several times
     # slower, saying so in one log line. Each compiled graph counts its runs here (a pass-through backend).
-    runs: list[str] = []
-    real_compile = torch.compile
-
-    def counting_compile(fn, **kwargs):
-        def backend(gm, example_inputs):
-            def run(*args):
-                runs.append(fn.__name__)
-                return gm.forward(*args)
-            return run
-
-        return real_compile(fn, backend=backend, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", counting_compile)
+    _, runs = pass_through_compile(monkeypatch)
     model = load_model(tiny_checkpoints["kv_separate"])
     prompts = PromptBuilder(tiny_tokenizer(), IMAGE, BOI, EOI)
     torch_dynamo.reset()
